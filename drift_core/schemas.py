@@ -1,0 +1,284 @@
+"""Pydantic models at drift's boundaries: every config section and the trajectory record.
+
+Every range here rejects a value the method has no meaning for (beta <= 0, gamma outside (0, 1],
+K < 1, ...), so a bad config fails before any compute and names the offending key. Unknown keys
+are rejected too (``extra="forbid"``): a typo such as ``beat: 0.1`` must not silently fall back
+to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Messages and records
+# --------------------------------------------------------------------------------------------
+
+
+class Message(StrictModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class TurnResult(StrictModel):
+    """One graded assistant turn."""
+
+    response: str
+    answer: str | None = Field(description="answer text parsed from <answer>...</answer>, or None")
+    normalized_answer: str | None = None
+    correct: bool
+    valid: bool = Field(description="False when no answer could be parsed (format penalty applies)")
+    format_penalty: float = 0.0
+    n_tokens: int = Field(default=0, ge=0)
+
+
+class TrajectoryRecord(StrictModel):
+    """One multi-turn episode of one prompt, as stored in the trajectories parquet."""
+
+    prompt_id: str
+    traj_idx: int = Field(ge=0)
+    messages: list[Message]
+    turn_correct: list[bool]
+    turn_valid: list[bool]
+    answers: list[str | None]
+    normalized_answers: list[str | None]
+    format_penalty: float = Field(le=0.0)
+    n_turns: int = Field(ge=1)
+    solved: bool
+    gen_tokens: list[int]
+    gen_seconds: float = Field(ge=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Config sections
+# --------------------------------------------------------------------------------------------
+
+
+class ArithConfig(StrictModel):
+    """The seeded integer-arithmetic generator behind ``builtin:arith``."""
+
+    n: int = Field(default=200, ge=1, le=1_000_000)
+    digits: int = Field(default=2, ge=1, le=9, description="digits per operand")
+    n_operands: int = Field(default=2, ge=2, le=6)
+    ops: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+", "-"])
+    seed: int = 0
+
+
+class DataConfig(StrictModel):
+    """Where problems come from and how their columns map onto (question, gold)."""
+
+    source: str = Field(
+        default="builtin:arith",
+        description="builtin:arith | builtin:gsm8k | a local .jsonl/.json/.parquet/.csv | hf:<dataset id>",
+    )
+    split: str = "train"
+    subset: str | None = Field(default=None, description="HF dataset config name")
+    question_field: str = "question"
+    answer_field: str = "answer"
+    id_field: str | None = Field(default=None, description="column holding a stable prompt id")
+    gold_style: Literal["auto", "plain", "gsm8k", "boxed", "metamath"] = "auto"
+    filter_field: str | None = None
+    filter_value: str | None = None
+    offset: int = Field(default=0, ge=0)
+    limit: int | None = Field(default=None, ge=1)
+    shuffle_seed: int | None = None
+    on_bad_rows: Literal["error", "skip"] = "error"
+    arith: ArithConfig = Field(default_factory=ArithConfig)
+
+
+class ModelConfig(StrictModel):
+    """A model reference: local directory, hub id, or a builtin (``builtin:smollm2-135m-instruct``,
+    ``builtin:tiny-smollm2``)."""
+
+    path: str = "builtin:smollm2-135m-instruct"
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+
+
+class ProtocolConfig(StrictModel):
+    prompt_mode: Literal["simple", "full"] = "simple"
+    answer_format: Literal["answer", "think"] = "answer"
+    max_turns: int = Field(default=3, ge=1, le=50)
+    feedback: str = "Incorrect. Please think again."
+    max_actions: int = Field(default=1, ge=1, description="max ||-separated answers read per turn")
+    format_penalty: float = Field(default=-0.1, le=0.0)
+    system_prompt: str = "You are a helpful assistant."
+    task_instruction: str | None = Field(
+        default=None, description="overrides the built-in instruction text of the prompt mode"
+    )
+    prefill: bool = Field(default=True, description="pre-fill the generation prompt with <answer>/<think>")
+
+
+class VerifierConfig(StrictModel):
+    kind: Literal["math", "numeric", "exact", "choice"] = "math"
+    timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
+    tolerance: float = Field(default=1e-6, ge=0.0)
+    workers: int = Field(default=2, ge=1, le=256, description="grading process-pool size")
+
+
+class SamplingConfig(StrictModel):
+    temperature: float = Field(default=1.0, ge=0.0, le=10.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(default=64, ge=1, le=32768)
+
+
+class EngineConfig(StrictModel):
+    kind: Literal["transformers", "vllm"] = "transformers"
+    batch_size: int = Field(default=32, ge=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)
+    enable_prefix_caching: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class RolloutConfig(StrictModel):
+    k: int = Field(default=8, ge=1, le=1024, description="trajectories per prompt")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    shard_size: int = Field(default=32, ge=1, description="prompts per cached shard")
+    seed: int = 0
+
+
+class WeightsConfig(StrictModel):
+    mode: Literal["drift", "uniform", "success_only"] = "drift"
+    gamma: float = Field(default=0.9, gt=0.0, le=1.0)
+    beta: float = Field(default=0.1, gt=0.0)
+    repetition_lambda: float = Field(default=0.5, ge=0.0)
+
+
+class LoraConfig(StrictModel):
+    enabled: bool = False
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class TrainConfig(StrictModel):
+    target: Literal["terminal", "all_turns"] = "terminal"
+    normalize: Literal["mean", "weight_sum"] = Field(
+        default="mean", description="mean of loss_i*w_i, or sum(loss_i*w_i)/sum(w) over all ranks"
+    )
+    learning_rate: float = Field(default=1e-5, gt=0.0, le=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    warmup_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    epochs: float = Field(default=1.0, gt=0.0)
+    max_steps: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    max_seq_len: int = Field(default=1024, ge=8)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(default=50, ge=1, description="optimizer steps between checkpoints")
+    seed: int = 0
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    work_pool: str | None = Field(
+        default=None, description="if set, train runs as its own deployment on this work pool"
+    )
+
+
+class EvalConfig(StrictModel):
+    data: DataConfig = Field(default_factory=lambda: DataConfig(split="test"))
+    max_turns: int | None = Field(default=None, ge=1, description="defaults to protocol.max_turns")
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    shard_size: int = Field(default=64, ge=1)
+    evaluate_reference: bool = Field(default=True, description="also evaluate the reference model")
+
+
+class RunConfig(StrictModel):
+    name: str = "drift"
+    artifact_store: str = Field(default=".drift/artifacts", description="local dir or fsspec URL")
+    tracking_uri: str = Field(default="sqlite:///.drift/mlflow.db")
+    experiment: str = "drift"
+    task_runner: Literal["threads", "dask"] = "threads"
+    dask_address: str | None = None
+    max_workers: int = Field(default=1, ge=1, description="shards run at once by the thread runner")
+
+
+class DriftConfig(StrictModel):
+    """The whole pipeline in one validated object; a YAML file maps onto it one to one."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    reference_model: ModelConfig = Field(default_factory=ModelConfig)
+    base_model: ModelConfig | None = Field(default=None, description="model to train; defaults to reference")
+    protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
+    verifier: VerifierConfig = Field(default_factory=VerifierConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def train_model(self) -> ModelConfig:
+        return self.base_model or self.reference_model
+
+    @property
+    def eval_max_turns(self) -> int:
+        return self.eval.max_turns or self.protocol.max_turns
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _empty_base_is_none(cls, v: Any) -> Any:
+        return None if v in ({}, "") else v
+
+    @model_validator(mode="after")
+    def _vllm_needs_gpu(self) -> DriftConfig:
+        if self.engine.kind == "vllm" and self.engine.device == "cpu":
+            raise ValueError("engine.kind=vllm cannot run with engine.device=cpu")
+        return self
+
+
+def flatten(d: dict[str, Any] | BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested config into dotted keys (``weights.beta``): the same keys for every run,
+    so MLflow compares runs column by column."""
+    if isinstance(d, BaseModel):
+        d = d.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, prefix=f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML scalars) to a raw config dict."""
+    import yaml  # local: keeps the import graph of drift_core light
+
+    out = _deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value, e.g. weights.beta=0.2")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d

@@ -1,0 +1,151 @@
+"""The ``drift`` command.
+
+    drift run CONFIG [--set key=value ...]     run the pipeline in-process (Prefect flow ``drift``)
+    drift eval --model DIR [--data SOURCE] [--config CONFIG] [--set ...]
+                                               multi-turn evaluation of any model directory
+    drift weights INPUT --gamma G --beta B [--lambda L] --output OUT
+                                               returns and weights for a trajectories file
+
+Errors in what the user gave (config, data, model path, store) end with a one-paragraph message
+and exit code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from typing import Any
+
+from flows import cli_weights
+
+EXIT_USAGE = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from flows.config import ConfigError
+    from tasks.models import ModelError
+    from tasks.store import StoreError
+
+    errors: list[type[BaseException]] = [ConfigError, ModelError, StoreError, FileNotFoundError, ValueError]
+    try:
+        from tasks.ingest import IngestError
+
+        errors.append(IngestError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def format_results(summary: dict[str, Any]) -> str:
+    """Per-turn table: multi@t, accuracy among open problems, correction rate, per system."""
+    evals = summary.get("eval", {})
+    if not evals:
+        return "(no evaluation)"
+    names = list(evals)
+    turns = max(len(m.get("multi_at", [])) for m in evals.values())
+    head = f"{'turn':>4}  " + "  ".join(f"{n + ' multi@t':>18} {'acc@t':>6} {'corr@t':>6}" for n in names)
+    lines = [head, "-" * len(head)]
+    for t in range(turns):
+        cells = []
+        for n in names:
+            m = evals[n]
+            multi, acc, corr = (
+                _pct(m.get(k, [None] * turns)[t]) for k in ("multi_at", "accuracy_at_turn", "correction_rate")
+            )
+            cells.append(f"{multi:>18} {acc:>6} {corr:>6}")
+        lines.append(f"{t + 1:>4}  " + "  ".join(cells))
+    for n in names:
+        m = evals[n]
+        lines.append(
+            f"{n}: {m.get('n_problems')} problems, mean turns {m.get('mean_turns_used', 0):.2f}, "
+            f"repeated answers {100 * m.get('repeated_answer_share', 0):.1f}%"
+        )
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from flows.config import load_config
+    from flows.drift_flow import drift
+
+    cfg = load_config(args.config, args.set)  # validate before starting Prefect or any compute
+    flow = drift
+    if cfg.run.task_runner == "dask":
+        from flows.runners import task_runner_for
+
+        flow = drift.with_options(task_runner=task_runner_for(cfg))
+    summary = flow(config_path=args.config, overrides=args.set, rollouts_from=args.rollouts_from)
+    print()
+    print(format_results(summary))
+    print()
+    print("stage states:", json.dumps(summary["stage_states"]))
+    print("stage seconds:", json.dumps(summary["stage_seconds"]))
+    print(f"trained model: {summary['model_dir']}")
+    print(
+        f"MLflow run id: {summary['mlflow_run_id']}  (mlflow ui --backend-store-uri {summary['tracking_uri']})"
+    )
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from flows.config import load_config
+    from flows.eval_flow import evaluate_model
+
+    overrides = list(args.set)
+    if args.data:
+        overrides.append(f"eval.data.source={args.data}")
+    load_config(args.config, overrides)
+    summary = evaluate_model(model=args.model, config_path=args.config, overrides=overrides)
+    print()
+    print(format_results(summary))
+    print(f"MLflow run id: {summary['mlflow_run_id']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="drift", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline from a YAML config")
+    run.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    run.add_argument("--rollouts-from", default=None, help="re-use rollouts of an MLflow run id / manifest")
+    run.set_defaults(func=_cmd_run)
+
+    ev = sub.add_parser("eval", help="evaluate a model directory with the multi-turn protocol")
+    ev.add_argument("--model", required=True, help="model directory, hub id or builtin:...")
+    ev.add_argument("--data", default=None, help="eval source (builtin:gsm8k, a file, hf:...)")
+    ev.add_argument("--config", default="configs/demo.yaml", help="protocol/eval settings")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.set_defaults(func=_cmd_eval)
+
+    cli_weights.add_weights_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        args.func = cli_weights.run
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        if args.debug:
+            raise
+        message = f"drift {args.command}: {exc.__class__.__name__}: {exc}"
+        print(textwrap.fill(message, width=100), file=sys.stderr)
+        print("(run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

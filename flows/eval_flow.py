@@ -1,0 +1,71 @@
+"""The ``drift-eval`` flow: multi-turn evaluation of any model on any dataset (``drift eval``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect import flow
+
+from drift_core.schemas import ModelConfig
+from flows.config import load_config
+from flows.drift_flow import StageRunner, _evaluate, _performance_only, _run_tags, _track
+from tasks.caching import stage_key
+from tasks.engines import release_engines
+from tasks.ingest import ingest, source_identity
+from tasks.models import fingerprint_model, resolve_model
+from tasks.store import ArtifactStore
+from tasks.tracking import Tracker
+
+
+@flow(name="drift-eval", log_prints=True, persist_result=False)
+def evaluate_model(
+    model: str, config_path: str = "configs/demo.yaml", overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Evaluate ``model`` (a directory, hub id or builtin) with the config's protocol and eval set."""
+    cfg = load_config(config_path, overrides or [])
+    store = ArtifactStore(cfg.run.artifact_store)
+    stages = StageRunner(store)
+    model_cfg = ModelConfig(path=model, trust_remote_code=cfg.reference_model.trust_remote_code)
+    path = resolve_model(model_cfg)
+    fingerprint = fingerprint_model(model_cfg)
+    tracker = Tracker(
+        cfg,
+        run_name=f"eval-{os.path.basename(model.rstrip('/'))}",
+        tags={**_run_tags(), "drift.flow": "drift-eval"},
+    )
+    status = "FAILED"
+    try:
+        base_dir = os.getcwd()
+        problems = stages.run(
+            "ingest-eval",
+            ingest,
+            cfg=cfg.eval.data,
+            store_root=store.url,
+            base_dir=base_dir,
+            key=stage_key(
+                "ingest",
+                source=source_identity(cfg.eval.data, base_dir),
+                data=_performance_only(cfg.eval.data),
+            ),
+        )
+        manifest = _evaluate(
+            cfg, stages, problems, "model", path, fingerprint, model_cfg.model_copy(update={"path": path})
+        )
+        _track(
+            tracker,
+            stages,
+            "evaluate-model",
+            manifest,
+            {"model": model, "fingerprint": fingerprint},
+            eval_metrics=True,
+        )
+        status = "FINISHED"
+        return {
+            "mlflow_run_id": tracker.run_id,
+            "eval": {"model": manifest.meta},
+            "stage_states": stages.states,
+        }
+    finally:
+        tracker.finish(status)
+        release_engines()

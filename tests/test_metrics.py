@@ -1,0 +1,73 @@
+"""Evaluation metrics (DESIGN item 6) on hand examples, and the paired bootstrap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from drift_core.metrics import eval_metrics, paired_bootstrap_ci
+
+
+def test_four_problem_hand_example():
+    # P1 solved at turn 1; P2 at turn 2; P3 never (3 wrong turns); P4 at turn 3.
+    turn_correct = [[True], [False, True], [False, False, False], [False, False, True]]
+    answers = [["5"], ["3", "4"], ["1", "1", None], ["2", "2", "7"]]
+    m = eval_metrics(turn_correct, answers, max_turns=3)
+    assert m.n_problems == 4 and m.max_turns == 3
+    # open at t: 4, 3, 2; solved at t: 1, 1, 1 -> 1/4, 1/3, 1/2
+    assert m.accuracy_at_turn == pytest.approx([0.25, 1 / 3, 0.5])
+    # cumulative solved by t: 1, 2, 3 of 4
+    assert m.multi_at == pytest.approx([0.25, 0.5, 0.75])
+    # correction at t >= 2: solved at t / wrong before t = 1/3, 1/2
+    assert m.correction_rate[0] is None
+    assert m.correction_rate[1:] == pytest.approx([1 / 3, 0.5])
+    # answers given: 1 + 2 + 2 (None not counted) + 3 = 8; repeats: "1" again in P3, "2" again in P4 = 2
+    assert m.repeated_answer_share == pytest.approx(2 / 8)
+    # turns used: (1 + 2 + 3 + 3) / 4
+    assert m.mean_turns_used == pytest.approx(2.25)
+
+
+def test_nothing_open_gives_none():
+    # both solved at turn 1: nothing is open at turn 2
+    m = eval_metrics([[True], [True]], [["1"], ["2"]], max_turns=2)
+    assert m.accuracy_at_turn == [1.0, None]
+    assert m.correction_rate == [None, None]
+    assert m.multi_at == [1.0, 1.0]
+    assert m.repeated_answer_share == 0.0
+
+
+def test_no_answers_at_all():
+    m = eval_metrics([[False]], [[None]], max_turns=1)
+    assert m.repeated_answer_share == 0.0 and m.multi_at == [0.0]
+
+
+@pytest.mark.parametrize(
+    ("turns", "msg"),
+    [
+        ([[True, False]], "goes on"),
+        ([[False, False, False]], "more than max_turns"),
+        ([[]], "empty"),
+    ],
+)
+def test_bad_trajectories_rejected(turns, msg):
+    with pytest.raises(ValueError, match=msg):
+        eval_metrics(turns, [[None] * len(t) for t in turns], max_turns=2)
+
+
+def test_mismatched_lengths_rejected():
+    with pytest.raises(ValueError, match="normalized_answers"):
+        eval_metrics([[True]], [], max_turns=1)
+    with pytest.raises(ValueError, match="no problems"):
+        eval_metrics([], [], max_turns=1)
+
+
+def test_paired_bootstrap():
+    a = np.array([1, 1, 0, 1, 0, 1, 1, 0, 1, 1] * 10)
+    b = np.array([1, 0, 0, 1, 0, 0, 1, 0, 1, 0] * 10)
+    d, lo, hi = paired_bootstrap_ci(a, b, n_boot=1000, seed=0)
+    assert d == pytest.approx(0.3)  # 3 more correct per 10
+    assert lo < d < hi and lo > 0
+    assert paired_bootstrap_ci(a, b, n_boot=1000, seed=0) == (d, lo, hi)  # seeded
+    assert paired_bootstrap_ci(a, a) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        paired_bootstrap_ci(a, b[:5])

@@ -1,0 +1,299 @@
+"""The ``drift weights`` I/O: reference-format JSONL and drift parquet in, weighted parquet out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from drift_core.returns import trajectory_return
+from drift_core.schemas import WeightsConfig
+from flows import cli_weights
+from tasks import weights_io
+from tasks.weights_io import (
+    compute_weight_table,
+    load_weight_inputs,
+    read_weight_inputs,
+    run_weights_command,
+    write_parquet_atomic,
+)
+
+# --- the reference formulas, written plainly (no max subtraction, moderate values) -----------------
+
+
+def reference_return(rec: dict, gamma: float, lam: float) -> float:
+    rewards = [rec["turn_rewards"][f"t{t}"] for t in range(1, len(rec["turn_rewards"]) + 1)]
+    r = sum(gamma ** (t - 1) * x for t, x in enumerate(rewards, start=1))
+    given = [a for a in rec["answer_norms"] if a is not None]
+    rep = lam * (1 - len(set(given)) / len(given)) if given else 0.0
+    return r + rec["format_penalty"] - rep
+
+
+def reference_weights(records: list[dict], gamma: float, beta: float, lam: float) -> list[float]:
+    groups: dict[str, list[int]] = {}
+    for i, rec in enumerate(records):
+        groups.setdefault(str(rec["prompt_id"]), []).append(i)
+    out = [0.0] * len(records)
+    for idx in groups.values():
+        ex = [math.exp(reference_return(records[i], gamma, lam) / beta) for i in idx]
+        mean = sum(ex) / len(ex)
+        for i, e in zip(idx, ex, strict=True):
+            out[i] = e / mean
+    return out
+
+
+def make_records(n_prompts: int = 40, k: int = 8, max_turns: int = 5, seed: int = 0) -> list[dict]:
+    rnd = random.Random(seed)
+    recs = []
+    for p in range(n_prompts):
+        for j in range(k):
+            n_turns = rnd.randint(1, max_turns)
+            solved = rnd.random() < 0.5
+            rewards = {f"t{t}": (1 if (solved and t == n_turns) else 0) for t in range(1, n_turns + 1)}
+            answers = [rnd.choice([None, "1", "2", "3", "\\frac{1}{2}"]) for _ in range(n_turns)]
+            recs.append(
+                {
+                    "prompt_id": f"q{p:03d}-{rnd.randint(0, 10**6)}" if p % 7 == 0 else f"q{p:03d}",
+                    "turn_rewards": rewards,
+                    "answer_norms": answers,
+                    "format_penalty": -0.1 * sum(a is None for a in answers),
+                    "response": f"resp {p}/{j} <answer>{answers[-1]}</answer>",
+                    "meta": {"temperature": 1.0, "sample": j},
+                    "score": rnd.random(),
+                }
+            )
+    # every prompt_id of a group must be the same: fix the random-suffixed ones per prompt
+    first: dict[str, str] = {}
+    for rec in recs:
+        base = rec["prompt_id"].split("-")[0]
+        rec["prompt_id"] = first.setdefault(base, rec["prompt_id"])
+    rnd.shuffle(recs)  # groups interleaved: output must keep this order
+    return recs
+
+
+def write_jsonl(path: Path, records: list, raw_lines: dict[int, str] | None = None) -> Path:
+    lines = [json.dumps(r) for r in records]
+    for pos, text in sorted((raw_lines or {}).items()):
+        lines.insert(pos, text)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(("gamma", "beta", "lam"), [(0.9, 0.1, 0.5), (0.7, 1.0, 0.0), (1.0, 0.3, 1.5)])
+def test_reference_equality(tmp_path, gamma, beta, lam):
+    recs = make_records()
+    inp = write_jsonl(tmp_path / "traj.jsonl", recs)
+    out = tmp_path / "out" / "weighted.parquet"
+    cfg = WeightsConfig(gamma=gamma, beta=beta, repetition_lambda=lam)
+    report = run_weights_command(inp, out, cfg)
+    df = pl.read_parquet(out)
+    assert df.height == len(recs) == report.n_trajectories
+    assert df["prompt_id"].to_list() == [r["prompt_id"] for r in recs]  # input row order
+    want_r = [reference_return(r, gamma, lam) for r in recs]
+    want_w = reference_weights(recs, gamma, beta, lam)
+    np.testing.assert_allclose(df["return"].to_numpy(), want_r, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(df["weight"].to_numpy(), want_w, rtol=1e-9)
+    # carried fields unchanged
+    assert df["response"].to_list() == [r["response"] for r in recs]
+    assert df["meta"].to_list() == [r["meta"] for r in recs]
+    assert df["score"].to_list() == [r["score"] for r in recs]
+    assert df["solved"].to_list() == [any(v > 0 for v in r["turn_rewards"].values()) for r in recs]
+    assert report.n_groups == 40 and report.n_skipped_rows == 0
+
+
+def test_fast_and_line_by_line_jsonl_paths_agree(tmp_path):
+    recs = make_records(n_prompts=10, k=4, seed=3)
+    recs[0]["prompt_id"] = 12345  # integer prompt ids become strings on both paths
+    recs[0]["turn_rewards"] = {"t1": 0.0, "t2": 0.25}
+    inp = write_jsonl(tmp_path / "t.jsonl", recs, raw_lines={5: ""})  # a blank line is not a row
+    fast = weights_io._read_jsonl_fast(inp)
+    assert fast is not None
+    slow = weights_io._read_jsonl_python(inp, "error", weights_io.BadRowsReport())
+    assert fast.columns == slow.columns
+    assert fast.to_dicts() == slow.to_dicts()
+    assert fast["prompt_id"][0] == "12345"
+
+
+def test_drift_parquet_input(tmp_path):
+    rows = {
+        "prompt_id": ["b", "a", "b", "a"],
+        "traj_idx": [0, 0, 1, 1],
+        "turn_correct": [[False, True], [True], [False, False, False], [False, False]],
+        "normalized_answers": [["4", "5"], ["7"], ["4", "4", None], [None, None]],
+        "format_penalty": [0.0, 0.0, -0.1, -0.2],
+        "solved": [True, True, False, False],
+        "messages": [[{"role": "user", "content": "hi"}]] * 4,
+    }
+    inp = tmp_path / "traj.parquet"
+    pl.DataFrame(rows).write_parquet(inp)
+    cfg = WeightsConfig(gamma=0.9, beta=0.5, repetition_lambda=0.5)
+    out = tmp_path / "w.parquet"
+    run_weights_command(inp, out, cfg)
+    df = pl.read_parquet(out)
+    want = [
+        trajectory_return([float(c) for c in tc], fp, a, 0.9, 0.5)
+        for tc, fp, a in zip(rows["turn_correct"], rows["format_penalty"], rows["normalized_answers"], strict=True)
+    ]
+    # by hand: 0.9; 1.0; -0.1 - 0.5 * (1 - 1/2) = -0.35; -0.2 (no answers given)
+    np.testing.assert_allclose(want, [0.9, 1.0, -0.35, -0.2])
+    np.testing.assert_allclose(df["return"].to_numpy(), want)
+    recs = [
+        {"prompt_id": p, "turn_rewards": {"t1": 0}, "answer_norms": [], "format_penalty": 0.0} for p in rows["prompt_id"]
+    ]
+    for rec, r in zip(recs, want, strict=True):  # the same returns through the reference formula
+        rec["format_penalty"], rec["turn_rewards"] = r, {"t1": 0}
+    np.testing.assert_allclose(df["weight"].to_numpy(), reference_weights(recs, 0.9, 0.5, 0.5), rtol=1e-12)
+    assert df["messages"].to_list() == rows["messages"]
+    assert df["traj_idx"].to_list() == [0, 0, 1, 1]
+
+
+def test_modes_and_cli(tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "t.jsonl", make_records(n_prompts=3, k=4))
+    parser = argparse.ArgumentParser(prog="drift")
+    cli_weights.add_weights_parser(parser.add_subparsers())
+    out = tmp_path / "u.parquet"
+    args = parser.parse_args(["weights", str(inp), "--gamma", "0.9", "--beta", "0.1", "--mode", "uniform", "--output", str(out)])
+    assert args.func(args) == 0
+    assert pl.read_parquet(out)["weight"].to_list() == [1.0] * 12
+    printed = capsys.readouterr().out
+    assert "ESS fraction" in printed and f"wrote {out}" in printed
+    args = parser.parse_args(["weights", str(inp), "--mode", "success_only", "-o", str(out)])
+    assert args.func(args) == 0
+    df = pl.read_parquet(out)
+    assert df["weight"].to_list() == [float(s) for s in df["solved"].to_list()]
+    args = parser.parse_args(["weights", str(inp), "--beta", "0", "-o", str(out)])
+    assert args.func(args) == 2
+    assert "beta" in capsys.readouterr().err
+    args = parser.parse_args(["weights", str(tmp_path / "missing.jsonl"), "-o", str(out)])
+    assert args.func(args) == 1
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+GOOD = {"prompt_id": "p", "turn_rewards": {"t1": 0, "t2": 1}, "answer_norms": ["1", "2"], "format_penalty": 0.0}
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    inp = write_jsonl(tmp_path / "bad.jsonl", [GOOD, GOOD, GOOD], raw_lines={2: '{"prompt_id": "p", "turn_rewards": {'})
+    with pytest.raises(ValueError, match=r"bad\.jsonl: line 3 \(row 3\): malformed JSON"):
+        load_weight_inputs(inp)
+    df, report = read_weight_inputs(inp, on_bad_rows="skip")
+    assert df.height == 3 and report.n_skipped == 1
+    assert "line 3" in report.examples[0]
+
+
+def test_missing_field_names_field_row_and_fields_found(tmp_path):
+    bad = {k: v for k, v in GOOD.items() if k != "turn_rewards"} | {"extra": 1}
+    inp = write_jsonl(tmp_path / "m.jsonl", [GOOD, bad])
+    with pytest.raises(ValueError) as exc:
+        load_weight_inputs(inp)
+    msg = str(exc.value)
+    assert "line 2 (row 2)" in msg and "'turn_rewards'" in msg
+    assert "fields found: ['answer_norms', 'extra', 'format_penalty', 'prompt_id']" in msg
+
+
+@pytest.mark.parametrize(
+    ("line", "msg"),
+    [
+        ('{"prompt_id": "p", "turn_rewards": {"t1": NaN}, "answer_norms": [], "format_penalty": 0}', "not finite"),
+        ('{"prompt_id": "p", "turn_rewards": {"t1": 0, "t2": Infinity}, "answer_norms": [], "format_penalty": 0}', "not finite"),
+        ('{"prompt_id": "p", "turn_rewards": {"t1": 1e999}, "answer_norms": [], "format_penalty": 0}', "not finite"),
+        ('{"prompt_id": "p", "turn_rewards": {"t1": "1"}, "answer_norms": [], "format_penalty": 0}', "not a number"),
+        ('{"prompt_id": "p", "turn_rewards": {"t1": 0, "t3": 1}, "answer_norms": [], "format_penalty": 0}', "without gaps"),
+        ('{"prompt_id": "p", "turn_rewards": {"turn1": 0}, "answer_norms": [], "format_penalty": 0}', "not of the form"),
+        ('{"prompt_id": "p", "turn_rewards": {}, "answer_norms": [], "format_penalty": 0}', "non-empty"),
+        ('{"prompt_id": "p", "turn_rewards": [0, 1], "answer_norms": [], "format_penalty": 0}', "non-empty object"),
+        ('{"prompt_id": "p", "turn_rewards": {"t1": 1}, "answer_norms": "1", "format_penalty": 0}', "answer_norms"),
+        ('{"prompt_id": "p", "turn_rewards": {"t1": 1}, "answer_norms": [], "format_penalty": 0.5}', "format_penalty"),
+        ('{"prompt_id": null, "turn_rewards": {"t1": 1}, "answer_norms": [], "format_penalty": 0}', "'prompt_id' is null"),
+        ('{"prompt_id": 1.5, "turn_rewards": {"t1": 1}, "answer_norms": [], "format_penalty": 0}', "prompt_id must be"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_bad_rows_are_named(tmp_path, line, msg):
+    inp = write_jsonl(tmp_path / "b.jsonl", [GOOD, GOOD], raw_lines={1: line})
+    with pytest.raises(ValueError, match=r"b\.jsonl: line 2 \(row 2\): .*" + msg):
+        load_weight_inputs(inp)
+    df, report = read_weight_inputs(inp, on_bad_rows="skip")
+    assert df.height == 2 and report.n_skipped == 1
+
+
+def test_skip_counts_and_run_reports(tmp_path):
+    lines = {1: "not json", 3: '{"prompt_id": "p"}', 4: '{"prompt_id": "p", "turn_rewards": {"t1": NaN}}'}
+    inp = write_jsonl(tmp_path / "s.jsonl", [GOOD, GOOD, GOOD], raw_lines=lines)
+    report = run_weights_command(inp, tmp_path / "o.parquet", WeightsConfig(), on_bad_rows="skip")
+    assert report.n_skipped_rows == 3 and report.n_trajectories == 3
+    assert [m.split(":")[1].strip() for m in report.skipped_examples] == ["line 2 (row 2)", "line 4 (row 4)", "line 5 (row 5)"]
+
+
+def test_all_rows_bad_gives_empty_output(tmp_path):
+    inp = write_jsonl(tmp_path / "e.jsonl", [], raw_lines={0: "{"})
+    report = run_weights_command(inp, tmp_path / "o.parquet", WeightsConfig(), on_bad_rows="skip")
+    assert report.n_trajectories == 0 and report.n_skipped_rows == 1
+    assert pl.read_parquet(tmp_path / "o.parquet").columns[-2:] == ["return", "weight"]
+
+
+def test_parquet_bad_input(tmp_path):
+    base = {
+        "prompt_id": ["a", "a", "b"],
+        "turn_correct": [[True], [], [False]],
+        "normalized_answers": [["1"], [], [None]],
+        "format_penalty": [0.0, 0.0, float("nan")],
+    }
+    inp = tmp_path / "bad.parquet"
+    pl.DataFrame(base).write_parquet(inp)
+    with pytest.raises(ValueError, match=r"bad\.parquet: row 1: turn_correct is empty.*2 bad rows"):
+        load_weight_inputs(inp)
+    df, report = read_weight_inputs(inp, on_bad_rows="skip")
+    assert df.height == 1 and report.n_skipped == 2
+    assert "row 2: format_penalty" in report.examples[1]
+    pl.DataFrame({k: v for k, v in base.items() if k != "normalized_answers"}).write_parquet(inp)
+    with pytest.raises(ValueError, match=r"missing required column 'normalized_answers'; columns found"):
+        load_weight_inputs(inp)
+    with pytest.raises(ValueError, match="unknown input format"):
+        load_weight_inputs(tmp_path / "x.csv" if (tmp_path / "x.csv").write_text("") == 0 else None)
+
+
+def test_atomic_write(tmp_path, monkeypatch):
+    target = tmp_path / "w.parquet"
+    write_parquet_atomic(pl.DataFrame({"a": [1]}), target)
+    write_parquet_atomic(pl.DataFrame({"a": [2]}), target)
+    assert pl.read_parquet(target)["a"].to_list() == [2]
+
+    def broken(self, path, *a, **k):
+        Path(path).write_bytes(b"PAR1 partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_parquet_atomic(pl.DataFrame({"a": [3]}), target)
+    monkeypatch.undo()
+    assert pl.read_parquet(target)["a"].to_list() == [2]  # the old file is intact
+    assert os.listdir(tmp_path) == ["w.parquet"]  # no temp file left behind
+
+
+def test_compute_weight_table_keeps_order_and_columns():
+    df = pl.DataFrame(
+        {
+            "prompt_id": ["x", "y", "x"],
+            "turn_rewards": [[0.0, 1.0], [1.0], [0.0]],
+            "normalized_answers": [["a", "b"], ["c"], [None]],
+            "format_penalty": [0.0, 0.0, -0.1],
+            "solved": [True, True, False],
+            "keep": [1, 2, 3],
+        }
+    )
+    out, diag = compute_weight_table(df, WeightsConfig(beta=1.0))
+    # returns: 0.9, 1.0, -0.1; group x: [0.9, -0.1] -> w = 2 e^0.9 / (e^0.9 + e^-0.1), 2 e^-0.1 / (...)
+    np.testing.assert_allclose(out["return"].to_numpy(), [0.9, 1.0, -0.1])
+    s = math.exp(0.9) + math.exp(-0.1)
+    np.testing.assert_allclose(out["weight"].to_numpy(), [2 * math.exp(0.9) / s, 1.0, 2 * math.exp(-0.1) / s])
+    assert out.columns == [*df.columns, "return", "weight"]
+    assert diag.n_groups == 2
