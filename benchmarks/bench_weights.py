@@ -155,7 +155,9 @@ def main() -> None:
         inp, out = Path(tmp) / "trajectories.parquet", Path(tmp) / "weighted.parquet"
         t = time.perf_counter()
         make_parquet(inp, args.n)
-        print(f"generated {args.n:,} trajectories ({inp.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t:.1f} s")
+        print(
+            f"generated {args.n:,} trajectories ({inp.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t:.1f} s"
+        )
 
         runs = []
         for _ in range(args.repeat):

@@ -59,12 +59,14 @@ def trajectory_return(
         raise ValueError(f"format_penalty is not finite: {format_penalty!r}")
     discounted = sum(gamma**t * r for t, r in enumerate(rewards))
     given = [a for a in normalized_answers if a is not None]
-    return discounted + float(format_penalty) - repetition_penalty(len(set(given)), len(given), repetition_lambda)
+    return (
+        discounted
+        + float(format_penalty)
+        - repetition_penalty(len(set(given)), len(given), repetition_lambda)
+    )
 
 
-def discounted_sums(
-    turn_rewards: np.ndarray, gamma: float, lengths: np.ndarray | None = None
-) -> np.ndarray:
+def discounted_sums(turn_rewards: np.ndarray, gamma: float, lengths: np.ndarray | None = None) -> np.ndarray:
     """sum_t gamma^(t-1) r_t for many trajectories at once.
 
     ``turn_rewards`` is either a 2-D array ``[n, max_turns]`` padded with zeros (``lengths`` None), or
@@ -74,7 +76,9 @@ def discounted_sums(
     rewards = np.asarray(turn_rewards, dtype=np.float64)
     if lengths is None:
         if rewards.ndim != 2:
-            raise ValueError(f"turn_rewards must be 2-D [n, max_turns] when lengths is None, got {rewards.ndim}-D")
+            raise ValueError(
+                f"turn_rewards must be 2-D [n, max_turns] when lengths is None, got {rewards.ndim}-D"
+            )
         powers = gamma ** np.arange(rewards.shape[1], dtype=np.float64)
         return rewards @ powers
     lengths = np.asarray(lengths, dtype=np.int64)

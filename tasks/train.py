@@ -406,11 +406,7 @@ def train_weighted_sft(
         history.append((step + 1, loss_value, lr))
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        if (
-            accelerator.is_main_process
-            and not (progress and bar.disable is False)
-            and (step + 1) % log_every == 0
-        ):
+        if bar.disable and accelerator.is_main_process and (step + 1) % log_every == 0:
             log.info("step %d/%d loss %.4f lr %.3g", step + 1, n_steps, loss_value, lr)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < n_steps:
             _save_checkpoint(

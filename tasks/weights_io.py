@@ -15,6 +15,10 @@ Both are normalised to the columns ``prompt_id`` (str), ``turn_rewards`` (list[f
 carried through unchanged (``answer_norms`` becomes ``normalized_answers``). Output rows keep the input
 row order. Everything stays columnar (polars/Arrow + numpy): no Python object per row on the fast paths.
 
+``prompt_id`` is a group key and is stored as text: JSON integers become their decimal text. (On the
+columnar path polars reads a column that mixes strings with other JSON values as text, so such values
+are taken as their text there; a column of only non-string, non-integer ids is rejected.)
+
 JSONL is read by polars in one go; if that fails (malformed line, NaN, odd types) or the vectorised
 checks find a bad row, the file is re-read line by line in Python, which names the file, line and
 row of every problem and, with ``on_bad_rows="skip"``, drops the bad rows (the report counts them).

@@ -440,6 +440,7 @@ def test_ingest_task_runs_inside_a_flow(tmp_path):
     # a fresh interpreter so that PREFECT_HOME (and its temporary server database) is set before
     # prefect is imported; prefect starts a temporary local server for the run
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.pop("PREFECT_API_URL", None)
     script = tmp_path / "flow.py"
     script.write_text(textwrap.dedent(FLOW_SCRIPT))

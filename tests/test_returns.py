@@ -53,7 +53,13 @@ def test_non_finite_reward_rejected():
         trajectory_return([0, math.nan], 0.0, [], 0.9, 0.5)
     with pytest.raises(ValueError, match="trajectory 1"):
         returns_from_arrays(
-            np.array([0.0, 1.0, np.inf]), np.zeros(2), np.ones(2), np.ones(2), 0.9, 0.5, lengths=np.array([1, 2])
+            np.array([0.0, 1.0, np.inf]),
+            np.zeros(2),
+            np.ones(2),
+            np.ones(2),
+            0.9,
+            0.5,
+            lengths=np.array([1, 2]),
         )
 
 
@@ -100,5 +106,8 @@ def test_vectorised_equals_scalar(trajs, gamma, lam):
     for i, (r, _, _) in enumerate(trajs):
         padded[i, : len(r)] = r
     np.testing.assert_allclose(
-        returns_from_arrays(padded, penalty, n_distinct, n_answered, gamma, lam), expected, rtol=1e-12, atol=1e-12
+        returns_from_arrays(padded, penalty, n_distinct, n_answered, gamma, lam),
+        expected,
+        rtol=1e-12,
+        atol=1e-12,
     )

@@ -36,17 +36,22 @@ def reference_return(rec: dict, gamma: float, lam: float) -> float:
     return r + rec["format_penalty"] - rep
 
 
-def reference_weights(records: list[dict], gamma: float, beta: float, lam: float) -> list[float]:
+def reference_group_weights(ids: list, returns: list[float], beta: float) -> list[float]:
     groups: dict[str, list[int]] = {}
-    for i, rec in enumerate(records):
-        groups.setdefault(str(rec["prompt_id"]), []).append(i)
-    out = [0.0] * len(records)
+    for i, pid in enumerate(ids):
+        groups.setdefault(str(pid), []).append(i)
+    out = [0.0] * len(ids)
     for idx in groups.values():
-        ex = [math.exp(reference_return(records[i], gamma, lam) / beta) for i in idx]
+        ex = [math.exp(returns[i] / beta) for i in idx]
         mean = sum(ex) / len(ex)
         for i, e in zip(idx, ex, strict=True):
             out[i] = e / mean
     return out
+
+
+def reference_weights(records: list[dict], gamma: float, beta: float, lam: float) -> list[float]:
+    returns = [reference_return(r, gamma, lam) for r in records]
+    return reference_group_weights([r["prompt_id"] for r in records], returns, beta)
 
 
 def make_records(n_prompts: int = 40, k: int = 8, max_turns: int = 5, seed: int = 0) -> list[dict]:
@@ -139,17 +144,16 @@ def test_drift_parquet_input(tmp_path):
     df = pl.read_parquet(out)
     want = [
         trajectory_return([float(c) for c in tc], fp, a, 0.9, 0.5)
-        for tc, fp, a in zip(rows["turn_correct"], rows["format_penalty"], rows["normalized_answers"], strict=True)
+        for tc, fp, a in zip(
+            rows["turn_correct"], rows["format_penalty"], rows["normalized_answers"], strict=True
+        )
     ]
     # by hand: 0.9; 1.0; -0.1 - 0.5 * (1 - 1/2) = -0.35; -0.2 (no answers given)
     np.testing.assert_allclose(want, [0.9, 1.0, -0.35, -0.2])
     np.testing.assert_allclose(df["return"].to_numpy(), want)
-    recs = [
-        {"prompt_id": p, "turn_rewards": {"t1": 0}, "answer_norms": [], "format_penalty": 0.0} for p in rows["prompt_id"]
-    ]
-    for rec, r in zip(recs, want, strict=True):  # the same returns through the reference formula
-        rec["format_penalty"], rec["turn_rewards"] = r, {"t1": 0}
-    np.testing.assert_allclose(df["weight"].to_numpy(), reference_weights(recs, 0.9, 0.5, 0.5), rtol=1e-12)
+    np.testing.assert_allclose(
+        df["weight"].to_numpy(), reference_group_weights(rows["prompt_id"], want, 0.5), rtol=1e-12
+    )
     assert df["messages"].to_list() == rows["messages"]
     assert df["traj_idx"].to_list() == [0, 0, 1, 1]
 
@@ -159,7 +163,9 @@ def test_modes_and_cli(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="drift")
     cli_weights.add_weights_parser(parser.add_subparsers())
     out = tmp_path / "u.parquet"
-    args = parser.parse_args(["weights", str(inp), "--gamma", "0.9", "--beta", "0.1", "--mode", "uniform", "--output", str(out)])
+    args = parser.parse_args(
+        ["weights", str(inp), "--gamma", "0.9", "--beta", "0.1", "--mode", "uniform", "--output", str(out)]
+    )
     assert args.func(args) == 0
     assert pl.read_parquet(out)["weight"].to_list() == [1.0] * 12
     printed = capsys.readouterr().out
@@ -177,11 +183,18 @@ def test_modes_and_cli(tmp_path, capsys):
 
 # --- bad input -----------------------------------------------------------------------------------
 
-GOOD = {"prompt_id": "p", "turn_rewards": {"t1": 0, "t2": 1}, "answer_norms": ["1", "2"], "format_penalty": 0.0}
+GOOD = {
+    "prompt_id": "p",
+    "turn_rewards": {"t1": 0, "t2": 1},
+    "answer_norms": ["1", "2"],
+    "format_penalty": 0.0,
+}
 
 
 def test_malformed_json_names_file_and_line(tmp_path):
-    inp = write_jsonl(tmp_path / "bad.jsonl", [GOOD, GOOD, GOOD], raw_lines={2: '{"prompt_id": "p", "turn_rewards": {'})
+    inp = write_jsonl(
+        tmp_path / "bad.jsonl", [GOOD, GOOD, GOOD], raw_lines={2: '{"prompt_id": "p", "turn_rewards": {'}
+    )
     with pytest.raises(ValueError, match=r"bad\.jsonl: line 3 \(row 3\): malformed JSON"):
         load_weight_inputs(inp)
     df, report = read_weight_inputs(inp, on_bad_rows="skip")
@@ -202,18 +215,47 @@ def test_missing_field_names_field_row_and_fields_found(tmp_path):
 @pytest.mark.parametrize(
     ("line", "msg"),
     [
-        ('{"prompt_id": "p", "turn_rewards": {"t1": NaN}, "answer_norms": [], "format_penalty": 0}', "not finite"),
-        ('{"prompt_id": "p", "turn_rewards": {"t1": 0, "t2": Infinity}, "answer_norms": [], "format_penalty": 0}', "not finite"),
-        ('{"prompt_id": "p", "turn_rewards": {"t1": 1e999}, "answer_norms": [], "format_penalty": 0}', "not finite"),
-        ('{"prompt_id": "p", "turn_rewards": {"t1": "1"}, "answer_norms": [], "format_penalty": 0}', "not a number"),
-        ('{"prompt_id": "p", "turn_rewards": {"t1": 0, "t3": 1}, "answer_norms": [], "format_penalty": 0}', "without gaps"),
-        ('{"prompt_id": "p", "turn_rewards": {"turn1": 0}, "answer_norms": [], "format_penalty": 0}', "not of the form"),
+        (
+            '{"prompt_id": "p", "turn_rewards": {"t1": NaN}, "answer_norms": [], "format_penalty": 0}',
+            "not finite",
+        ),
+        (
+            '{"prompt_id": "p", "turn_rewards": {"t1": 0, "t2": Infinity}, "answer_norms": [], "format_penalty": 0}',
+            "not finite",
+        ),
+        (
+            '{"prompt_id": "p", "turn_rewards": {"t1": 1e999}, "answer_norms": [], "format_penalty": 0}',
+            "not finite",
+        ),
+        (
+            '{"prompt_id": "p", "turn_rewards": {"t1": "1"}, "answer_norms": [], "format_penalty": 0}',
+            "not a number",
+        ),
+        (
+            '{"prompt_id": "p", "turn_rewards": {"t1": 0, "t3": 1}, "answer_norms": [], "format_penalty": 0}',
+            "without gaps",
+        ),
+        (
+            '{"prompt_id": "p", "turn_rewards": {"turn1": 0}, "answer_norms": [], "format_penalty": 0}',
+            "not of the form",
+        ),
         ('{"prompt_id": "p", "turn_rewards": {}, "answer_norms": [], "format_penalty": 0}', "non-empty"),
-        ('{"prompt_id": "p", "turn_rewards": [0, 1], "answer_norms": [], "format_penalty": 0}', "non-empty object"),
-        ('{"prompt_id": "p", "turn_rewards": {"t1": 1}, "answer_norms": "1", "format_penalty": 0}', "answer_norms"),
-        ('{"prompt_id": "p", "turn_rewards": {"t1": 1}, "answer_norms": [], "format_penalty": 0.5}', "format_penalty"),
-        ('{"prompt_id": null, "turn_rewards": {"t1": 1}, "answer_norms": [], "format_penalty": 0}', "'prompt_id' is null"),
-        ('{"prompt_id": 1.5, "turn_rewards": {"t1": 1}, "answer_norms": [], "format_penalty": 0}', "prompt_id must be"),
+        (
+            '{"prompt_id": "p", "turn_rewards": [0, 1], "answer_norms": [], "format_penalty": 0}',
+            "non-empty object",
+        ),
+        (
+            '{"prompt_id": "p", "turn_rewards": {"t1": 1}, "answer_norms": "1", "format_penalty": 0}',
+            "answer_norms",
+        ),
+        (
+            '{"prompt_id": "p", "turn_rewards": {"t1": 1}, "answer_norms": [], "format_penalty": 0.5}',
+            "format_penalty",
+        ),
+        (
+            '{"prompt_id": null, "turn_rewards": {"t1": 1}, "answer_norms": [], "format_penalty": 0}',
+            "'prompt_id' is null",
+        ),
         ("[1, 2]", "expected a JSON object"),
     ],
 )
@@ -225,12 +267,27 @@ def test_bad_rows_are_named(tmp_path, line, msg):
     assert df.height == 2 and report.n_skipped == 1
 
 
+def test_float_prompt_id_rejected(tmp_path):
+    # integer ids are fine (read as text); a float id is not. (Mixed with string ids, polars would
+    # already have read every id as text, so the file is all-numeric here.)
+    good = GOOD | {"prompt_id": 7}
+    bad = '{"prompt_id": 1.5, "turn_rewards": {"t1": 1}, "answer_norms": [], "format_penalty": 0}'
+    inp = write_jsonl(tmp_path / "f.jsonl", [good, good], raw_lines={1: bad})
+    with pytest.raises(ValueError, match=r"line 2 \(row 2\): prompt_id must be a string or an integer"):
+        load_weight_inputs(inp)
+    assert load_weight_inputs(write_jsonl(tmp_path / "g.jsonl", [good]))["prompt_id"].to_list() == ["7"]
+
+
 def test_skip_counts_and_run_reports(tmp_path):
     lines = {1: "not json", 3: '{"prompt_id": "p"}', 4: '{"prompt_id": "p", "turn_rewards": {"t1": NaN}}'}
     inp = write_jsonl(tmp_path / "s.jsonl", [GOOD, GOOD, GOOD], raw_lines=lines)
     report = run_weights_command(inp, tmp_path / "o.parquet", WeightsConfig(), on_bad_rows="skip")
     assert report.n_skipped_rows == 3 and report.n_trajectories == 3
-    assert [m.split(":")[1].strip() for m in report.skipped_examples] == ["line 2 (row 2)", "line 4 (row 4)", "line 5 (row 5)"]
+    assert [m.split(":")[1].strip() for m in report.skipped_examples] == [
+        "line 2 (row 2)",
+        "line 4 (row 4)",
+        "line 5 (row 5)",
+    ]
 
 
 def test_all_rows_bad_gives_empty_output(tmp_path):
@@ -257,8 +314,9 @@ def test_parquet_bad_input(tmp_path):
     pl.DataFrame({k: v for k, v in base.items() if k != "normalized_answers"}).write_parquet(inp)
     with pytest.raises(ValueError, match=r"missing required column 'normalized_answers'; columns found"):
         load_weight_inputs(inp)
+    (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="unknown input format"):
-        load_weight_inputs(tmp_path / "x.csv" if (tmp_path / "x.csv").write_text("") == 0 else None)
+        load_weight_inputs(tmp_path / "x.csv")
 
 
 def test_atomic_write(tmp_path, monkeypatch):

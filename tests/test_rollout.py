@@ -1,0 +1,108 @@
+"""Rollout loop, engine and grading pool on the tiny model (real tokenizer, real generate)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from drift_core.schemas import EngineConfig, ModelConfig, ProtocolConfig, SamplingConfig, VerifierConfig
+from tasks.engines import SamplingParams, get_engine
+from tasks.engines.base import cut_at_stop
+from tasks.grade import Grader
+from tasks.rollout import records_to_frame, rollout_stats, run_episodes
+
+PROBLEMS = [
+    {"prompt_id": "p0", "question": "What is 2 + 3?", "gold": "5"},
+    {"prompt_id": "p1", "question": "What is 7 - 4?", "gold": "3"},
+    {"prompt_id": "p2", "question": "What is 1 + 1?", "gold": "2"},
+]
+
+
+@pytest.fixture(scope="module")
+def grader():
+    g = Grader(ProtocolConfig(), VerifierConfig(workers=1, timeout_s=2.0))
+    yield g
+    g.close()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return get_engine(str(tiny_model_dir), ModelConfig(path=str(tiny_model_dir)), EngineConfig(batch_size=4))
+
+
+def test_cut_at_stop_keeps_the_earliest_stop():
+    assert cut_at_stop("12</answer> more</answer>", ["</answer>"]) == ("12</answer>", True)
+    assert cut_at_stop("no stop here", ["</answer>"]) == ("no stop here", False)
+
+
+def test_engine_returns_n_completions_per_prompt_and_is_seeded(engine):
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=5, stop=["</answer>"], seed=7)
+    out1 = engine.generate(["a", "a longer prompt here"], params)
+    out2 = engine.generate(["a", "a longer prompt here"], params)
+    assert [len(o) for o in out1] == [3, 3]
+    assert [[c.text for c in o] for o in out1] == [[c.text for c in o] for o in out2]
+    assert all(1 <= c.n_tokens <= 5 for o in out1 for c in o)
+
+
+def test_greedy_is_deterministic_across_batch_sizes(tiny_model_dir, engine):
+    from tasks.engines.transformers_engine import TransformersEngine
+
+    other = TransformersEngine(str(tiny_model_dir), ModelConfig(path=str(tiny_model_dir)), EngineConfig(batch_size=1))
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=6)
+    prompts = ["What is 2 + 3?", "x"]
+    a = [o[0].text for o in other.generate(prompts, params)]
+    engine_b = get_engine(
+        str(tiny_model_dir), ModelConfig(path=str(tiny_model_dir)), EngineConfig(batch_size=4)
+    )
+    b = [o[0].text for o in engine_b.generate(prompts, params)]
+    assert a == b
+
+
+def test_run_episodes_gives_k_trajectories_that_follow_the_protocol(engine, grader):
+    protocol = ProtocolConfig(max_turns=3)
+    records = run_episodes(
+        engine,
+        engine.tokenizer,
+        PROBLEMS,
+        protocol,
+        SamplingConfig(max_new_tokens=4),
+        k=2,
+        max_turns=3,
+        grader=grader,
+        seed=0,
+    )
+    assert [(r.prompt_id, r.traj_idx) for r in records] == [
+        (p["prompt_id"], j) for p in PROBLEMS for j in range(2)
+    ]
+    for r in records:
+        assert 1 <= r.n_turns <= 3
+        roles = [m.role for m in r.messages]
+        assert roles[:2] == ["system", "user"] and roles[-1] == "assistant"
+        assert roles.count("assistant") == r.n_turns
+        # feedback text sits between consecutive answers
+        feedback = [m.content for m in r.messages[2:] if m.role == "user"]
+        assert feedback == [protocol.feedback] * (r.n_turns - 1)
+        assert all(m.content.startswith("<answer>") for m in r.messages if m.role == "assistant")
+        assert r.solved == any(r.turn_correct)
+        if not r.solved:
+            assert r.n_turns == 3  # a random model never answers correctly here: it uses every turn
+    df = records_to_frame(records)
+    stats = rollout_stats(df, 3)
+    assert stats["trajectories"] == 6 and stats["generated_tokens"] > 0
+
+
+def test_grader_grades_in_order_with_the_gold(grader):
+    items = [("<answer>5</answer>", "5", 3), ("<answer>4</answer>", "5", 3), ("no tags", "5", 2)]
+    results = grader.grade(items)
+    assert [r.correct for r in results] == [True, False, False]
+    assert [r.valid for r in results] == [True, True, False]
+    assert results[2].format_penalty == pytest.approx(-0.1)
+
+
+def test_a_pathological_answer_cannot_stall_grading(grader):
+    items = [("<answer>9^{9^{9^{9^{9}}}}</answer>", "1", 1), ("<answer>2</answer>", "2", 1)]
+    start = time.perf_counter()
+    results = grader.grade(items)
+    assert time.perf_counter() - start < 15
+    assert results[0].correct is False and results[1].correct is True

@@ -1,0 +1,204 @@
+"""Training stage: learning, data handling, output format, LoRA merge, resume after SIGKILL, and a
+2-process torchrun (gloo, CPU) run that must match the single-process run. Tiny model, few steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from drift_core.schemas import LoraConfig, ModelConfig, TrainConfig
+from tasks.train import TrainResult, train_weighted_sft
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+
+
+def make_data(n: int = 8, n_zero: int = 0) -> pl.DataFrame:
+    """n trajectories with positive weights (some multi-turn) plus n_zero with weight 0."""
+    rows = []
+    for i in range(n + n_zero):
+        a, b = i + 2, 3 * i + 1
+        msgs = [SYSTEM, {"role": "user", "content": f"What is {a} + {b}? Answer in <answer></answer>."}]
+        if i % 3 == 0:  # a wrong first try, feedback, then the right answer
+            msgs += [
+                {"role": "assistant", "content": f"<answer>{a + b + 1}</answer>"},
+                {"role": "user", "content": "Incorrect. Please think again."},
+            ]
+        msgs.append({"role": "assistant", "content": f"<answer>{a + b}</answer>"})
+        weight = 0.0 if i >= n else 0.5 + (i % 4) * 0.25
+        rows.append({"prompt_id": f"p{i // 2}", "traj_idx": i % 2, "messages": msgs, "weight": weight})
+    return pl.DataFrame(rows)
+
+
+def cfg_for(**kw) -> TrainConfig:
+    base = {
+        "learning_rate": 1e-3,
+        "batch_size": 4,
+        "max_steps": 4,
+        "max_seq_len": 256,
+        "checkpoint_every": 1000,
+    }
+    return TrainConfig(**{**base, **kw})
+
+
+def weights_of(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path, atol: float) -> float:
+    wa, wb = weights_of(a), weights_of(b)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+    assert worst <= atol, f"max |diff| {worst:.3g} > {atol}"
+    return worst
+
+
+def run(tiny_model_dir, data, cfg, out: Path, ck: Path, **kw) -> TrainResult:
+    return train_weighted_sft(
+        data, str(tiny_model_dir), ModelConfig(path=str(tiny_model_dir)), cfg, out, ck, progress=False, **kw
+    )
+
+
+def cli(args: list[str], nproc: int = 1, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    prefix = [sys.executable, "-m", "tasks.train"]
+    if nproc > 1:
+        prefix = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+        ]
+        prefix += ["-m", "tasks.train"]
+    return subprocess.run(prefix + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def cli_args(data: Path, model: Path, cfg: TrainConfig, tmp: Path, out: Path, ck: Path) -> list[str]:
+    (tmp / "train.json").write_text(cfg.model_dump_json())
+    return [
+        "--data", str(data), "--model", str(model), "--config", str(tmp / "train.json"),
+        "--output", str(out), "--checkpoints", str(ck), "--no-progress",
+    ]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """One 10-step run on a repeated tiny dataset (8 real rows + 2 zero-weight rows)."""
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = cfg_for(max_steps=10, batch_size=4)
+    result = run(tiny_model_dir, make_data(8, n_zero=2), cfg, tmp / "out", tmp / "ck")
+    return result, tmp / "out"
+
+
+def test_loss_decreases(trained):
+    result, _ = trained
+    losses = [loss for _, loss, _ in result.loss_history]
+    assert [s for s, _, _ in result.loss_history] == list(range(1, 11))
+    assert result.steps == 10 and result.final_loss == losses[-1]
+    assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses
+    lrs = [lr for _, _, lr in result.loss_history]
+    assert lrs[0] == pytest.approx(1e-3) and lrs == sorted(lrs, reverse=True)  # linear decay, no warmup
+    assert result.tokens > 0 and result.tokens_per_s > 0 and result.resumed_from_step is None
+
+
+def test_zero_weight_rows_dropped(trained):
+    result, _ = trained
+    assert result.examples == 8 and result.dropped_zero_weight == 2
+    assert result.samples == 10 * 4  # 10 steps of 4 samples, from the 8 positive-weight rows only
+
+
+def test_output_is_a_plain_safetensors_model(trained, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result, out = trained
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+    model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    assert model.config.use_cache
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template
+    log = json.loads((out / "training_log.json").read_text())
+    assert [tuple(h) for h in log["loss_history"]] == [tuple(h) for h in result.loss_history]
+    base = weights_of(Path(tiny_model_dir))
+    assert any(not torch.equal(base[k], v) for k, v in weights_of(out).items())  # it did train
+
+
+def test_lora_saves_merged_plain_model(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = cfg_for(
+        max_steps=2, lora=LoraConfig(enabled=True, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    run(tiny_model_dir, make_data(8), cfg, tmp_path / "out", tmp_path / "ck")
+    out = tmp_path / "out"
+    assert not (out / "adapter_config.json").exists()
+    base, merged = weights_of(Path(tiny_model_dir)), weights_of(out)
+    assert merged.keys() == base.keys()  # no lora_A/lora_B keys: a plain model
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed), changed
+    AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, tmp_path):
+    data = make_data(10)
+    data.write_parquet(tmp_path / "data.parquet")
+    cfg = cfg_for(max_steps=5, batch_size=3, grad_accum=2, checkpoint_every=2, warmup_ratio=0.2)
+
+    # a real process, SIGKILLed by itself after step 3 (checkpoint of step 2 on disk, step 3 lost)
+    ck = tmp_path / "ck"
+    args = cli_args(tmp_path / "data.parquet", tiny_model_dir, cfg, tmp_path, tmp_path / "killed", ck)
+    proc = cli([*args, "--kill-after-step", "3"])
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert [p.name for p in ck.iterdir()] == ["step-00000002"]
+    assert not (tmp_path / "killed").exists()
+
+    resumed = run(tiny_model_dir, data, cfg, tmp_path / "resumed", ck)
+    straight = run(tiny_model_dir, data, cfg, tmp_path / "straight", tmp_path / "ck2")
+    assert resumed.resumed_from_step == 2 and straight.resumed_from_step is None
+    assert [h[0] for h in resumed.loss_history] == [1, 2, 3, 4, 5]
+    for a, b in zip(resumed.loss_history, straight.loss_history, strict=True):
+        assert a[1] == pytest.approx(b[1], abs=1e-6) and a[2] == pytest.approx(b[2])
+    assert_same_weights(tmp_path / "resumed", tmp_path / "straight", atol=1e-6)
+
+
+def test_checkpoint_of_another_run_is_not_resumed(tiny_model_dir, tmp_path):
+    ck = tmp_path / "ck"
+    cfg = cfg_for(max_steps=3, checkpoint_every=1)
+    run(tiny_model_dir, make_data(8), cfg, tmp_path / "a", ck)
+    assert [p.name for p in ck.iterdir()] == ["step-00000002"]  # only the latest is kept
+    other = run(tiny_model_dir, make_data(8), cfg.model_copy(update={"seed": 1}), tmp_path / "b", ck)
+    assert other.resumed_from_step is None
+
+
+@pytest.mark.parametrize("normalize", ["weight_sum", "mean"])
+def test_two_process_torchrun_matches_single_process(tiny_model_dir, tmp_path, normalize):
+    # 11 rows, global micro-batch 5 (ranks get 3 + 2 samples, the last batch 1 + 0 placeholder),
+    # 2 micro-batches per step: the per-rank loss scaling must make DDP's average the global objective.
+    data = make_data(11)
+    data.write_parquet(tmp_path / "data.parquet")
+    cfg = cfg_for(max_steps=4, batch_size=5, grad_accum=2, normalize=normalize)
+    args = cli_args(
+        tmp_path / "data.parquet", tiny_model_dir, cfg, tmp_path, tmp_path / "ddp", tmp_path / "ck"
+    )
+    proc = cli([*args, "--result", str(tmp_path / "ddp.json")], nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp = TrainResult.model_validate_json((tmp_path / "ddp.json").read_text())
+
+    single = run(tiny_model_dir, data, cfg, tmp_path / "single", tmp_path / "ck1")
+    assert ddp.samples == single.samples and ddp.tokens == single.tokens
+    for a, b in zip(ddp.loss_history, single.loss_history, strict=True):
+        assert a[1] == pytest.approx(b[1], rel=1e-5)
+    assert_same_weights(tmp_path / "ddp", tmp_path / "single", atol=1e-5)
