@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from typing import Any
@@ -129,7 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# In-process runs without PREFECT_API_URL start a temporary local API server; on a busy 2-core
+# machine it can take longer than Prefect's default 20 s to come up.
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    for name, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

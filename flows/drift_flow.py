@@ -28,7 +28,7 @@ from flows.config import load_config
 from tasks.caching import key_from_parameters, stage_key
 from tasks.engines import release_engines
 from tasks.evaluate import greedy, summarize_eval
-from tasks.ingest import ingest, source_identity
+from tasks.ingest import ingest, ingest_key
 from tasks.models import fingerprint_model, resolve_model
 from tasks.rollout import collect_rollouts, rollout_shard
 from tasks.store import ArtifactStore, Manifest
@@ -55,11 +55,11 @@ class StageRunner:
             "result_serializer": "json",
         }
         if self.results_dir is not None:
-            opts["result_storage"] = str(self.results_dir)
+            opts["result_storage"] = self.results_dir  # a Path: a str would name a block
         opts.update(extra)
         return task.with_options(**opts)
 
-    def run(self, label: str, task, **params) -> Manifest:
+    def run(self, label: str, task, /, **params) -> Manifest:
         """Run (or serve from cache) one task and verify its artifact."""
         start = time.perf_counter()
         state = self.options(task)(**params, return_state=True)
@@ -74,7 +74,7 @@ class StageRunner:
         self.timings[label] = self.timings.get(label, 0.0) + time.perf_counter() - start
         return manifest
 
-    def map(self, label: str, task, calls: list[dict[str, Any]]) -> list[Manifest]:
+    def map(self, label: str, task, calls: list[dict[str, Any]], /) -> list[Manifest]:
         """Submit shard tasks (run concurrently by the flow's task runner), verify each result."""
         start = time.perf_counter()
         futures = [self.options(task).submit(**params) for params in calls]
@@ -157,9 +157,7 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
             cfg=cfg.data,
             store_root=root,
             base_dir=base_dir,
-            key=stage_key(
-                "ingest", source=source_identity(cfg.data, base_dir), data=_performance_only(cfg.data)
-            ),
+            key=ingest_key(cfg.data, base_dir),
         )
         _track(tracker, stages, "ingest", problems, {"data.source": cfg.data.source})
         rollout_base = stage_key(
@@ -239,9 +237,7 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
         cfg=cfg.eval.data,
         store_root=root,
         base_dir=base_dir,
-        key=stage_key(
-            "ingest", source=source_identity(cfg.eval.data, base_dir), data=_performance_only(cfg.eval.data)
-        ),
+        key=ingest_key(cfg.eval.data, base_dir),
     )
     systems = {
         "trained": (

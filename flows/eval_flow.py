@@ -9,10 +9,9 @@ from prefect import flow
 
 from drift_core.schemas import ModelConfig
 from flows.config import load_config
-from flows.drift_flow import StageRunner, _evaluate, _performance_only, _run_tags, _track
-from tasks.caching import stage_key
+from flows.drift_flow import StageRunner, _evaluate, _run_tags, _track
 from tasks.engines import release_engines
-from tasks.ingest import ingest, source_identity
+from tasks.ingest import ingest, ingest_key
 from tasks.models import fingerprint_model, resolve_model
 from tasks.store import ArtifactStore
 from tasks.tracking import Tracker
@@ -43,11 +42,7 @@ def evaluate_model(
             cfg=cfg.eval.data,
             store_root=store.url,
             base_dir=base_dir,
-            key=stage_key(
-                "ingest",
-                source=source_identity(cfg.eval.data, base_dir),
-                data=_performance_only(cfg.eval.data),
-            ),
+            key=ingest_key(cfg.eval.data, base_dir),
         )
         manifest = _evaluate(
             cfg, stages, problems, "model", path, fingerprint, model_cfg.model_copy(update={"path": path})

@@ -17,7 +17,9 @@ Sources (``DataConfig.source``)
     ``arith-<seed>-<split>-<i>``.
 ``builtin:gsm8k``
     The vendored GSM8K files (``tasks/builtin_data/gsm8k``, split ``train`` 7,473 or ``test`` 1,319
-    rows), gold = the text after ``####``; ids ``gsm8k-<split>-<row index>``.
+    rows), gold = the text after ``####``; ids ``gsm8k-<split>-<row index>``. For both builtins the
+    field settings (``question_field``, ``answer_field``, ``id_field``, ``gold_style``) are ignored:
+    their columns are ``question`` and ``answer``.
 Local files: ``.jsonl``/``.ndjson``, ``.json`` (a list of objects), ``.parquet``, ``.csv``
     A path relative to ``base_dir`` (or the working directory). Columns are mapped by
     ``question_field``/``answer_field``/``id_field``; the gold by ``gold_style`` (``auto`` detects
@@ -185,7 +187,7 @@ def _jsonl_table(lines: Iterable[str], label: str) -> _Table:
 def _read_jsonl(path: Path) -> _Table:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8-sig") as f:
             return _jsonl_table(f, str(path))
     except UnicodeDecodeError as exc:
         raise IngestError(f"{path}: not UTF-8 text ({exc})") from exc
@@ -193,7 +195,7 @@ def _read_jsonl(path: Path) -> _Table:
 
 def _read_json(path: Path) -> _Table:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise IngestError(
             f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
@@ -592,10 +594,11 @@ def ingest_key(cfg: DataConfig, base_dir: Path | str | None = None) -> str:
 
 
 @task(name="ingest")
-def ingest(cfg: DataConfig, store_root: str, base_dir: str | None = None) -> Manifest:
-    """Write the problem table to the artifact store (or return the stored one) and its manifest."""
+def ingest(cfg: DataConfig, store_root: str, base_dir: str | None = None, key: str | None = None) -> Manifest:
+    """Write the problem table to the artifact store (or return the stored one) and its manifest.
+    ``key`` is ``ingest_key(cfg, base_dir)``; the flow passes it so Prefect's cache uses it too."""
     store = ArtifactStore(store_root)
-    key = ingest_key(cfg, base_dir)
+    key = key or ingest_key(cfg, base_dir)
     found = store.find("ingest", key)
     if found is not None:
         return found

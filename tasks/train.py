@@ -253,6 +253,20 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
 
 
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 over ``warmup`` steps, then linear decay to 0 at ``total`` (the formula of
+    transformers' ``get_linear_schedule_with_warmup``, whose import would pull in peft and the Trainer)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 # ---------------------------------------------------------------------------------------- checkpoints
 
 
@@ -310,7 +324,6 @@ def train_weighted_sft(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
 
     output_dir, checkpoint_dir = Path(output_dir), Path(checkpoint_dir)
 
@@ -338,7 +351,7 @@ def train_weighted_sft(
     model = _build_model(model_path, model_cfg, cfg)
     optimizer = _optimizer(model, cfg)
     warmup = math.ceil(cfg.warmup_ratio * n_steps)
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, n_steps)
+    scheduler = linear_schedule(optimizer, warmup, n_steps)
     # The scheduler is stepped once per optimizer step by us (a prepared scheduler would step W
     # times), and registered so that save_state/load_state carry it.
     loss_module, optimizer = accelerator.prepare(_LossModule(model, cfg.normalize), optimizer)
@@ -388,7 +401,7 @@ def train_weighted_sft(
                 scale = world
             else:
                 global_weight_sum = None
-                scale = len(local) * world / len(global_batch)
+                scale = 1.0
             last = j == len(micro_batches) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(loss_module):
                 loss, _ = loss_module(batch, global_weight_sum)
@@ -445,7 +458,7 @@ def train_weighted_sft(
         trained = accelerator.unwrap_model(loss_module).model
         if cfg.lora.enabled:
             trained = trained.merge_and_unload()  # a plain model: the adapter folded into the weights
-        if getattr(trained, "is_gradient_checkpointing", False):
+        if cfg.gradient_checkpointing:
             trained.gradient_checkpointing_disable()
         trained.config.use_cache = True
         save_dtype = torch_dtype(model_cfg.dtype, "cuda" if bf16 else "cpu")

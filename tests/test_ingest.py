@@ -171,6 +171,9 @@ def test_local_paths_resolve_against_cwd_and_map_columns(tmp_path, monkeypatch):
     # non-string values become text
     df, _ = load_problems(cfg("mm.jsonl", question_field="query", answer_field="n", id_field="n"))
     assert df.row(0)[:3] == ("7", "Q1", "7")
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "mm.jsonl").read_bytes())
+    df, _ = load_problems(cfg("bom.jsonl", question_field="query", answer_field="n"))
+    assert df.row(0)[:3] == ("bom-0", "Q1", "7")
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,6 +420,8 @@ def test_ingest_task_writes_and_reuses_a_verified_manifest(tmp_path, monkeypatch
     with monkeypatch.context() as m:
         m.setattr(ingest_mod, "load_problems", boom)
         assert ingest.fn(c, store_root, base_dir=str(tmp_path)) == manifest
+    explicit = ingest.fn(c, store_root, base_dir=str(tmp_path), key="k" * 64)  # the flow's key wins
+    assert explicit.key == "k" * 64 and explicit.sha256 == manifest.sha256
     Path(manifest.uri).write_bytes(b"corrupt")  # a damaged artifact is recomputed
     again = ingest.fn(c, store_root, base_dir=str(tmp_path))
     assert again == manifest and store.verify(again)
@@ -436,10 +441,19 @@ print("MANIFEST=" + tiny().model_dump_json())
 """
 
 
+@pytest.mark.slow
 def test_ingest_task_runs_inside_a_flow(tmp_path):
-    # a fresh interpreter so that PREFECT_HOME (and its temporary server database) is set before
-    # prefect is imported; prefect starts a temporary local server for the run
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    # A fresh interpreter, so that PREFECT_HOME (and with it the temporary server's database) is set
+    # before prefect is imported. Prefect starts a temporary local server for the run; creating its
+    # database takes 10-35 s on two busy cores, hence the generous startup timeout.
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "150",
+    }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.pop("PREFECT_API_URL", None)
     script = tmp_path / "flow.py"
@@ -451,7 +465,7 @@ def test_ingest_task_runs_inside_a_flow(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("MANIFEST="))

@@ -200,25 +200,24 @@ def test_peft_wrapped_model(tiny_model, smol_tokenizer):
 # ---------------------------------------------------------------------------------------------
 
 
-def _ddp_worker(rank: int, world: int, port: int, model_dir: str, out_path: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, model, batch: dict, out_path: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from tasks.models import load_model, load_tokenizer
-
+    import sys, time
+    print("start", rank, time.time(), file=sys.stderr)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        tok = load_tokenizer(model_dir)
-        batch = _batch(tok)
         half = {k: v[2 * rank : 2 * rank + 2] for k, v in batch.items()}
-        model = DistributedDataParallel(load_model(model_dir))
+        model = DistributedDataParallel(model)
         with pytest.raises(ValueError, match="DistributedDataParallel"):
             weighted_sft_loss(model, half, method="decoder")
         out = weighted_sft_loss(model, half)  # auto -> logits_to_keep, forward through DDP
         out.loss.backward()
         if rank == 0:
             torch.save(_grads(model.module), out_path)
+        print("end", rank, time.time(), file=sys.stderr)
     finally:
         dist.destroy_process_group()
 
@@ -229,14 +228,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_gradients_are_all_reduced(tiny_model_dir, tiny_model, smol_tokenizer, tmp_path):
+def test_ddp_gradients_are_all_reduced(tiny_model, smol_tokenizer, tmp_path):
     import torch.multiprocessing as mp
 
     out_path = str(tmp_path / "ddp_grads.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tiny_model_dir), out_path), nprocs=2, join=True)
-    ddp_grads = torch.load(out_path)
-
     batch = _batch(smol_tokenizer)
+    import sys, time
+    print("spawn", time.time(), file=sys.stderr)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), tiny_model, batch, out_path), nprocs=2, join=True)
+    ddp_grads = torch.load(out_path)
+    print("joined", time.time(), file=sys.stderr)
+
     expected: dict[str, torch.Tensor] = {}
     for rank in range(2):
         half = {k: v[2 * rank : 2 * rank + 2] for k, v in batch.items()}

@@ -95,12 +95,22 @@ def cli_args(data: Path, model: Path, cfg: TrainConfig, tmp: Path, out: Path, ck
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the tiny model gains nothing from more, and on a busy 2-core machine
+    OpenMP threads contend (10x slower steps)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
-    """One 10-step run on a repeated tiny dataset (8 real rows + 2 zero-weight rows)."""
+    """10 steps over the same 4 rows (the whole data set is one batch) + 2 zero-weight rows."""
     tmp = tmp_path_factory.mktemp("train")
     cfg = cfg_for(max_steps=10, batch_size=4)
-    result = run(tiny_model_dir, make_data(8, n_zero=2), cfg, tmp / "out", tmp / "ck")
+    result = run(tiny_model_dir, make_data(4, n_zero=2), cfg, tmp / "out", tmp / "ck")
     return result, tmp / "out"
 
 
@@ -109,7 +119,8 @@ def test_loss_decreases(trained):
     losses = [loss for _, loss, _ in result.loss_history]
     assert [s for s, _, _ in result.loss_history] == list(range(1, 11))
     assert result.steps == 10 and result.final_loss == losses[-1]
-    assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses  # same batch every step
+    assert losses[-1] < losses[0] - 0.5, losses
     lrs = [lr for _, _, lr in result.loss_history]
     assert lrs[0] == pytest.approx(1e-3) and lrs == sorted(lrs, reverse=True)  # linear decay, no warmup
     assert result.tokens > 0 and result.tokens_per_s > 0 and result.resumed_from_step is None
@@ -117,8 +128,8 @@ def test_loss_decreases(trained):
 
 def test_zero_weight_rows_dropped(trained):
     result, _ = trained
-    assert result.examples == 8 and result.dropped_zero_weight == 2
-    assert result.samples == 10 * 4  # 10 steps of 4 samples, from the 8 positive-weight rows only
+    assert result.examples == 4 and result.dropped_zero_weight == 2
+    assert result.samples == 10 * 4  # 10 steps of the 4 positive-weight rows
 
 
 def test_output_is_a_plain_safetensors_model(trained, tiny_model_dir):
@@ -201,4 +212,4 @@ def test_two_process_torchrun_matches_single_process(tiny_model_dir, tmp_path, n
     assert ddp.samples == single.samples and ddp.tokens == single.tokens
     for a, b in zip(ddp.loss_history, single.loss_history, strict=True):
         assert a[1] == pytest.approx(b[1], rel=1e-5)
-    assert_same_weights(tmp_path / "ddp", tmp_path / "single", atol=1e-5)
+    print("WORST", assert_same_weights(tmp_path / "ddp", tmp_path / "single", atol=1e-5))
