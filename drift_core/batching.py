@@ -76,7 +76,9 @@ def _as_messages(messages: Sequence[Any]) -> list[dict[str, str]]:
             m = m.model_dump() if hasattr(m, "model_dump") else vars(m)
         role, content = m.get("role"), m.get("content")
         if role not in ("system", "user", "assistant") or not isinstance(content, str):
-            raise ValueError(f"messages[{k}]: expected {{'role': system|user|assistant, 'content': str}}, got {m!r}")
+            raise ValueError(
+                f"messages[{k}]: expected {{'role': system|user|assistant, 'content': str}}, got {m!r}"
+            )
         out.append({"role": role, "content": content})
     if not out or out[-1]["role"] != "assistant":
         raise ValueError("a trajectory must end with an assistant message (the terminal response)")
@@ -92,7 +94,9 @@ def _assistant_indices(messages: list[dict[str, str]], target: Target) -> list[i
     raise ValueError(f"target={target!r}: expected 'terminal' or 'all_turns'")
 
 
-def training_pairs(messages: Sequence[Any], target: Target) -> list[tuple[list[dict[str, str]], dict[str, str]]]:
+def training_pairs(
+    messages: Sequence[Any], target: Target
+) -> list[tuple[list[dict[str, str]], dict[str, str]]]:
     """(history, assistant message) pairs: one for ``terminal`` (the last assistant message), one per
     assistant message for ``all_turns``. The history is every message before the response."""
     msgs = _as_messages(messages)
@@ -100,17 +104,23 @@ def training_pairs(messages: Sequence[Any], target: Target) -> list[tuple[list[d
 
 
 def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
     return text
 
 
-def _supervised_spans(tokenizer, msgs: list[dict[str, str]], indices: list[int], full: str) -> list[tuple[int, int]]:
+def _supervised_spans(
+    tokenizer, msgs: list[dict[str, str]], indices: list[int], full: str
+) -> list[tuple[int, int]]:
     spans: list[tuple[int, int]] = []
     for i in indices:
         before = _render(tokenizer, msgs[:i], add_generation_prompt=True)
-        through = full if i == len(msgs) - 1 else _render(tokenizer, msgs[: i + 1], add_generation_prompt=False)
+        through = (
+            full if i == len(msgs) - 1 else _render(tokenizer, msgs[: i + 1], add_generation_prompt=False)
+        )
         for name, prefix in (("history + generation prompt", before), ("history + response", through)):
             if not full.startswith(prefix):
                 raise ValueError(

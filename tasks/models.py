@@ -32,7 +32,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 BUILTIN_TINY = "builtin:tiny-smollm2"
 _FINGERPRINT_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".jinja", ".bin")
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: builders call other builders
 
 
 class ModelError(ValueError):
@@ -132,13 +132,67 @@ def materialize_tiny(cache_root: Path | None = None, seed: int = 0) -> Path:
         return _atomic_dir(target, build)
 
 
+def materialize_tiny_answering(cache_root: Path | None = None, seed: int = 0, steps: int = 120) -> Path:
+    """``builtin:tiny-smollm2``: the tiny random model after a few seconds of training on
+    single-digit arithmetic conversations in drift's protocol format, so that it answers in
+    ``<answer>N</answer>`` and is right some of the time. Rollouts then have varied returns, and a
+    smoke run exercises non-trivial weights, training and metrics, not a wall of format errors."""
+    target = (cache_root or default_cache_root()) / f"tiny-smollm2-answering-seed{seed}-steps{steps}"
+
+    def build(tmp: Path) -> None:
+        import random
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from drift_core.protocol import initial_messages
+        from drift_core.schemas import ProtocolConfig
+
+        base = materialize_tiny(cache_root, seed)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        rng = random.Random(seed)
+        protocol = ProtocolConfig()
+        texts = []
+        for _ in range(2048):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            op = rng.choice("+-")
+            question = f"What is {a} {op} {b}?"
+            answer = a + b if op == "+" else a - b
+            messages = [
+                *initial_messages(question, protocol),
+                {"role": "assistant", "content": f"<answer>{answer}</answer>"},
+            ]
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        torch.manual_seed(seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        tokenizer.padding_side = "left"  # every conversation ends at the right edge
+        tail = 12  # supervise only the last tokens: "<answer>N</answer><|im_end|>" and around
+        model.train()
+        for step in range(steps):
+            batch = tokenizer(texts[(step * 16) % len(texts) :][:16], return_tensors="pt", padding=True)
+            hidden = model.model(**batch).last_hidden_state[:, -tail - 1 : -1]
+            logits = model.lm_head(hidden)  # logits at the supervised positions only: cheap
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, -tail:].reshape(-1)
+            )
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    with _lock:
+        return _atomic_dir(target, build)
+
+
 def resolve_model(cfg: ModelConfig, cache_root: Path | None = None) -> str:
     """Turn a model reference into something ``from_pretrained`` loads: a local dir or a hub id."""
     path = cfg.path
     if path == BUILTIN_SMOLLM2:
         return str(materialize_smollm2(cache_root))
     if path == BUILTIN_TINY:
-        return str(materialize_tiny(cache_root))
+        return str(materialize_tiny_answering(cache_root))
     if path.startswith("builtin:"):
         raise ModelError(
             f"reference_model.path={path!r}: unknown builtin model; expected {BUILTIN_SMOLLM2} or {BUILTIN_TINY}"

@@ -226,7 +226,10 @@ def _build_model(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig):
     model = load_model(model_path, model_cfg.model_copy(update={"dtype": "float32"}), device="cpu")
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
@@ -401,7 +404,7 @@ def train_weighted_sft(
                 scale = world
             else:
                 global_weight_sum = None
-                scale = 1.0
+                scale = len(local) * world / len(global_batch)
             last = j == len(micro_batches) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(loss_module):
                 loss, _ = loss_module(batch, global_weight_sum)
@@ -459,7 +462,7 @@ def train_weighted_sft(
         if cfg.lora.enabled:
             trained = trained.merge_and_unload()  # a plain model: the adapter folded into the weights
         if cfg.gradient_checkpointing:
-            trained.gradient_checkpointing_disable()
+            getattr(trained, "activation_checkpointing_disable", trained.gradient_checkpointing_disable)()
         trained.config.use_cache = True
         save_dtype = torch_dtype(model_cfg.dtype, "cuda" if bf16 else "cpu")
         output_dir.mkdir(parents=True, exist_ok=True)

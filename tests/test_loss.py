@@ -74,7 +74,9 @@ def _assert_same(out, ref, grads, ref_grads):
     assert out.tokens_per_sample.tolist() == ref.tokens_per_sample.tolist()
     assert grads.keys() == ref_grads.keys() and grads
     for name, g in grads.items():
-        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 NORMALISATIONS = [("mean", None), ("weight_sum", None), ("weight_sum", 13.25)]
@@ -204,8 +206,6 @@ def _ddp_worker(rank: int, world: int, port: int, model, batch: dict, out_path: 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    import sys, time
-    print("start", rank, time.time(), file=sys.stderr)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -217,7 +217,6 @@ def _ddp_worker(rank: int, world: int, port: int, model, batch: dict, out_path: 
         out.loss.backward()
         if rank == 0:
             torch.save(_grads(model.module), out_path)
-        print("end", rank, time.time(), file=sys.stderr)
     finally:
         dist.destroy_process_group()
 
@@ -233,11 +232,8 @@ def test_ddp_gradients_are_all_reduced(tiny_model, smol_tokenizer, tmp_path):
 
     out_path = str(tmp_path / "ddp_grads.pt")
     batch = _batch(smol_tokenizer)
-    import sys, time
-    print("spawn", time.time(), file=sys.stderr)
     mp.spawn(_ddp_worker, args=(2, _free_port(), tiny_model, batch, out_path), nprocs=2, join=True)
     ddp_grads = torch.load(out_path)
-    print("joined", time.time(), file=sys.stderr)
 
     expected: dict[str, torch.Tensor] = {}
     for rank in range(2):

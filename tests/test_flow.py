@@ -1,0 +1,116 @@
+"""The `drift` flow end to end on the tiny config, through the real CLI, against a real Prefect
+server and a real MLflow store: stage outputs, tracking, and caching asserted from the task-run
+states the Prefect API records (Cached vs Completed)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+pytestmark = pytest.mark.timeout(900)
+
+
+def drift_cli(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=cwd, env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, f"drift {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def mlflow_run_id(stdout: str) -> str:
+    match = re.search(r"MLflow run id: ([0-9a-f]{32})", stdout)
+    assert match, stdout
+    return match.group(1)
+
+
+def task_states(env: dict, tracking_uri: str, run_id: str) -> dict[str, list[str]]:
+    """Task-run states of the Prefect flow run behind an MLflow parent run, by task name."""
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    flow_run_id = MlflowClient(tracking_uri).get_run(run_id).data.tags["prefect.flow_run_id"]
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, list[str]] = defaultdict(list)
+    for tr in runs:
+        name = re.sub(r"-(\d+|[0-9a-f]{3,})$", "", tr.name)  # rollout-shard-0 -> rollout-shard
+        states[name].append(tr.state.name)
+    return dict(states)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("flow")
+    shutil.copytree(tiny_model_dir, d / "reference")  # a local reference model we can change
+    return d
+
+
+def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
+    env = prefect_server
+    ref = f"reference_model.path={workdir / 'reference'}"
+    tracking = f"sqlite:///{workdir / '.drift' / 'mlflow.db'}"
+
+    # 1. From nothing: every stage computes, and prints the per-turn table and the run id.
+    first = drift_cli(["run", str(TINY), "--set", ref], workdir, env)
+    assert "multi@t" in first.stdout and "trained model:" in first.stdout
+    run1 = mlflow_run_id(first.stdout)
+    states = task_states(env, tracking, run1)
+    assert set(states) >= {"ingest", "rollout-shard", "collect-rollouts", "weights", "train", "summarize-eval"}
+    assert all(s == "Completed" for ss in states.values() for s in ss), states
+    assert len(states["rollout-shard"]) == 2  # 8 prompts in shards of 4
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking)
+    parent = client.get_run(run1)
+    assert parent.data.params["weights.beta"] == "0.1" and "rollout.k" in parent.data.params
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run1}'"
+    )
+    by_stage = {c.data.tags["drift.stage"]: c for c in children}
+    assert set(by_stage) == {"ingest", "rollout", "weights", "train", "evaluate-reference", "evaluate-trained"}
+    assert "ess_overall" in by_stage["weights"].data.metrics
+    assert len(client.get_metric_history(by_stage["train"].info.run_id, "loss")) == 2  # max_steps: 2
+    assert len(client.get_metric_history(by_stage["evaluate-trained"].info.run_id, "multi_at")) == 2
+    artifacts = {a.path for a in client.list_artifacts(run1)}
+    assert {"config.json", "summary.json", "multi_at.png", "weights.png"} <= artifacts
+
+    # 2. Unchanged config: every task is served from the cache.
+    second = drift_cli(["run", str(TINY), "--set", ref], workdir, env)
+    states = task_states(env, tracking, mlflow_run_id(second.stdout))
+    assert all(s == "Cached" for ss in states.values() for s in ss), states
+
+    # 3. New beta: weights, train and the trained model's evaluation re-run; nothing upstream does.
+    third = drift_cli(["run", str(TINY), "--set", ref, "--set", "weights.beta=0.5"], workdir, env)
+    states = task_states(env, tracking, mlflow_run_id(third.stdout))
+    for name in ("ingest", "rollout-shard", "collect-rollouts", "eval-reference"):
+        assert set(states[name]) == {"Cached"}, (name, states)
+    for name in ("weights", "train", "eval-trained"):
+        assert set(states[name]) == {"Completed"}, (name, states)
+    assert sorted(states["summarize-eval"]) == ["Cached", "Completed"]
+
+    # 4. Reference model changed on disk: everything from rollout on re-runs; ingest does not.
+    from safetensors.torch import load_file, save_file
+
+    weights_file = workdir / "reference" / "model.safetensors"
+    tensors = load_file(weights_file)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] * 1.01
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+    fourth = drift_cli(["run", str(TINY), "--set", ref], workdir, env)
+    states = task_states(env, tracking, mlflow_run_id(fourth.stdout))
+    assert set(states["ingest"]) == {"Cached"}, states
+    for name in ("rollout-shard", "collect-rollouts", "weights", "train", "eval-reference", "eval-trained"):
+        assert set(states[name]) == {"Completed"}, (name, states)
