@@ -56,7 +56,90 @@ SMOLLM2_135M = dict(
     pad_token_id=2,
 )
 
-WORDS = ["the", "a", "of", "to", "and", "in", "is", "for", "that", "on", "with", "as", "it", "by", "this", "be", "are", "from", "at", "or", "an", "was", "which", "we", "if", "number", "sum", "product", "value", "equation", "solve", "answer", "step", "first", "then", "next", "therefore", "thus", "hence", "total", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "hundred", "prime", "square", "root", "divide", "multiply", "add", "subtract", "remainder", "fraction", "integer", "real", "positive", "negative", "greater", "less", "equal", "let", "find", "compute", "because", "since", "given", "problem", "question", "check", "again", "result", "correct", "error", "mistake", "consider", "case"]
+WORDS = [
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "is",
+    "for",
+    "that",
+    "on",
+    "with",
+    "as",
+    "it",
+    "by",
+    "this",
+    "be",
+    "are",
+    "from",
+    "at",
+    "or",
+    "an",
+    "was",
+    "which",
+    "we",
+    "if",
+    "number",
+    "sum",
+    "product",
+    "value",
+    "equation",
+    "solve",
+    "answer",
+    "step",
+    "first",
+    "then",
+    "next",
+    "therefore",
+    "thus",
+    "hence",
+    "total",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "hundred",
+    "prime",
+    "square",
+    "root",
+    "divide",
+    "multiply",
+    "add",
+    "subtract",
+    "remainder",
+    "fraction",
+    "integer",
+    "real",
+    "positive",
+    "negative",
+    "greater",
+    "less",
+    "equal",
+    "let",
+    "find",
+    "compute",
+    "because",
+    "since",
+    "given",
+    "problem",
+    "question",
+    "check",
+    "again",
+    "result",
+    "correct",
+    "error",
+    "mistake",
+    "consider",
+    "case",
+]
 
 
 def _rss_kib() -> int:
@@ -129,7 +212,10 @@ def setup(args: argparse.Namespace):
     else:
         model = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2_135M), dtype=dtype)
     if args.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        )
+        enable()
     model.to(device).train()
     return model, batch, device
 

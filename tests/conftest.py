@@ -17,6 +17,15 @@ def tiny_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_answering_dir() -> Path:
+    """``builtin:tiny-smollm2``: the tiny model after a few seconds of training on arithmetic in
+    the protocol format, so rollouts have varied returns (some answers right, some wrong)."""
+    from tasks.models import materialize_tiny_answering
+
+    return materialize_tiny_answering()
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     from tasks.models import materialize_smollm2
 
@@ -88,7 +97,9 @@ def prefect_server(tmp_path_factory):
     log = open(home / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/api"
     try:

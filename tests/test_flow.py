@@ -20,10 +20,16 @@ pytestmark = pytest.mark.timeout(900)
 
 def drift_cli(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], cwd=cwd, env={**env, "PYTHONPATH": str(ROOT)},
-        capture_output=True, text=True, timeout=900,
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=cwd,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
-    assert proc.returncode == 0, f"drift {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"drift {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 
@@ -41,7 +47,10 @@ def task_states(env: dict, tracking_uri: str, run_id: str) -> dict[str, list[str
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     flow_run_id = MlflowClient(tracking_uri).get_run(run_id).data.tags["prefect.flow_run_id"]
-    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+    with (
+        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     states: dict[str, list[str]] = defaultdict(list)
     for tr in runs:
@@ -51,9 +60,9 @@ def task_states(env: dict, tracking_uri: str, run_id: str) -> dict[str, list[str
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tiny_model_dir):
+def workdir(tmp_path_factory, tiny_answering_dir):
     d = tmp_path_factory.mktemp("flow")
-    shutil.copytree(tiny_model_dir, d / "reference")  # a local reference model we can change
+    shutil.copytree(tiny_answering_dir, d / "reference")  # a local reference model we can change
     return d
 
 
@@ -67,7 +76,14 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     assert "multi@t" in first.stdout and "trained model:" in first.stdout
     run1 = mlflow_run_id(first.stdout)
     states = task_states(env, tracking, run1)
-    assert set(states) >= {"ingest", "rollout-shard", "collect-rollouts", "weights", "train", "summarize-eval"}
+    assert set(states) >= {
+        "ingest",
+        "rollout-shard",
+        "collect-rollouts",
+        "weights",
+        "train",
+        "summarize-eval",
+    }
     assert all(s == "Completed" for ss in states.values() for s in ss), states
     assert len(states["rollout-shard"]) == 2  # 8 prompts in shards of 4
 
@@ -80,7 +96,14 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run1}'"
     )
     by_stage = {c.data.tags["drift.stage"]: c for c in children}
-    assert set(by_stage) == {"ingest", "rollout", "weights", "train", "evaluate-reference", "evaluate-trained"}
+    assert set(by_stage) == {
+        "ingest",
+        "rollout",
+        "weights",
+        "train",
+        "evaluate-reference",
+        "evaluate-trained",
+    }
     assert "ess_overall" in by_stage["weights"].data.metrics
     assert len(client.get_metric_history(by_stage["train"].info.run_id, "loss")) == 2  # max_steps: 2
     assert len(client.get_metric_history(by_stage["evaluate-trained"].info.run_id, "multi_at")) == 2
