@@ -13,7 +13,9 @@ and exit code 2; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 import textwrap
@@ -139,6 +141,35 @@ PREFECT_DEFAULTS = {
 }
 
 
+class _RunErrorsReportedOnce(logging.Filter):
+    """Without ``--debug``, the exception that ends a run is reported once, by ``main`` (a paragraph
+    for a user error, Python's traceback otherwise). Prefect's console copies of it, the ERROR
+    records of the task and flow run loggers with their tracebacks, are dropped; the API handler
+    still sends them to the Prefect server, where the UI shows them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or not record.name.startswith(
+            ("prefect.flow_runs", "prefect.task_runs")
+        )
+
+
+@contextlib.contextmanager
+def _quiet_run_errors(debug: bool):
+    """Attach ``_RunErrorsReportedOnce`` to the root logger's handlers (Prefect's console handler)."""
+    if debug:
+        yield
+        return
+    handlers = list(logging.getLogger().handlers)
+    log_filter = _RunErrorsReportedOnce()
+    for handler in handlers:
+        handler.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(log_filter)
+
+
 def main(argv: list[str] | None = None) -> int:
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
@@ -147,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         args.func = cli_weights.run
     try:
-        return args.func(args)
+        if args.command in ("run", "eval"):
+            import prefect  # noqa: F401 - configures logging, so its console handler exists below
+        with _quiet_run_errors(args.debug):
+            return args.func(args)
     except _user_errors() as exc:
         if args.debug:
             raise

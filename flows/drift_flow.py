@@ -21,10 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.futures import wait
+from prefect.task_runners import TaskRunner
 
 from drift_core.schemas import DriftConfig, ModelConfig
 from flows.config import load_config
+from flows.runners import shard_runner
+from flows.train_flow import train_on_pool
 from tasks.caching import key_from_parameters, stage_key
 from tasks.engines import release_engines
 from tasks.evaluate import greedy, summarize_eval
@@ -42,8 +46,9 @@ STAGES = ("ingest", "rollout", "weights", "train", "evaluate")
 class StageRunner:
     """Runs one stage task with drift's caching conventions and records what happened."""
 
-    def __init__(self, store: ArtifactStore):
+    def __init__(self, store: ArtifactStore, runner: TaskRunner | None = None):
         self.store = store
+        self.runner = runner  # shards go here; None: the flow's own task runner
         self.results_dir = Path(store.root) / "prefect-results" if store.is_local else None
         self.states: dict[str, list[str]] = {}
         self.timings: dict[str, float] = {}
@@ -75,9 +80,12 @@ class StageRunner:
         return manifest
 
     def map(self, label: str, task, calls: list[dict[str, Any]], /) -> list[Manifest]:
-        """Submit shard tasks (run concurrently by the flow's task runner), verify each result."""
+        """Submit shard tasks (run concurrently by the shard runner, `flows.runners`), verify each result."""
         start = time.perf_counter()
-        futures = [self.options(task).submit(**params) for params in calls]
+        if self.runner is None:
+            futures = [self.options(task).submit(**params) for params in calls]
+        else:
+            futures = [self.runner.submit(self.options(task), params) for params in calls]
         wait(futures)
         manifests = []
         for params, future in zip(calls, futures, strict=False):
@@ -119,20 +127,29 @@ def drift(
     overrides: list[str] | None = None,
     config: dict[str, Any] | None = None,
     rollouts_from: str | None = None,
+    retrain: bool = False,
 ) -> dict[str, Any]:
     """Run the DRIFT pipeline from one YAML config (``overrides``: ``key.sub=value`` strings).
 
     ``rollouts_from`` re-uses the rollouts of an earlier run (an MLflow run id or a rollout
-    manifest JSON path) and never generates new ones: the ``retrain`` deployment.
+    manifest JSON path) and never generates new ones. ``retrain=True`` (the ``retrain``
+    deployment) makes ``rollouts_from`` required, so a retrain can never roll out by accident.
     """
     cfg = load_config(config_path, overrides or [], raw=config)
+    if retrain and not rollouts_from:
+        raise ValueError(
+            "retrain needs rollouts_from: the MLflow run id of an earlier drift run (or a rollout "
+            "manifest JSON path); run drift/full-pipeline to generate rollouts"
+        )
     logger = get_run_logger()
     store = ArtifactStore(cfg.run.artifact_store)
-    stages = StageRunner(store)
     tracker = Tracker(cfg, tags=_run_tags())
     status = "FAILED"
     try:
-        summary = _pipeline(cfg, store, stages, tracker, rollouts_from, logger)
+        context = FlowRunContext.get()
+        with shard_runner(cfg, context.task_runner if context else None) as runner:
+            stages = StageRunner(store, runner)
+            summary = _pipeline(cfg, store, stages, tracker, rollouts_from, logger)
         status = "FINISHED"
         return summary
     finally:
@@ -150,6 +167,7 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
     if rollouts_from:
         rollouts = _find_rollouts(rollouts_from, store, tracker)
         logger.info("re-using rollouts %s (%s rows); rollout not run", rollouts.uri, rollouts.rows)
+        tracker.client.set_tag(tracker.run_id, "drift.rollouts_from", rollouts_from)
     else:
         problems = stages.run(
             "ingest",
@@ -219,14 +237,17 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
     base = cfg.train_model
     base_path = resolve_model(base)
     base_fp = reference_fp if base == cfg.reference_model else fingerprint_model(base)
+    train_task, train_args = train, {"model_cfg": base.model_copy(update={"path": base_path})}
+    if cfg.train.work_pool:  # its own deployment (drift-train/<pool>), whose worker resolves the model
+        train_task, train_args = train_on_pool, {"model_cfg": base, "work_pool": cfg.train.work_pool}
     model = stages.run(
         "train",
-        train,
+        train_task,
         weighted=weighted,
-        model_cfg=base.model_copy(update={"path": base_path}),
         cfg=cfg.train,
         store_root=root,
         key=stage_key("train", weighted=weighted.sha256, model=base_fp, train=_performance_only(cfg.train)),
+        **train_args,
     )
     _track(tracker, stages, "train", model, {"base_fingerprint": base_fp}, loss_history=True)
 

@@ -36,7 +36,7 @@ def plot_multi_at(
 def plot_weight_histogram(counts: list[float], edges: list[float], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    widths = [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
     ax.bar(edges[:-1], counts, width=widths, align="edge", edgecolor="black", linewidth=0.3)
     ax.set_xlabel("weight")
     ax.set_ylabel("trajectories")

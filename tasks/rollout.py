@@ -101,7 +101,10 @@ def run_episodes(
         elapsed = (time.perf_counter() - start) / max(1, len(targets))
         contents = [prefill + c.text for c in completions]
         verdicts = grader.grade(
-            [(content, episodes[i].gold, c.n_tokens) for i, content, c in zip(targets, contents, completions, strict=False)]
+            [
+                (content, episodes[i].gold, c.n_tokens)
+                for i, content, c in zip(targets, contents, completions, strict=False)
+            ]
         )
         for i, content, verdict in zip(targets, contents, verdicts, strict=False):
             episodes[i].add_turn(content, verdict)
@@ -119,7 +122,9 @@ def rollout_stats(df: pl.DataFrame, max_turns: int) -> dict[str, float]:
     n_turns = df["n_turns"].to_list()
     solved = df["solved"].to_list()
     for t in range(1, max_turns + 1):
-        stats[f"solved_by_turn_{t}"] = sum(1 for s, n in zip(solved, n_turns, strict=False) if s and n <= t) / df.height
+        stats[f"solved_by_turn_{t}"] = (
+            sum(1 for s, n in zip(solved, n_turns, strict=False) if s and n <= t) / df.height
+        )
     tokens = int(df["gen_tokens"].list.sum().sum())
     secs = float(df["gen_seconds"].sum())
     stats["generated_tokens"] = float(tokens)

@@ -137,3 +137,25 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     assert set(states["ingest"]) == {"Cached"}, states
     for name in ("rollout-shard", "collect-rollouts", "weights", "train", "eval-reference", "eval-trained"):
         assert set(states[name]) == {"Completed"}, (name, states)
+
+
+def test_drift_eval_evaluates_any_model_directory(workdir, prefect_server):
+    """`drift eval` runs the multi-turn protocol on a model directory and tracks it in MLflow."""
+    out = drift_cli(
+        [
+            "eval",
+            "--model",
+            str(workdir / "reference"),
+            "--config",
+            str(TINY),
+            "--set",
+            "eval.data.arith.n=3",
+        ],
+        workdir,
+        prefect_server,
+    )
+    assert "model multi@t" in out.stdout
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{workdir / '.drift' / 'mlflow.db'}").get_run(mlflow_run_id(out.stdout))
+    assert run.data.tags["drift.flow"] == "drift-eval"

@@ -48,7 +48,9 @@ def test_engine_returns_n_completions_per_prompt_and_is_seeded(engine):
 def test_greedy_is_deterministic_across_batch_sizes(tiny_model_dir, engine):
     from tasks.engines.transformers_engine import TransformersEngine
 
-    other = TransformersEngine(str(tiny_model_dir), ModelConfig(path=str(tiny_model_dir)), EngineConfig(batch_size=1))
+    other = TransformersEngine(
+        str(tiny_model_dir), ModelConfig(path=str(tiny_model_dir)), EngineConfig(batch_size=1)
+    )
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=6)
     prompts = ["What is 2 + 3?", "x"]
     a = [o[0].text for o in other.generate(prompts, params)]

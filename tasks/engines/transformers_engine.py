@@ -45,7 +45,9 @@ class TransformersEngine(Engine):
             for b, start in enumerate(range(0, len(order), self.cfg.batch_size)):
                 idx = order[start : start + self.cfg.batch_size]
                 batch = [encoded[j] for j in idx]
-                for j, completion in zip(idx, self._generate_batch(batch, params, seed=params.seed + b), strict=False):
+                for j, completion in zip(
+                    idx, self._generate_batch(batch, params, seed=params.seed + b), strict=False
+                ):
                     results[j] = completion
         out: list[list[Completion]] = [[] for _ in prompts]
         for (i, _), completion in zip(expanded, results, strict=False):
