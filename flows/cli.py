@@ -74,9 +74,10 @@ def _pct(value: float | None) -> str:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from flows.config import load_config
+
+    cfg = load_config(args.config, args.set)  # validate before importing Prefect or any compute
     from flows.drift_flow import drift
 
-    cfg = load_config(args.config, args.set)  # validate before starting Prefect or any compute
     flow = drift
     if cfg.run.task_runner == "dask":
         from flows.runners import task_runner_for
@@ -89,9 +90,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print("stage states:", json.dumps(summary["stage_states"]))
     print("stage seconds:", json.dumps(summary["stage_seconds"]))
     print(f"trained model: {summary['model_dir']}")
-    print(
-        f"MLflow run id: {summary['mlflow_run_id']}  (mlflow ui --backend-store-uri {summary['tracking_uri']})"
-    )
+    from tasks.tracking import redact
+
+    uri = redact("tracking_uri", summary["tracking_uri"])  # no password on a terminal or in CI logs
+    print(f"MLflow run id: {summary['mlflow_run_id']}  (mlflow ui --backend-store-uri {uri})")
     return 0
 
 
@@ -179,14 +181,19 @@ def main(argv: list[str] | None = None) -> int:
         args.func = cli_weights.run
     try:
         if args.command in ("run", "eval"):
-            import prefect  # noqa: F401 - configures logging, so its console handler exists below
+            from prefect.logging.configuration import ensure_logging_setup
+
+            ensure_logging_setup()  # Prefect's console handler exists from here on
         with _quiet_run_errors(args.debug):
             return args.func(args)
     except _user_errors() as exc:
         if args.debug:
             raise
         message = f"drift {args.command}: {exc.__class__.__name__}: {exc}"
-        print(textwrap.fill(message, width=100), file=sys.stderr)
+        # never split a path or key: a user copies them from this message
+        print(
+            textwrap.fill(message, width=100, break_long_words=False, break_on_hyphens=False), file=sys.stderr
+        )
         print("(run with --debug for the traceback)", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -27,8 +27,22 @@ from drift_core.verify import make_verifier
 
 log = logging.getLogger(__name__)
 
+#: How long a fresh pool may take to start its workers (spawn + imports) on a busy machine.
+POOL_START_TIMEOUT_S = 300.0
+
 # A turn to grade: (assistant content incl. prefill, gold answer, generated token count)
 GradeItem = tuple[str, str, int]
+
+
+def _warm_worker(verifier_json: str) -> None:
+    """Pool initializer: run the verifier once outside any time limit, so that importing sympy and
+    math-verify (seconds) is not charged to the first answer a fresh worker grades, which would
+    then time out and be graded incorrect."""
+    make_verifier(VerifierConfig.model_validate_json(verifier_json)).check("\\frac{1}{2}", "0.5")
+
+
+def _ready() -> bool:
+    return True
 
 
 def _grade_one(content: str, gold: str, n_tokens: int, protocol_json: str, verifier_json: str) -> dict:
@@ -54,7 +68,16 @@ class Grader:
     def _get_pool(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
             # spawn: never fork a process that holds torch threads or Prefect's event loop
-            self._pool = cf.ProcessPoolExecutor(self.verifier.workers, mp_context=mp.get_context("spawn"))
+            self._pool = cf.ProcessPoolExecutor(
+                self.verifier.workers,
+                mp_context=mp.get_context("spawn"),
+                initializer=_warm_worker,
+                initargs=(self._verifier_json,),
+            )
+            # per-answer limits start once the workers are up: a cold start (spawn, imports) is
+            # neither charged to the first answers nor mistaken for a stuck worker
+            for ready in [self._pool.submit(_ready) for _ in range(self.verifier.workers)]:
+                ready.result(timeout=POOL_START_TIMEOUT_S)
         return self._pool
 
     def _kill_pool(self) -> None:

@@ -171,7 +171,12 @@ def _jsonl_table(lines: Iterable[str], label: str) -> _Table:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             records.append(
-                _Record(len(records), where, None, f"malformed JSON ({exc.msg} at column {exc.colno})")
+                _Record(
+                    len(records),
+                    where,
+                    None,
+                    f"malformed JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})",
+                )
             )
             continue
         if not isinstance(obj, dict):

@@ -265,7 +265,10 @@ def load_tokenizer(path: str, cfg: ModelConfig | None = None):
     kwargs: dict[str, Any] = {"trust_remote_code": bool(cfg and cfg.trust_remote_code)}
     if cfg and cfg.revision and not Path(path).exists():
         kwargs["revision"] = cfg.revision
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except OSError as exc:  # missing files, unknown hub id, no network
+        raise ModelError(f"cannot load the tokenizer of model {path!r}: {exc}") from exc
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError(
             f"tokenizer at {path} has no chat template: drift's protocol is multi-turn chat; "
@@ -287,7 +290,13 @@ def load_model(path: str, cfg: ModelConfig | None = None, device: str = "cpu", d
     }
     if cfg and cfg.revision and not Path(path).exists():
         kwargs["revision"] = cfg.revision
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:  # e.g. only pickled *.bin weights, an unknown hub id, no network
+        raise ModelError(
+            f"cannot load model {path!r}: {exc} (drift loads safetensors weights only, never pickles; "
+            "convert *.bin weights with save_pretrained(..., safe_serialization=True))"
+        ) from exc
     return model.to(device)
 
 

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,16 +121,31 @@ class ArtifactStore:
     def write_parquet(
         self, df: pl.DataFrame, stage: str, key: str, name: str = "data.parquet", meta: dict | None = None
     ) -> Manifest:
+        def write(tmp: str) -> tuple[int, dict]:
+            df.write_parquet(tmp, compression="zstd", statistics=True)
+            return df.height, meta or {}
+
+        return self.write_file(stage, key, write, name)
+
+    def write_file(
+        self,
+        stage: str,
+        key: str,
+        write: Callable[[str], tuple[int | None, dict]],
+        name: str = "data.parquet",
+    ) -> Manifest:
+        """Publish a file artifact that ``write(tmp_path)`` produces (e.g. streamed batch by batch, too
+        large for one frame) and that returns ``(rows, meta)``: hashed, renamed into place, manifested."""
         dest = self.uri_for(stage, key, name)
         tmp = self._local_tmp(dest)
         try:
-            df.write_parquet(tmp, compression="zstd", statistics=True)
+            rows, meta = write(tmp)
             digest = sha256_file(tmp)
             self._publish_file(tmp, dest)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        manifest = Manifest(stage=stage, key=key, uri=dest, sha256=digest, rows=df.height, meta=meta or {})
+        manifest = Manifest(stage=stage, key=key, uri=dest, sha256=digest, rows=rows, meta=meta)
         self._write_manifest(manifest)
         return manifest
 

@@ -18,15 +18,29 @@ from typing import Any
 
 from drift_core.schemas import DriftConfig, flatten
 
-_SECRET_KEY = re.compile(r"(token|secret|password|api[_-]?key|credential)", re.I)
+_SECRET_ENDINGS = ("token", "secret", "password", "passwd", "apikey", "credential", "credentials")
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 
 
+def _is_secret_key(key: str) -> bool:
+    """A key that names a credential: a word of it ends in token/secret/password/... (``hf_token``,
+    ``accessToken``, ``api_key``), but ``max_new_tokens`` or ``tokenizer`` do not."""
+    words = [w for w in re.split(r"[._\-\s/]+", key.lower()) if w]
+    pairs = ("".join(p) for p in zip(words, words[1:], strict=False))
+    return any(w.endswith(_SECRET_ENDINGS) for w in words) or any(p == "apikey" for p in pairs)
+
+
 def redact(key: str, value: Any) -> Any:
-    if _SECRET_KEY.search(key):
+    """``***`` for a value whose key names a secret; credentials in URLs (``user:pw@``) masked;
+    dicts and lists redacted all the way down."""
+    if _is_secret_key(key):
         return "***"
     if isinstance(value, str):
         return _URL_CREDENTIALS.sub("***@", value)
+    if isinstance(value, dict):
+        return {k: redact(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(key, v) for v in value]
     return value
 
 
@@ -89,9 +103,10 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[i : i + 500])
 
     def log_dict(self, run_id: str, obj: Any, name: str) -> None:
+        """Log ``obj`` as a JSON artifact, redacted (the config and summary hold URIs)."""
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
-            path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+            path.write_text(json.dumps(redact("", obj), indent=2, sort_keys=True, default=str))
             self.client.log_artifact(run_id, str(path))
 
     def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:

@@ -26,6 +26,7 @@ row of every problem and, with ``on_bad_rows="skip"``, drops the bad rows (the r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from drift_core.returns import returns_from_arrays
 from drift_core.schemas import WeightsConfig
@@ -54,6 +56,7 @@ __all__ = [
     "load_weight_inputs",
     "read_weight_inputs",
     "run_weights_command",
+    "weigh_parquet",
     "write_parquet_atomic",
 ]
 
@@ -66,6 +69,7 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _TURN_KEY = re.compile(r"t([1-9][0-9]*)")
 _MAX_EXAMPLES = 20
 _CHUNK_ROWS = 50_000
+_STREAM_BATCH_ROWS = 8192  # rows per record batch of weigh_parquet: its working set beyond O(rows)
 
 
 @dataclass
@@ -293,7 +297,11 @@ def _read_jsonl_python(path: Path, on_bad_rows: OnBadRows, report: BadRowsReport
             try:
                 obj = json.loads(line.rstrip())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                detail = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+                detail = (
+                    f"{e.msg.removesuffix(' at')} at column {e.colno}"
+                    if isinstance(e, json.JSONDecodeError)
+                    else str(e)
+                )
                 raise _BadRow(f"malformed JSON: {detail}") from None
             rec = _normalise_record(obj)
         except _BadRow as e:
@@ -343,11 +351,22 @@ def _empty_normalised() -> pl.DataFrame:
 
 
 def _read_parquet(path: Path, on_bad_rows: OnBadRows, report: BadRowsReport) -> pl.DataFrame:
-    raw = pl.read_parquet(path)
-    schema = raw.schema
+    return _normalise_parquet(pl.read_parquet(path), path, on_bad_rows, report)
+
+
+def _check_parquet_columns(path: Path, columns: list[str]) -> None:
     for name in PARQUET_REQUIRED:
-        if name not in schema:
-            raise ValueError(f"{path}: missing required column {name!r}; columns found: {list(schema)}")
+        if name not in columns:
+            raise ValueError(f"{path}: missing required column {name!r}; columns found: {columns}")
+
+
+def _normalise_parquet(
+    raw: pl.DataFrame, path: Path, on_bad_rows: OnBadRows, report: BadRowsReport, first_row: int = 0
+) -> pl.DataFrame:
+    """Validate and normalise a drift trajectories frame (or a chunk of one whose first row is row
+    ``first_row`` of the file); bad rows raise or, with ``skip``, are dropped and counted."""
+    schema = raw.schema
+    _check_parquet_columns(path, list(schema))
     expect = {
         "turn_correct": lambda d: isinstance(d, pl.List) and d.inner == pl.Boolean,
         "normalized_answers": lambda d: isinstance(d, pl.List) and d.inner in (pl.String, pl.Null),
@@ -380,7 +399,7 @@ def _read_parquet(path: Path, on_bad_rows: OnBadRows, report: BadRowsReport) -> 
 
         def describe(r: int) -> str:
             reasons = [msg for i, (_, msg) in enumerate(problems) if flags[f"bad{i}"][r]]
-            return f"{path}: row {r}: {'; '.join(reasons)}"
+            return f"{path}: row {first_row + r}: {'; '.join(reasons)}"
 
         if on_bad_rows == "error":
             raise ValueError(f"{describe(int(rows[0]))} ({len(rows)} bad rows in all)")
@@ -415,6 +434,22 @@ def compute_weight_table(df: pl.DataFrame, cfg: WeightsConfig) -> tuple[pl.DataF
     missing = [c for c in NORMALISED if c not in df.columns]
     if missing:
         raise ValueError(f"compute_weight_table: missing columns {missing}; columns found: {df.columns}")
+    returns = _returns(df, cfg)
+    groups = _group_codes(df["prompt_id"])
+    solved = df["solved"].to_numpy().astype(bool)
+    weights = compute_weights(returns, groups, solved, cfg)
+    diag = diagnostics(weights, groups, solved, returns)
+    out = df.with_columns(pl.Series("return", returns), pl.Series("weight", weights))
+    return out, diag
+
+
+def _group_codes(prompt_id: pl.Series) -> np.ndarray:
+    """Dense integer group codes without sorting strings (a categorical is hash-based)."""
+    return prompt_id.cast(pl.String).cast(pl.Categorical).to_physical().to_numpy()
+
+
+def _returns(df: pl.DataFrame, cfg: WeightsConfig) -> np.ndarray:
+    """Return R of every row of a normalised frame (DESIGN item 3), vectorised."""
     # list.drop_nulls is slow on big frames; count nulls per list instead (n_unique counts null once)
     answers = pl.col("normalized_answers")
     n_null = answers.list.eval(pl.element().null_count()).list.first().fill_null(0)
@@ -430,7 +465,7 @@ def compute_weight_table(df: pl.DataFrame, cfg: WeightsConfig) -> tuple[pl.DataF
     n_answered = feats["n_answered"].to_numpy()
     n_distinct = feats["n_distinct"].to_numpy()
     penalty = df["format_penalty"].cast(pl.Float64).to_numpy()
-    returns = returns_from_arrays(
+    return returns_from_arrays(
         flat,
         penalty,
         n_distinct,
@@ -439,31 +474,108 @@ def compute_weight_table(df: pl.DataFrame, cfg: WeightsConfig) -> tuple[pl.DataF
         repetition_lambda=cfg.repetition_lambda,
         lengths=lengths,
     )
-    # dense integer group codes without sorting strings (a categorical is hash-based)
-    groups = df["prompt_id"].cast(pl.String).cast(pl.Categorical).to_physical().to_numpy()
-    solved = df["solved"].to_numpy().astype(bool)
-    weights = compute_weights(returns, groups, solved, cfg)
-    diag = diagnostics(weights, groups, solved, returns)
-    out = df.with_columns(pl.Series("return", returns), pl.Series("weight", weights))
-    return out, diag
 
 
-def write_parquet_atomic(df: pl.DataFrame, path: str | os.PathLike) -> Path:
-    """Write parquet to a temporary file in the target directory, fsync it, then ``os.replace`` it into
-    place: readers see the old file or the complete new one, never a partial one."""
+@contextlib.contextmanager
+def _atomic_target(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary name in the target's directory; on success fsync it and ``os.replace`` it
+    into place, on any error remove it: readers see the old file or the complete new one."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        df.write_parquet(tmp)
+        yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return target
+
+
+def write_parquet_atomic(df: pl.DataFrame, path: str | os.PathLike) -> Path:
+    """Write parquet to a temporary file in the target directory, fsync it, then ``os.replace`` it into
+    place: readers see the old file or the complete new one, never a partial one."""
+    with _atomic_target(path) as tmp:
+        df.write_parquet(tmp)
+    return Path(path)
+
+
+@dataclass
+class StreamedWeights:
+    """What :func:`weigh_parquet` wrote: its diagnostics, skipped rows and the weight column."""
+
+    rows: int
+    diagnostics: WeightDiagnostics
+    report: BadRowsReport
+    weights: np.ndarray
+
+
+def weigh_parquet(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    cfg: WeightsConfig,
+    on_bad_rows: OnBadRows = "error",
+    batch_rows: int = _STREAM_BATCH_ROWS,
+) -> StreamedWeights:
+    """:func:`compute_weight_table` for a drift trajectories parquet too large to hold in memory
+    (the ``messages`` column holds every conversation), written atomically to ``output``.
+
+    Two passes over record batches of ``batch_rows`` rows. Pass 1 reads only the columns the return
+    needs and keeps one return, group code and solved flag per row; the weights of all rows come
+    from those arrays. Pass 2 streams every column through, appends ``return`` and ``weight`` and
+    writes each batch as it goes. Memory is O(rows x a few numbers) + O(one batch), never the text.
+    The output equals ``compute_weight_table`` on the whole file (same rows, order and columns).
+    """
+    path = Path(input)
+    parquet = pq.ParquetFile(path)
+    columns = parquet.schema_arrow.names
+    _check_parquet_columns(path, columns)
+    if parquet.metadata.num_rows == 0:
+        df, report = read_weight_inputs(path, on_bad_rows)
+        table, diag = compute_weight_table(df, cfg)
+        write_parquet_atomic(table, output)
+        return StreamedWeights(0, diag, report, np.zeros(0))
+
+    report = BadRowsReport()
+    needed = [c for c in (*PARQUET_REQUIRED, "solved") if c in columns]
+    returns, ids, solved = [], [], []
+    first_row = 0
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=needed):
+        chunk = _normalise_parquet(pl.from_arrow(batch), path, "skip", report, first_row)
+        first_row += batch.num_rows
+        returns.append(_returns(chunk, cfg))
+        ids.append(chunk["prompt_id"])
+        solved.append(chunk["solved"].to_numpy().astype(bool))
+    if report.n_skipped and on_bad_rows == "error":  # the same message as the in-memory path
+        raise ValueError(f"{report.examples[0]} ({report.n_skipped} bad rows in all)")
+    all_returns = np.concatenate(returns)
+    groups = _group_codes(pl.concat(ids))
+    all_solved = np.concatenate(solved)
+    del returns, ids, solved
+    weights = compute_weights(all_returns, groups, all_solved, cfg)
+    diag = diagnostics(weights, groups, all_solved, all_returns)
+
+    with _atomic_target(output) as tmp:
+        writer: pq.ParquetWriter | None = None
+        done = first_row = 0
+        try:
+            for batch in parquet.iter_batches(batch_size=batch_rows):
+                chunk = _normalise_parquet(pl.from_arrow(batch), path, "skip", BadRowsReport(), first_row)
+                first_row += batch.num_rows
+                stop = done + chunk.height
+                table = chunk.with_columns(
+                    pl.Series("return", all_returns[done:stop]), pl.Series("weight", weights[done:stop])
+                ).to_arrow()
+                done = stop
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                writer.write_table(table.cast(writer.schema))
+        finally:
+            if writer is not None:
+                writer.close()
+    return StreamedWeights(done, diag, report, weights)
 
 
 def run_weights_command(
@@ -472,11 +584,16 @@ def run_weights_command(
     cfg: WeightsConfig,
     on_bad_rows: OnBadRows = "error",
 ) -> WeightsReport:
-    """Read ``input``, compute returns and weights, write ``output`` atomically; the diagnostics."""
-    df, report = read_weight_inputs(input, on_bad_rows)
-    table, diag = compute_weight_table(df, cfg)
-    del df
-    write_parquet_atomic(table, output)
+    """Read ``input``, compute returns and weights, write ``output`` atomically; the diagnostics.
+    A parquet input is streamed (:func:`weigh_parquet`), so its size is not bounded by memory."""
+    if Path(input).suffix.lower() == ".parquet" and Path(input).is_file():
+        streamed = weigh_parquet(input, output, cfg, on_bad_rows)
+        diag, report = streamed.diagnostics, streamed.report
+    else:
+        df, report = read_weight_inputs(input, on_bad_rows)
+        table, diag = compute_weight_table(df, cfg)
+        del df
+        write_parquet_atomic(table, output)
     return WeightsReport(
         **diag.model_dump(),
         input=str(input),

@@ -1,0 +1,367 @@
+"""drift as a service, on 127.0.0.1: a real Prefect server, the work pools, `prefect deploy --all`
+from prefect.yaml, process workers, and the commands a user types (docs/operations.md).
+
+One module, in order, sharing one tiny pipeline run:
+
+1. `prefect deployment run drift/full-pipeline` on the tiny config; the train stage goes to the
+   `drift-gpu` pool as its own deployment (a process pool here: there is no GPU);
+2. `drift/retrain` from that run's rollouts: no rollout task runs; it fails clearly when the run id
+   has no rollouts or none is given;
+3. the watcher: no run while the reference is unchanged, one run (not two) once it changes, and
+   none after that run has rolled out with the new reference.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+pytestmark = pytest.mark.timeout(900)
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    work: Path
+    tracking_uri: str
+    logs: list[Path]
+
+    @property
+    def overrides(self) -> list[str]:
+        return [
+            f"run.artifact_store={self.work / 'artifacts'}",
+            f"run.tracking_uri={self.tracking_uri}",
+            f"reference_model.path={self.work / 'reference'}",
+        ]
+
+    def log_tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.logs)
+
+
+def prefect(
+    args: list[str], env: dict, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """The `prefect` CLI, run from the repository root like a user would."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefect", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert proc.returncode == 0, (
+            f"prefect {' '.join(args)}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def run_deployment_cli(stack: Stack, name: str, params: dict) -> tuple[subprocess.CompletedProcess, str]:
+    """`prefect deployment run NAME --params JSON --watch`; returns the process and the flow run id."""
+    proc = prefect(
+        ["deployment", "run", name, "--params", json.dumps(params), "--watch", "--watch-timeout", "600"],
+        stack.env,
+        check=False,
+    )
+    match = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout)
+    assert match, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc, match.group(1)
+
+
+def flow_run(env: dict, flow_run_id: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
+        return client.read_flow_run(flow_run_id)
+
+
+def task_states(env: dict, flow_run_id: str) -> dict[str, list[str]]:
+    """Task-run states of one flow run by task-run name (``rollout-shard-0`` -> ``rollout-shard``)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, list[str]] = defaultdict(list)
+    for tr in runs:
+        states[re.sub(r"-(\d+|[0-9a-f]{3,})$", "", tr.name)].append(tr.state.name)
+    return dict(states)
+
+
+def deployment_runs(env: dict, name: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
+        deployment = client.read_deployment_by_name(name)
+        return client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+        )
+
+
+def mlflow_parent(stack: Stack, flow_run_id: str):
+    """The MLflow parent run that the Prefect flow run logged."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(stack.tracking_uri)
+    experiment = client.get_experiment_by_name("drift-tiny")
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+    )
+    assert len(runs) == 1, runs
+    return client, runs[0]
+
+
+@pytest.fixture(scope="module")
+def stack(prefect_server, tmp_path_factory, tiny_model_dir):
+    """Work pools, deployments from prefect.yaml, and a worker on each pool."""
+    work = tmp_path_factory.mktemp("deployments")
+    shutil.copytree(tiny_model_dir, work / "reference")  # a local reference model we can change
+    env = {**prefect_server, "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    prefect(["work-pool", "create", "drift-cpu", "--type", "process"], env)
+    prefect(["work-pool", "create", "drift-gpu", "--type", "process"], env)  # no GPU here
+    prefect(["--no-prompt", "deploy", "--all"], env)  # what they hold: the next test
+    workers, logs = [], []
+    # The pipelines' queue only: the watcher's hourly schedule (its own queue, configs/demo.yaml)
+    # must not start demo runs during the tests.
+    for pool, extra in (("drift-cpu", ["--work-queue", "default"]), ("drift-gpu", [])):
+        log = work / f"worker-{pool}.log"
+        logs.append(log)
+        with log.open("w") as f:
+            cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, *extra]
+            workers.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+    try:
+        yield Stack(env=env, work=work, tracking_uri=f"sqlite:///{work / 'mlflow.db'}", logs=logs)
+    finally:
+        for proc in workers:
+            proc.terminate()
+        for proc in workers:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def first_run(stack) -> dict:
+    """`prefect deployment run drift/full-pipeline` on the tiny config, training on drift-gpu."""
+    params = {
+        "config_path": "configs/tiny.yaml",
+        "overrides": [*stack.overrides, "train.work_pool=drift-gpu"],
+    }
+    proc, flow_run_id = run_deployment_cli(stack, "drift/full-pipeline", params)
+    assert proc.returncode == 0 and "Completed" in proc.stdout, f"{proc.stdout[-3000:]}\n{stack.log_tail()}"
+    client, parent = mlflow_parent(stack, flow_run_id)
+    return {"flow_run_id": flow_run_id, "run_id": parent.info.run_id, "client": client, "parent": parent}
+
+
+@pytest.mark.slow
+def test_prefect_yaml_declares_pools_and_the_watcher_schedule(stack):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings({PREFECT_API_URL: stack.env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as c,
+    ):
+        deployments = {f"{c.read_flow(d.flow_id).name}/{d.name}": d for d in c.read_deployments()}
+    assert deployments["drift/full-pipeline"].parameters == {"config_path": "configs/demo.yaml"}
+    assert deployments["drift/retrain"].parameters["retrain"] is True
+    assert deployments["drift-train/drift-gpu"].work_pool_name == "drift-gpu"
+    watcher = deployments["drift-reference-watcher/watch-reference"]
+    assert watcher.work_pool_name == "drift-cpu" and watcher.work_queue_name == "watcher"
+    assert [s.schedule.interval.total_seconds() for s in watcher.schedules] == [3600]
+    step = deployments["drift/full-pipeline"].pull_steps[0]["prefect.deployments.steps.set_working_directory"]
+    assert Path(step["directory"]) == ROOT
+
+
+@pytest.mark.slow
+def test_full_pipeline_deployment_completes_and_tracks(stack, first_run):
+    states = task_states(stack.env, first_run["flow_run_id"])
+    assert len(states["rollout-shard"]) == 2 and set(states["rollout-shard"]) == {"Completed"}, states
+    assert states["train-on-drift-gpu"] == ["Completed"], states
+    # the train stage ran as its own flow run on the drift-gpu pool
+    [train_run] = deployment_runs(stack.env, "drift-train/drift-gpu")
+    assert train_run.state.is_completed() and train_run.work_pool_name == "drift-gpu"
+
+    client, parent = first_run["client"], first_run["parent"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["drift.reference_fingerprint"].startswith("sha256:")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert {c.data.tags["drift.stage"] for c in children} == {
+        "ingest",
+        "rollout",
+        "weights",
+        "train",
+        "evaluate-reference",
+        "evaluate-trained",
+    }
+
+
+@pytest.mark.slow
+def test_retrain_reuses_rollouts_and_fails_clearly_without_them(stack, first_run):
+    params = {
+        "config_path": "configs/tiny.yaml",
+        "overrides": stack.overrides,
+        "rollouts_from": first_run["run_id"],
+    }
+    proc, flow_run_id = run_deployment_cli(stack, "drift/retrain", params)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{stack.log_tail()}"
+    states = task_states(stack.env, flow_run_id)
+    assert "rollout-shard" not in states and "collect-rollouts" not in states, states
+    assert {"weights", "summarize-eval"} <= set(states), states
+    _, parent = mlflow_parent(stack, flow_run_id)
+    assert parent.data.tags["drift.rollouts_from"] == first_run["run_id"]
+    assert (
+        parent.data.tags["drift.rollout_manifest"] == first_run["parent"].data.tags["drift.rollout_manifest"]
+    )
+
+    # A run id without rollouts (a stage's nested run): the run fails, naming the problem.
+    client = first_run["client"]
+    [weights_run] = client.search_runs(
+        [first_run["parent"].info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{first_run['run_id']}' and tags.`drift.stage` = 'weights'",
+    )
+    params["rollouts_from"] = weights_run.info.run_id
+    proc, flow_run_id = run_deployment_cli(stack, "drift/retrain", params)
+    assert proc.returncode == 1 and "Failed" in proc.stdout, proc.stdout[-3000:]
+    failed = flow_run(stack.env, flow_run_id)
+    assert "has no rollouts" in failed.state.message, failed.state.message
+    assert "rollout-shard" not in task_states(stack.env, flow_run_id)
+
+
+@pytest.fixture()
+def prefect_api(stack, monkeypatch):
+    """Flows called in this process talk to the test server."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogHandler
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("PREFECT_API_URL", stack.env["PREFECT_API_URL"])
+    with temporary_settings({PREFECT_API_URL: stack.env["PREFECT_API_URL"]}):
+        yield
+        # send queued logs/events now: at exit they would retry against a stopped server for minutes
+        APILogHandler().flush()
+        EventsWorker.drain_all(timeout=30)
+
+
+@pytest.mark.slow
+def test_retrain_without_rollouts_from_fails_before_doing_anything(stack, prefect_api):
+    from flows.drift_flow import drift
+
+    with pytest.raises(ValueError, match="retrain needs rollouts_from"):
+        drift(config_path=str(TINY), overrides=stack.overrides, retrain=True)
+
+
+@pytest.mark.slow
+def test_watcher_starts_a_run_only_when_the_reference_changes(stack, first_run, prefect_api):
+    from safetensors.torch import load_file, save_file
+
+    from deployments.watcher import watch_reference
+
+    def pipeline_runs() -> list:
+        return deployment_runs(stack.env, "drift/full-pipeline")
+
+    def watch() -> dict:
+        return watch_reference(config_path=str(TINY), overrides=stack.overrides)
+
+    before = len(pipeline_runs())
+    unchanged = watch()
+    assert unchanged["decision"] == "unchanged", unchanged
+    assert unchanged["last_run_id"] == first_run["run_id"]  # retrain runs do not count as rollouts
+    assert len(pipeline_runs()) == before
+
+    weights_file = stack.work / "reference" / "model.safetensors"
+    tensors = load_file(weights_file)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] * 1.01
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+
+    started = watch()
+    assert started["decision"] == "started" and started["fingerprint"] != unchanged["fingerprint"], started
+    again = watch()  # the next tick while that run is queued or running: no second run
+    assert again["decision"] == "already-running" and again["flow_run_id"] == started["flow_run_id"], again
+    assert len(pipeline_runs()) == before + 1
+
+    deadline = time.time() + 600
+    while not (run := flow_run(stack.env, started["flow_run_id"])).state.is_final():
+        assert time.time() < deadline, stack.log_tail()
+        time.sleep(2)
+    assert run.state.is_completed(), f"{run.state}\n{stack.log_tail()}"
+    assert run.parameters == {"config_path": str(TINY), "overrides": stack.overrides}
+    assert set(task_states(stack.env, str(run.id))["rollout-shard"]) == {"Completed"}  # re-rolled
+
+    after = watch()
+    assert after["decision"] == "unchanged" and after["fingerprint"] == started["fingerprint"], after
+    assert len(pipeline_runs()) == before + 1
+
+
+# ------------------------------------------------------------------ fingerprints, no server needed
+
+
+def test_registry_fingerprint_follows_alias_and_version(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from deployments.watcher import registry_fingerprint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("reference")
+    client.create_model_version("reference", source=str(tmp_path / "v1"))
+    client.set_registered_model_alias("reference", "champion", "1")
+    assert registry_fingerprint("models:/reference@champion", uri) == "mlflow:reference/1"
+    client.create_model_version("reference", source=str(tmp_path / "v2"))
+    assert registry_fingerprint("models:/reference@champion", uri) == "mlflow:reference/1"
+    assert registry_fingerprint("models:/reference/latest", uri) == "mlflow:reference/2"
+    client.set_registered_model_alias("reference", "champion", "2")
+    assert registry_fingerprint("models:/reference@champion", uri) == "mlflow:reference/2"
+    assert registry_fingerprint("models:/reference/1", uri) == "mlflow:reference/1"
+    with pytest.raises(ValueError, match="expected models:/"):
+        registry_fingerprint("models:/a/b/c", uri)
+
+
+def test_hub_fingerprint_is_the_resolved_commit_or_none_when_unreachable(monkeypatch):
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from deployments.watcher import hub_fingerprint
+
+    monkeypatch.setattr(
+        huggingface_hub.HfApi,
+        "model_info",
+        lambda self, repo_id, revision=None: SimpleNamespace(sha="c0ffee"),
+    )
+    assert hub_fingerprint("Qwen/Qwen2.5-3B-Instruct", "main") == "hub:Qwen/Qwen2.5-3B-Instruct@c0ffee"
+
+    def offline(self, repo_id, revision=None):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", offline)
+    assert hub_fingerprint("Qwen/Qwen2.5-3B-Instruct", "main") is None  # "unknown": no re-roll

@@ -1,0 +1,118 @@
+"""Rollout shards on a real local Dask cluster (two worker processes) give the same trajectories
+as the thread runner: shards are seeded per shard, so where a shard runs must not matter.
+
+(Two-process gloo training is covered in tests/test_train.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from prefect import flow
+
+from flows.config import load_config
+from flows.drift_flow import StageRunner, _sharded
+from flows.runners import shard_runner, task_runner_for
+from tasks.ingest import ingest, ingest_key
+from tasks.rollout import rollout_shard
+from tasks.store import ArtifactStore
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+pytestmark = pytest.mark.timeout(300)
+
+
+@flow(name="drift-shards-test", persist_result=False)
+def rollout_shards(overrides: list[str]) -> dict:
+    """Ingest + the rollout shards of the tiny config under the runner its ``run`` section names."""
+    from distributed import get_task_stream
+
+    cfg = load_config(TINY, overrides)
+    store = ArtifactStore(cfg.run.artifact_store)
+    base_dir = str(ROOT)
+    with shard_runner(cfg) as runner:
+        stages = StageRunner(store, runner)
+        problems = stages.run(
+            "ingest",
+            ingest,
+            cfg=cfg.data,
+            store_root=store.url,
+            base_dir=base_dir,
+            key=ingest_key(cfg.data, base_dir),
+        )
+        common = {
+            "model_path": cfg.reference_model.path,
+            "model_cfg": cfg.reference_model,
+            "engine_cfg": cfg.engine,
+            "protocol": cfg.protocol,
+            "verifier": cfg.verifier,
+            "sampling": cfg.rollout.sampling,
+            "k": cfg.rollout.k,
+            "max_turns": cfg.protocol.max_turns,
+            "seed": cfg.rollout.seed,
+            "store_root": store.url,
+        }
+        calls = _sharded("rollout-shard", problems, cfg.rollout.shard_size, "shards-test", common)
+        dask_workers: set[str] = set()
+        if cfg.run.task_runner == "dask":
+            with get_task_stream(client=runner.client) as stream:
+                manifests = stages.map("rollout", rollout_shard, calls)
+            dask_workers = {record["worker"] for record in stream.data}
+        else:
+            manifests = stages.map("rollout", rollout_shard, calls)
+    frames = [store.read_parquet(m).drop("gen_seconds") for m in manifests]
+    return {
+        "runner": type(runner).__name__,
+        "states": stages.states["rollout"],
+        "table": pl.concat(frames).to_dicts(),
+        "dask_workers": sorted(dask_workers),
+    }
+
+
+@pytest.fixture()
+def prefect_api(prefect_server, monkeypatch):
+    """Point this process and the Dask worker processes it starts at the test server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server["PREFECT_API_URL"])
+    with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
+        yield
+        drain_prefect_queues()
+
+
+def drain_prefect_queues() -> None:
+    """Send queued logs and events while the server is up: drained at exit instead, they retry
+    against a stopped server for a minute or more."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    EventsWorker.drain_all(timeout=30)
+
+
+def test_task_runner_for_follows_the_config():
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    threads = task_runner_for(load_config(TINY, ["run.max_workers=3"]))
+    assert isinstance(threads, ThreadPoolTaskRunner) and threads._max_workers == 3
+    remote = task_runner_for(
+        load_config(TINY, ["run.task_runner=dask", "run.dask_address=tcp://10.0.0.5:8786"])
+    )
+    assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://10.0.0.5:8786"
+    local = task_runner_for(load_config(TINY, ["run.task_runner=dask", "run.max_workers=2"]))
+    assert isinstance(local, DaskTaskRunner) and local.address is None
+    assert local.cluster_kwargs["n_workers"] == 2
+
+
+def test_dask_shards_match_thread_shards(tmp_path, tiny_model_dir, prefect_api):
+    common = [f"reference_model.path={tiny_model_dir}", "run.max_workers=2", "verifier.workers=1"]
+    threads = rollout_shards([*common, f"run.artifact_store={tmp_path / 'threads'}"])
+    dask = rollout_shards([*common, f"run.artifact_store={tmp_path / 'dask'}", "run.task_runner=dask"])
+
+    assert threads["runner"] == "ThreadPoolTaskRunner" and dask["runner"] == "DaskTaskRunner"
+    assert threads["states"] == dask["states"] == ["Completed", "Completed"]  # 8 prompts, shards of 4
+    assert len(dask["dask_workers"]) >= 1  # the shards ran on the cluster's worker processes
+    assert len(threads["table"]) == 8 * 2  # 8 prompts x K=2
+    assert dask["table"] == threads["table"]  # same trajectories, turn by turn
