@@ -81,7 +81,8 @@ def train_on_pool(
     except ObjectNotFound as exc:
         raise RuntimeError(
             f"train.work_pool={work_pool!r} needs the deployment {deployment}: "
-            f"`prefect deploy --name {work_pool}` (prefect.yaml declares drift-train/drift-gpu)"
+            f"`prefect deploy --name {deployment}` (prefect.yaml declares drift-train/drift-gpu), and "
+            "PREFECT_API_URL must point at the server it is deployed on"
         ) from exc
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state else "unknown"

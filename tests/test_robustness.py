@@ -243,6 +243,7 @@ def test_malformed_jsonl_through_the_cli_and_servers_bind_localhost(tmp_path):
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 2, stderr
     assert_one_paragraph(stderr, "IngestError", f"{data}: line 2: malformed JSON", "on_bad_rows=skip")
+    print("listening sockets of drift and its children:", sorted(listening))
     assert listening, "the temporary Prefect server was never seen listening"
     assert {addr for addr, _ in listening} <= {"127.0.0.1", "::1"}, listening
 
@@ -587,6 +588,7 @@ def resumed(tmp_path_factory, prefect_server):
 @pytest.mark.slow
 def test_sigkill_mid_rollout_resumes_finished_shards(resumed):
     states = resumed["states"]
+    print("finished at kill:", sorted(resumed["finished_at_kill"]), "second run:", states)
     shard_states = {
         int(name.rsplit("-", 1)[1]): ss for name, ss in states.items() if name.startswith("rollout-shard-")
     }
@@ -650,14 +652,16 @@ def test_no_secret_reaches_mlflow_or_prefect(resumed, tmp_path):
     assert parent.data.params["run.dask_address"] == "tcp://***@127.0.0.1:8786"  # logged, masked
     runs = client.search_runs([parent.info.experiment_id])  # the killed run and the resumed one
     assert len(runs) >= 2 + 6
+    n_files = 0
     for run in runs:
         tracked = json.dumps([run.data.params, run.data.tags, sorted(run.data.metrics)])
         assert not any(s in tracked for s in secrets), run.info.run_name
         (tmp_path / run.info.run_id).mkdir()
         local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / run.info.run_id)))
         for file in (p for p in local.rglob("*") if p.is_file()):
-            data = file.read_bytes()
+            data, n_files = file.read_bytes(), n_files + 1
             assert not any(s.encode() in data for s in secrets), (run.info.run_name, file.name)
+    print(f"checked {len(runs)} MLflow runs, {n_files} artifact files")
     flow_run_id = parent.data.tags["prefect.flow_run_id"]
     with prefect_api(resumed["env"]), get_client(sync_client=True) as prefect:
         parameters = json.dumps(prefect.read_flow_run(flow_run_id).parameters)
@@ -682,6 +686,7 @@ def test_corrupt_cached_artifacts_are_recomputed_not_used(resumed):
     third = drift_cli(["run", str(resumed["config"])], resumed["dir"], resumed["env"])
     assert third.returncode == 0, third.stderr[-5000:]
     states = task_runs(resumed["env"], resumed["tracking"], mlflow_run_id(third.stdout))
+    print("after corrupting two artifacts:", states)
     # Prefect's record: the cached run of each corrupt task, then its recompute
     assert by_task(states, "ingest").count("Completed") == 1, states
     assert by_task(states, "rollout-shard") == ["Cached"] * 4 + ["Completed"], states
@@ -829,6 +834,16 @@ def test_streamed_weights_equal_the_in_memory_table(tmp_path):
     assert pl.read_parquet(tmp_path / "s.parquet").equals(table)
     assert streamed.diagnostics.model_dump() == pytest.approx(diag.model_dump(), rel=1e-12)
     np.testing.assert_array_equal(streamed.weights, table["weight"].to_numpy())
+
+    # published as a store artifact (hashed, renamed into place, manifested) without a frame in memory
+    from tasks.store import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    manifest = store.write_file(
+        "weights", "k", lambda tmp: (weigh_parquet(inp, tmp, cfg, on_bad_rows="skip").rows, {"x": 1})
+    )
+    assert store.find("weights", "k") == manifest and manifest.rows == n - 2
+    assert store.read_parquet(manifest).equals(table)
 
 
 @pytest.mark.slow
