@@ -234,6 +234,7 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
     _track(tracker, stages, "weights", weighted, cfg.weights.model_dump(), histogram=True)
 
     # 3. Weighted SFT of the base model on the terminal (or every) assistant turn.
+    release_engines()  # the rollout model must not hold (GPU) memory while training runs
     base = cfg.train_model
     base_path = resolve_model(base)
     base_fp = reference_fp if base == cfg.reference_model else fingerprint_model(base)
