@@ -96,7 +96,9 @@ def main() -> None:
                 cut = next((k for k, t in enumerate(new) if t in eos), len(new))
                 text, stopped = cut_at_stop(tok.decode(new[:cut], skip_special_tokens=True), stop)
                 naive_useful += (
-                    len(tok(text, add_special_tokens=False)["input_ids"]) if stopped else min(cut + 1, len(new))
+                    len(tok(text, add_special_tokens=False)["input_ids"])
+                    if stopped
+                    else min(cut + 1, len(new))
                 )
     naive_s = time.perf_counter() - start
 

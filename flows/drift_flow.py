@@ -36,7 +36,7 @@ from tasks.ingest import ingest, ingest_key
 from tasks.models import fingerprint_model, resolve_model
 from tasks.rollout import collect_rollouts, rollout_shard
 from tasks.store import ArtifactStore, Manifest
-from tasks.tracking import Tracker
+from tasks.tracking import Tracker, redact
 from tasks.train import train
 from tasks.weights import compute_weights
 
@@ -92,6 +92,9 @@ class StageRunner:
             manifest = future.result()
             name = future.state.name
             if not self.store.verify(manifest):
+                get_run_logger().warning(
+                    "%s: cached artifact %s failed its hash check; recomputing", label, manifest.uri
+                )
                 state = self.options(task, refresh_cache=True)(**params, return_state=True)
                 manifest, name = state.result(), state.name
             self.states.setdefault(label, []).append(name)
@@ -218,7 +221,9 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
             max_turns=cfg.protocol.max_turns,
             k=cfg.rollout.k,
         )
-    tracker.client.set_tag(tracker.run_id, "drift.rollout_manifest", rollouts.model_dump_json())
+    tracker.client.set_tag(
+        tracker.run_id, "drift.rollout_manifest", redact("uri", rollouts.model_dump_json())
+    )
     tracker.client.set_tag(tracker.run_id, "drift.reference_fingerprint", reference_fp)
     _track(tracker, stages, "rollout", rollouts, {"reference_fingerprint": reference_fp})
 

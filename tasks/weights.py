@@ -6,7 +6,7 @@ from prefect import task
 
 from drift_core.schemas import WeightsConfig
 from tasks.store import ArtifactStore, Manifest
-from tasks.weights_io import compute_weight_table, load_weight_inputs
+from tasks.weights_io import weigh_parquet
 
 
 @task(name="weights")
@@ -18,12 +18,17 @@ def compute_weights(rollouts: Manifest, cfg: WeightsConfig, store_root: str, key
         return found
     if not store.verify(rollouts):
         raise RuntimeError(f"rollout artifact {rollouts.uri} is missing or corrupt")
-    df = load_weight_inputs(store.local_path(rollouts))
-    weighted, diag = compute_weight_table(df, cfg)
-    meta = diag.model_dump()
-    meta["histogram"] = _histogram(weighted["weight"].to_list())
-    manifest = store.write_parquet(weighted, "weights", key, meta=meta)
-    store.write_json(diag.model_dump(), "weights", key, "diagnostics.json")
+
+    def write(tmp: str) -> tuple[int, dict]:
+        # streamed in record batches: memory holds a few numbers per trajectory, never the text
+        streamed = weigh_parquet(store.local_path(rollouts), tmp, cfg)
+        meta = streamed.diagnostics.model_dump()
+        meta["histogram"] = _histogram(streamed.weights)
+        return streamed.rows, meta
+
+    manifest = store.write_file("weights", key, write)
+    diagnostics = {k: v for k, v in manifest.meta.items() if k != "histogram"}
+    store.write_json(diagnostics, "weights", key, "diagnostics.json")
     return manifest
 
 

@@ -1,0 +1,236 @@
+"""Quality experiment: DRIFT against its baselines on the demo task, through the pipeline itself.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality.py [--seeds 0 1] [--report-only]
+
+Every variant is one ``drift run configs/demo.yaml --set ...`` into its own artifact store and
+MLflow experiment (``.drift-quality/``, experiment ``drift-quality``). Ingest and rollout cache keys
+do not depend on weights or training settings, so all variants train on the SAME reference rollouts
+(generated once, by the first run), and the reference model's evaluation is cached after the first
+run too. Variants: DRIFT terminal (weights.mode=drift, train.target=terminal), DRIFT all-turn
+(train.target=all_turns), uniform (plain multi-turn SFT), success_only (rejection-sampling SFT),
+each for every training seed. The first run is also timed as the demo (empty store), and re-run
+once to time the all-cached case.
+
+Per-run results are appended to ``benchmarks/results/quality_runs.jsonl`` as soon as a run ends
+(nothing is lost if the sweep is cut short); the table (multi@t, correction rate, repeated-answer
+share, mean over seeds; 95% paired bootstrap intervals over problems; weight ESS) is printed and
+written to ``benchmarks/results/quality_table.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS = RESULTS / "quality_runs.jsonl"
+STORE = ".drift-quality"
+COMMON = [
+    "run.experiment=drift-quality",
+    f"run.artifact_store={STORE}/artifacts",
+    f"run.tracking_uri=sqlite:///{STORE}/mlflow.db",
+]
+VARIANTS = {
+    "drift": ["weights.mode=drift", "train.target=terminal"],
+    "drift_all_turns": ["weights.mode=drift", "train.target=all_turns"],
+    "uniform": ["weights.mode=uniform", "train.target=terminal"],
+    "success_only": ["weights.mode=success_only", "train.target=terminal"],
+}
+
+
+def run_variant(config: str, name: str, seed: int, extra: list[str], tag: str) -> dict:
+    sets = [*COMMON, *VARIANTS[name], f"train.seed={seed}", f"run.name=quality-{name}-s{seed}", *extra]
+    cmd = [str(ROOT / ".venv" / "bin" / "drift"), "run", config]
+    for s in sets:
+        cmd += ["--set", s]
+    print(f"[quality] {tag}: {' '.join(cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ})
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
+        raise SystemExit(f"run {tag} failed (exit {proc.returncode})")
+    out = proc.stdout
+    run_id = re.search(r"MLflow run id: (\S+)", out).group(1)
+    seconds = json.loads(re.search(r"stage seconds: (\{.*\})", out).group(1))
+    states = json.loads(re.search(r"stage states: (\{.*\})", out).group(1))
+    print(out[out.find("turn") :].split("stage states")[0], flush=True)
+    return {
+        "tag": tag,
+        "variant": name,
+        "seed": seed,
+        "extra": extra,
+        "run_id": run_id,
+        "wall_s": round(wall, 1),
+        "stage_seconds": seconds,
+        "stage_states": states,
+        "load_avg": os.getloadavg()[0],
+    }
+
+
+def eval_frames(run_id: str) -> dict:
+    """Per-problem evaluation tables of one pipeline run (reference and trained), and its summary."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tasks.store import ArtifactStore, Manifest
+
+    mlflow.set_tracking_uri(f"sqlite:///{ROOT / STORE / 'mlflow.db'}")
+    client = MlflowClient()
+    store = ArtifactStore(str(ROOT / STORE / "artifacts"))
+    parent = client.get_run(run_id)
+    exp = parent.info.experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    out = {}
+    for child in children:
+        name = child.data.tags.get("mlflow.runName", "")
+        if name in ("evaluate-reference", "evaluate-trained", "weights"):
+            path = client.download_artifacts(child.info.run_id, "manifest.json")
+            manifest = Manifest.model_validate_json(Path(path).read_text())
+            if name == "weights":
+                out["weights"] = {k: v for k, v in manifest.meta.items() if k != "histogram"}
+            else:
+                df = store.read_parquet(manifest).sort("prompt_id")
+                out[name.split("-")[1]] = df
+    return out
+
+
+def per_problem_solved(df) -> np.ndarray:
+    return np.array([any(c) for c in df["turn_correct"].to_list()], dtype=np.float64)
+
+
+def report(records: list[dict], n_boot: int = 2000) -> str:
+    from drift_core.metrics import eval_metrics, paired_bootstrap_ci
+
+    frames = {}
+    for r in records:
+        frames[r["tag"]] = eval_frames(r["run_id"])
+    ref_df = next(iter(frames.values()))["reference"]
+    T = max(len(x) for x in ref_df["turn_correct"].to_list())
+    T = max(T, 3)
+    solved = {"reference": [per_problem_solved(ref_df)]}
+    metrics = {
+        "reference": [
+            eval_metrics(ref_df["turn_correct"].to_list(), ref_df["normalized_answers"].to_list(), T)
+        ]
+    }
+    ess = {}
+    for r in records:
+        f = frames[r["tag"]]
+        df = f["trained"]
+        assert df["prompt_id"].to_list() == ref_df["prompt_id"].to_list()
+        solved.setdefault(r["variant"], []).append(per_problem_solved(df))
+        metrics.setdefault(r["variant"], []).append(
+            eval_metrics(df["turn_correct"].to_list(), df["normalized_answers"].to_list(), T)
+        )
+        ess.setdefault(r["variant"], f.get("weights", {}))
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    head = (
+        "| system | seeds | "
+        + " | ".join(f"multi@{t}" for t in range(1, T + 1))
+        + " | "
+        + " | ".join(f"corr@{t}" for t in range(2, T + 1))
+        + " | repeated | mean turns | multi@T − ref [95% CI] |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    ref_solved = solved["reference"][0]
+    for name, ms in metrics.items():
+        multi = [np.mean([m.multi_at[t] for m in ms]) for t in range(T)]
+        corr = []
+        for t in range(1, T):
+            vals = [m.correction_rate[t] for m in ms if m.correction_rate[t] is not None]
+            corr.append(np.mean(vals) if vals else None)
+        rep = np.mean([m.repeated_answer_share for m in ms])
+        turns = np.mean([m.mean_turns_used for m in ms])
+        if name == "reference":
+            ci = "—"
+        else:
+            d, lo, hi = paired_bootstrap_ci(np.mean(solved[name], axis=0), ref_solved, n_boot=n_boot)
+            ci = f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        lines.append(
+            f"| {name} | {len(ms) if name != 'reference' else '—'} | "
+            + " | ".join(pct(x) for x in multi)
+            + " | "
+            + " | ".join(pct(x) for x in corr)
+            + f" | {pct(rep)} | {turns:.2f} | {ci} |"
+        )
+    lines.append("")
+    lines.append("Paired differences in multi@T (per-problem solved, averaged over seeds), 95% bootstrap CI:")
+    for a, b in (("drift", "uniform"), ("drift", "success_only"), ("drift", "drift_all_turns")):
+        if a in solved and b in solved:
+            d, lo, hi = paired_bootstrap_ci(
+                np.mean(solved[a], axis=0), np.mean(solved[b], axis=0), n_boot=n_boot
+            )
+            lines.append(f"- {a} − {b}: {100 * d:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+    lines.append("")
+    lines.append("Per run (seed): multi@T")
+    for r in records:
+        ms = eval_metrics(
+            frames[r["tag"]]["trained"]["turn_correct"].to_list(),
+            frames[r["tag"]]["trained"]["normalized_answers"].to_list(),
+            T,
+        )
+        lines.append(f"- {r['tag']}: {pct(ms.multi_at[-1])} (run {r['run_id']})")
+    lines.append("")
+    lines.append("Weight diagnostics (weights stage, same rollouts for every seed):")
+    for name, w in ess.items():
+        keys = (
+            "ess_overall",
+            "ess_fraction",
+            "ess_per_group_mean",
+            "ess_per_group_min",
+            "max_weight",
+            "share_groups_no_success",
+        )
+        lines.append(
+            f"- {name}: " + ", ".join(f"{k}={w[k]:.3g}" for k in keys if isinstance(w.get(k), int | float))
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--report-only", action="store_true", help="tabulate the runs already recorded")
+    parser.add_argument("--fresh", action="store_true", help="forget recorded runs (not the store)")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.fresh and RUNS.exists():
+        RUNS.unlink()
+    done = [json.loads(line) for line in RUNS.read_text().splitlines()] if RUNS.exists() else []
+    if not args.report_only:
+        for seed in args.seeds:
+            for name in args.variants:
+                tag = f"{name}-s{seed}"
+                if any(r["tag"] == tag for r in done):
+                    continue
+                rec = run_variant(args.config, name, seed, [], tag)
+                done.append(rec)
+                with RUNS.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if len(done) == 1:  # the first run is the demo from an empty store: time it cached too
+                    again = run_variant(args.config, name, seed, [], tag + "-cached")
+                    with (RESULTS / "demo_timing.json").open("w") as f:
+                        json.dump({"first": rec, "cached": again}, f, indent=2)
+    runs = [r for r in done if not r["tag"].endswith("-cached")]
+    table = report(runs)
+    print(table)
+    (RESULTS / "quality_table.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
