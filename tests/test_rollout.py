@@ -108,3 +108,30 @@ def test_a_pathological_answer_cannot_stall_grading(grader):
     results = grader.grade(items)
     assert time.perf_counter() - start < 15
     assert results[0].correct is False and results[1].correct is True
+
+
+@pytest.mark.slow
+def test_real_smollm2_answers_in_the_protocol_format(smollm2_dir, grader):
+    """The real SmolLM2-135M-Instruct (bundled GGUF, de-quantised to safetensors) plays the
+    protocol: with <answer> pre-filled it closes the tag, and the verifier reads its answers."""
+    from tasks.engines.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(
+        str(smollm2_dir), ModelConfig(path=str(smollm2_dir)), EngineConfig(batch_size=8)
+    )
+    records = run_episodes(
+        engine,
+        engine.tokenizer,
+        PROBLEMS,
+        ProtocolConfig(max_turns=2),
+        SamplingConfig(max_new_tokens=16),
+        k=2,
+        max_turns=2,
+        grader=grader,
+        seed=0,
+    )
+    assert len(records) == 6
+    valid = [v for r in records for v in r.turn_valid]
+    assert any(valid), valid  # some turns close the tag (the 135M model often rambles past 16 tokens)
+    for r in records:  # a turn is valid exactly when an answer was parsed from it
+        assert [a is not None for a in r.answers] == r.turn_valid
