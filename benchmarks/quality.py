@@ -108,6 +108,41 @@ def per_problem_solved(df) -> np.ndarray:
     return np.array([any(c) for c in df["turn_correct"].to_list()], dtype=np.float64)
 
 
+def guess_diagnostics(ref_df, trained: dict, T: int) -> str:
+    """Does a model compute, or guess? The question-blind baseline (the best T distinct answers given
+    to every problem, chosen on the eval golds themselves: an upper bound for a constant guesser), and
+    for each model the share of problems that got its single most common answer sequence."""
+    from collections import Counter
+
+    golds = [int(g) for g in ref_df.join(_golds(), on="prompt_id", how="left")["gold"].to_list()]
+    freq = Counter(golds)
+    best = [a for a, _ in freq.most_common(T)]
+    blind = sum(freq[a] for a in best) / len(golds)
+    lines = [
+        f"Question-blind baseline: answering {best} to every problem solves {100 * blind:.1f}% by turn {T} "
+        "(the best constant guess sequence, chosen on the eval golds).",
+        "Most common answer sequence per model (share of problems):",
+    ]
+    for tag, df in {"reference": ref_df, **trained}.items():
+        seqs = Counter(tuple(a) for a in df["answers"].to_list())
+        top, count = seqs.most_common(1)[0]
+        lines.append(
+            f"- {tag}: {list(top)} on {100 * count / df.height:.1f}% of problems; {len(seqs)} distinct sequences"
+        )
+    return "\n".join(lines)
+
+
+def _golds():
+    import polars as pl
+
+    from flows.config import load_config
+    from tasks.ingest import load_problems
+
+    cfg = load_config(str(ROOT / "configs" / "demo.yaml"))
+    df, _ = load_problems(cfg.eval.data)
+    return df.select("prompt_id", "gold").with_columns(pl.col("gold"))
+
+
 def report(records: list[dict], n_boot: int = 2000) -> str:
     from drift_core.metrics import eval_metrics, paired_bootstrap_ci
 
@@ -183,6 +218,8 @@ def report(records: list[dict], n_boot: int = 2000) -> str:
             T,
         )
         lines.append(f"- {r['tag']}: {pct(ms.multi_at[-1])} (run {r['run_id']})")
+    lines.append("")
+    lines.append(guess_diagnostics(ref_df, {r["tag"]: frames[r["tag"]]["trained"] for r in records}, T))
     lines.append("")
     lines.append("Weight diagnostics (weights stage, same rollouts for every seed):")
     for name, w in ess.items():
