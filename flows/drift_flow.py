@@ -40,8 +40,6 @@ from tasks.tracking import Tracker, redact
 from tasks.train import train
 from tasks.weights import compute_weights
 
-STAGES = ("ingest", "rollout", "weights", "train", "evaluate")
-
 
 class StageRunner:
     """Runs one stage task with drift's caching conventions and records what happened."""
@@ -118,8 +116,10 @@ def _sharded(label: str, problems: Manifest, shard_size: int, base_key: str, com
     return calls
 
 
-def _performance_only(model) -> dict:
-    """Config fields that change speed, not results, are kept out of cache keys."""
+def _result_fields(model) -> dict:
+    """A config section without the fields that change speed, not results (kept out of cache keys).
+    Shard size stays out too: each shard's key holds its own prompt range, and a joined artifact's
+    key holds its shards' content hashes."""
     drop = {"batch_size", "workers", "gpu_memory_utilization", "work_pool", "checkpoint_every", "shard_size"}
     return {k: v for k, v in model.model_dump(mode="json").items() if k not in drop}
 
@@ -186,8 +186,8 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
             problems=problems.sha256,
             model=reference_fp,
             protocol=cfg.protocol,
-            verifier=_performance_only(cfg.verifier),
-            rollout=_performance_only(cfg.rollout),
+            verifier=_result_fields(cfg.verifier),
+            rollout=_result_fields(cfg.rollout),
             engine=cfg.engine.kind,
         )
         shards = stages.map(
@@ -217,7 +217,7 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
             collect_rollouts,
             shards=shards,
             store_root=root,
-            key=rollout_base,
+            key=stage_key("rollout", base=rollout_base, shards=[m.sha256 for m in shards]),
             max_turns=cfg.protocol.max_turns,
             k=cfg.rollout.k,
         )
@@ -252,7 +252,7 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
         weighted=weighted,
         cfg=cfg.train,
         store_root=root,
-        key=stage_key("train", weighted=weighted.sha256, model=base_fp, train=_performance_only(cfg.train)),
+        key=stage_key("train", weighted=weighted.sha256, model=base_fp, train=_result_fields(cfg.train)),
         **train_args,
     )
     _track(tracker, stages, "train", model, {"base_fingerprint": base_fp}, loss_history=True)
@@ -305,7 +305,7 @@ def _evaluate(
         model=fp,
         problems=problems.sha256,
         protocol=protocol,
-        verifier=_performance_only(cfg.verifier),
+        verifier=_result_fields(cfg.verifier),
         max_new_tokens=max_new,
         engine=cfg.engine.kind,
     )
@@ -340,7 +340,7 @@ def _evaluate(
         label=name,
         max_turns=max_turns,
         store_root=stages.store.url,
-        key=base,
+        key=stage_key("evaluate", base=base, shards=[m.sha256 for m in shards]),
     )
 
 
