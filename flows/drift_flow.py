@@ -119,7 +119,7 @@ def _sharded(label: str, problems: Manifest, shard_size: int, base_key: str, com
 def _result_fields(model) -> dict:
     """A config section without the fields that change speed, not results (kept out of cache keys).
     Shard size stays out too: each shard's key holds its own prompt range, and a joined artifact's
-    key holds its shards' content hashes."""
+    key holds its shards' keys (not their content hashes, which include timings)."""
     drop = {"batch_size", "workers", "gpu_memory_utilization", "work_pool", "checkpoint_every", "shard_size"}
     return {k: v for k, v in model.model_dump(mode="json").items() if k not in drop}
 
@@ -217,7 +217,7 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
             collect_rollouts,
             shards=shards,
             store_root=root,
-            key=stage_key("rollout", base=rollout_base, shards=[m.sha256 for m in shards]),
+            key=stage_key("rollout", base=rollout_base, shards=[m.key for m in shards]),
             max_turns=cfg.protocol.max_turns,
             k=cfg.rollout.k,
         )
@@ -340,7 +340,7 @@ def _evaluate(
         label=name,
         max_turns=max_turns,
         store_root=stages.store.url,
-        key=stage_key("evaluate", base=base, shards=[m.sha256 for m in shards]),
+        key=stage_key("evaluate", base=base, shards=[m.key for m in shards]),
     )
 
 
