@@ -19,11 +19,11 @@ import shutil
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import raw_task_states, states_by_task
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -92,20 +92,8 @@ def flow_run(env: dict, flow_run_id: str):
 
 
 def task_states(env: dict, flow_run_id: str) -> dict[str, list[str]]:
-    """Task-run states of one flow run by task-run name (``rollout-shard-0`` -> ``rollout-shard``)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with (
-        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
-        get_client(sync_client=True) as client,
-    ):
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    states: dict[str, list[str]] = defaultdict(list)
-    for tr in runs:
-        states[re.sub(r"-(\d+|[0-9a-f]{3,})$", "", tr.name)].append(tr.state.name)
-    return dict(states)
+    """Task-run states of one flow run by task name (``rollout-shard-0`` -> ``rollout-shard``)."""
+    return states_by_task(raw_task_states(env, flow_run_id))
 
 
 def deployment_runs(env: dict, name: str) -> list:

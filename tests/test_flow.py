@@ -4,14 +4,13 @@ states the Prefect API records (Cached vs Completed)."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from helpers import flow_run_of, mlflow_run_id, raw_task_states, states_by_task
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -33,30 +32,9 @@ def drift_cli(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProc
     return proc
 
 
-def mlflow_run_id(stdout: str) -> str:
-    match = re.search(r"MLflow run id: ([0-9a-f]{32})", stdout)
-    assert match, stdout
-    return match.group(1)
-
-
 def task_states(env: dict, tracking_uri: str, run_id: str) -> dict[str, list[str]]:
     """Task-run states of the Prefect flow run behind an MLflow parent run, by task name."""
-    from mlflow.tracking import MlflowClient
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    flow_run_id = MlflowClient(tracking_uri).get_run(run_id).data.tags["prefect.flow_run_id"]
-    with (
-        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
-        get_client(sync_client=True) as client,
-    ):
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    states: dict[str, list[str]] = defaultdict(list)
-    for tr in runs:
-        name = re.sub(r"-(\d+|[0-9a-f]{3,})$", "", tr.name)  # rollout-shard-0 -> rollout-shard
-        states[name].append(tr.state.name)
-    return dict(states)
+    return states_by_task(raw_task_states(env, flow_run_of(tracking_uri, run_id)))
 
 
 @pytest.fixture(scope="module")

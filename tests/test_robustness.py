@@ -30,6 +30,7 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
+from helpers import flow_run_of, mlflow_run_id, raw_task_states
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -80,29 +81,13 @@ def prefect_api(env: dict):
 
 def task_runs(env: dict, tracking_uri: str, run_id: str) -> dict[str, list[str]]:
     """Task-run states (by task-run name) of the Prefect flow run behind an MLflow parent run."""
-    from mlflow.tracking import MlflowClient
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    flow_run_id = MlflowClient(tracking_uri).get_run(run_id).data.tags["prefect.flow_run_id"]
-    with prefect_api(env), get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    states: dict[str, list[str]] = defaultdict(list)
-    for tr in runs:
-        states[tr.name].append(tr.state.name)
-    return dict(states)
+    return raw_task_states(env, flow_run_of(tracking_uri, run_id))
 
 
 def by_task(states: dict[str, list[str]], task: str) -> list[str]:
     """States of every run of one task (``rollout-shard-0``, ``rollout-shard-1``, ... together)."""
     pattern = re.compile(rf"{re.escape(task)}(-(\d+|[0-9a-f]{{3,}}))?$")
     return sorted(s for name, ss in states.items() if pattern.fullmatch(name) for s in ss)
-
-
-def mlflow_run_id(stdout: str) -> str:
-    match = re.search(r"MLflow run id: ([0-9a-f]{32})", stdout)
-    assert match, stdout
-    return match.group(1)
 
 
 def write_jsonl(path: Path, rows: list, raw: dict[int, str] | None = None) -> Path:

@@ -1,0 +1,48 @@
+"""Helpers shared by the tests that drive real runs: read MLflow run ids from the CLI's output and
+task-run states from the Prefect API."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+_RUN_SUFFIX = re.compile(r"-(\d+|[0-9a-f]{3,})$")  # rollout-shard-0, ingest-7f3 -> task name
+
+
+def mlflow_run_id(stdout: str) -> str:
+    """The MLflow parent run id that ``drift run``/``drift eval`` prints last."""
+    match = re.search(r"MLflow run id: ([0-9a-f]{32})", stdout)
+    assert match, stdout
+    return match.group(1)
+
+
+def flow_run_of(tracking_uri: str, run_id: str) -> str:
+    """The Prefect flow run behind an MLflow parent run (its ``prefect.flow_run_id`` tag)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri).get_run(run_id).data.tags["prefect.flow_run_id"]
+
+
+def raw_task_states(env: dict, flow_run_id: str) -> dict[str, list[str]]:
+    """Task-run states of one flow run, by task-run name, from the server at env's PREFECT_API_URL."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, list[str]] = defaultdict(list)
+    for tr in runs:
+        states[tr.name].append(tr.state.name)
+    return dict(states)
+
+
+def states_by_task(states: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Merge the runs of one task (``rollout-shard-0``, ``rollout-shard-1`` -> ``rollout-shard``)."""
+    merged: dict[str, list[str]] = defaultdict(list)
+    for name, values in states.items():
+        merged[_RUN_SUFFIX.sub("", name)].extend(values)
+    return dict(merged)
