@@ -187,6 +187,14 @@ class TrainConfig(StrictModel):
     work_pool: str | None = Field(
         default=None, description="if set, train runs as its own deployment on this work pool"
     )
+    num_processes: int | None = Field(
+        default=None, ge=1, description="training processes on the worker; default one per visible GPU"
+    )
+    accelerate_config: str | None = Field(
+        default=None,
+        description="accelerate config YAML (FSDP, DeepSpeed: configs/accelerate/); launched with "
+        "`accelerate launch`. Unset: DDP through torchrun when there are several processes",
+    )
 
 
 class EvalConfig(StrictModel):

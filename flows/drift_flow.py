@@ -120,8 +120,17 @@ def _result_fields(model) -> dict:
     """A config section without the fields that change speed, not results (kept out of cache keys).
     Shard size stays out too: each shard's key holds its own prompt range, and a joined artifact's
     key holds its shards' keys (not their content hashes, which include timings)."""
-    drop = {"batch_size", "workers", "gpu_memory_utilization", "work_pool", "checkpoint_every", "shard_size"}
+    drop = _SPEED_ONLY.get(type(model).__name__, set())
     return {k: v for k, v in model.model_dump(mode="json").items() if k not in drop}
+
+
+# Per section: the settings that change where or how fast a stage runs, never what it produces.
+# (train.batch_size is NOT here: it changes the optimisation; the engine's batch_size is not keyed.)
+_SPEED_ONLY: dict[str, set[str]] = {
+    "VerifierConfig": {"workers"},
+    "RolloutConfig": {"shard_size"},
+    "TrainConfig": {"work_pool", "checkpoint_every", "num_processes", "accelerate_config"},
+}
 
 
 @flow(name="drift", log_prints=True, persist_result=False)

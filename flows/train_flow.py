@@ -22,12 +22,6 @@ from tasks.train import train
 POLL_SECONDS = 2.0
 
 
-def _gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 @flow(name="drift-train", log_prints=True, persist_result=False)
 def train_flow(
     weighted: Manifest,
@@ -37,16 +31,15 @@ def train_flow(
     key: str,
     num_processes: int | None = None,
 ) -> dict:
-    """Weighted SFT on the worker that picks this run up. ``num_processes`` defaults to one
-    process per visible GPU (torchrun, DDP through accelerate), one process on a CPU worker."""
-    processes = num_processes or max(1, _gpu_count())
+    """Weighted SFT on the worker that picks this run up. ``num_processes`` defaults to
+    ``train.num_processes``, else one process per visible GPU (one on a CPU worker)."""
     manifest = train(
         weighted=weighted,
         model_cfg=model_cfg,
         cfg=cfg,
         store_root=store_root,
         key=key,
-        num_processes=processes,
+        num_processes=num_processes,
     )
     return manifest.model_dump(mode="json")
 

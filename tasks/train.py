@@ -1,537 +1,42 @@
-"""Train stage: importance-weighted SFT on the trajectories (DESIGN.md, method item 5, and "Training").
+"""Train stage as a Prefect task: weighted SFT of the base model, published as the ``train`` artifact.
 
-Read top to bottom, ``train_weighted_sft`` is the whole recipe:
+The loop itself is :func:`tasks.trainer.train_weighted_sft`. This module decides where it runs:
 
-1. seed everything; build the ``Accelerator`` (bf16 autocast on a GPU when ``precision`` is
-   ``auto``/``bf16``, fp32 on the CPU; a gloo group of CPU processes under ``torchrun``);
-2. drop zero-weight rows (``success_only`` weighting makes them), tokenise every trajectory with
-   :func:`drift_core.batching.tokenize_trajectory` (terminal message, or every assistant message);
-3. plan the whole run up front: length-grouped *global* micro-batches of ``batch_size`` samples,
-   ``grad_accum`` of them per optimizer step, a fresh shuffle per epoch (seed + epoch);
-4. model (fp32 master weights, safetensors only) + optional LoRA + optional gradient checkpointing;
-   AdamW (no decay on 1-d params) and a linear schedule with warmup;
-5. resume from the latest complete checkpoint of the *same* run, if any;
-6. the loop: forward/backward every micro-batch of the step (gradients synchronised on the last one
-   only), clip, step; log the loss; checkpoint every ``checkpoint_every`` steps;
-7. save a plain model directory (LoRA merged into the base weights), the tokenizer and
-   ``training_log.json``.
+* one process, no accelerate config: in this process (CPU, or the one GPU);
+* several processes (``train.num_processes``; by default one per visible GPU): ``torchrun
+  --standalone --nproc_per_node N -m tasks.trainer`` (DDP; a gloo group on the CPU);
+* ``train.accelerate_config`` set (FSDP or DeepSpeed, ``configs/accelerate/*.yaml``): ``accelerate
+  launch --config_file F --num_processes N -m tasks.trainer``, even for one process, so the file's
+  sharding, offload and mixed-precision settings always apply.
 
-Data sharding (manual, by design). Every process builds the same plan from the same seed, and rank
-``r`` of ``W`` takes the ``r``-th contiguous slice of each global micro-batch (``np.array_split``).
-The global batch is therefore the same whatever the number of processes: a 2-process run optimises
-exactly the single-process objective, resuming needs nothing but the step index (no sampler state),
-and a batch that does not divide by ``W`` is handled exactly (below). A ``DataLoader`` prepared by
-accelerate would instead make ``batch_size`` per process and pad short batches with repeated samples.
-
-Why the process count does not change the gradient. DDP *averages* gradients over the ``W`` ranks.
-For one global micro-batch ``B`` (``n = |B|`` samples, rank ``r`` holding ``m_r`` of them):
-
-* ``normalize="mean"``: the objective is ``(1/n) sum_B l_i w_i``; rank ``r``'s loss is
-  ``(1/m_r) sum_r l_i w_i``; scaled by ``m_r W / n`` it averages over the ranks to the objective. With
-  equal slices (``m_r = n / W``) the scale is 1: plain DDP averaging of per-rank means of
-  ``l_i w_i`` is the single-process mean. The scale makes uneven slices (a short last batch) exact.
-* ``normalize="weight_sum"``: the objective is ``sum_B l_i w_i / sum_B w_i``. The denominator is
-  global: the ranks' weight sums are all-reduced (``accelerator.reduce(..., "sum")``) and passed to
-  the loss as ``global_weight_sum``, so rank ``r``'s loss is its share of the global numerator over
-  the global denominator; DDP's averaging divides by ``W``, which the scale ``W`` undoes.
-
-A rank whose slice would be empty (a global batch smaller than ``W``) gets one zero-weight sample, so
-it still joins the collective; it adds nothing to the gradient. Gradient accumulation is done by hand
-(``accelerator.no_sync`` on all but the last micro-batch, losses divided by the number of
-micro-batches *in that step*) rather than with ``Accelerator(gradient_accumulation_steps=...)``,
-which always divides by the configured count: the plan's last step of an epoch may be shorter.
-
-Checkpoints (``checkpoint_every`` optimizer steps): ``accelerator.save_state`` (model, optimizer,
-scheduler, RNG states of every process) plus ``drift_checkpoint.json`` (step, seed, run fingerprint,
-plan digest, loss history) are written to ``.tmp-step-N`` and renamed to ``step-N``; older ones are
-then removed. A kill at any moment leaves either the previous complete checkpoint or the new one. On
-start, the newest checkpoint whose fingerprint matches (same data, model, settings, process count)
-is loaded and the steps it covers are skipped; the plan is rebuilt from the seed, so the data order
-is the same. With several nodes, ``checkpoint_dir`` must be on a filesystem they share.
-
-Multi-GPU / multi-process: ``python -m tasks.train`` (see ``main``) under ``torchrun``; the Prefect
-task launches it when ``num_processes > 1``.
+The launched processes read the weighted parquet from the store and write the model into the
+stage's staging directory; the task publishes it. Checkpoints live beside the store and are keyed
+by the stage key, so a retry of a killed run resumes (see :mod:`tasks.trainer`).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import hashlib
-import json
 import logging
-import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import polars as pl
-import torch
 from prefect import task
-from pydantic import BaseModel
 
-from drift_core.batching import TokenizedExample, collate, length_grouped_batches, tokenize_trajectory
-from drift_core.loss import weighted_sft_loss
 from drift_core.schemas import ModelConfig, TrainConfig
-from tasks.models import load_model, load_tokenizer, pick_device, resolve_model, torch_dtype
+from tasks.models import resolve_model
 from tasks.store import ArtifactStore, Manifest
+from tasks.trainer import TrainResult, train_weighted_sft
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "checkpoint_dir_for", "main", "train", "train_weighted_sft"]
+__all__ = ["checkpoint_dir_for", "launch_command", "resolve_num_processes", "train"]
 
-CHECKPOINT_INFO = "drift_checkpoint.json"
-TRAINING_LOG = "training_log.json"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-Plan = list[list[list[int]]]  # optimizer steps -> global micro-batches -> example indices
-
-
-class TrainResult(BaseModel):
-    """What a training run did. ``steps``/``samples``/``tokens`` cover the whole run (resumed steps
-    included); ``seconds``/``tokens_per_s`` cover the steps this invocation ran."""
-
-    steps: int
-    samples: int
-    tokens: int
-    final_loss: float | None
-    loss_history: list[tuple[int, float, float]]  # (optimizer step, loss, learning rate)
-    seconds: float
-    tokens_per_s: float
-    resumed_from_step: int | None = None
-    examples: int = 0  # training sequences after dropping zero-weight / over-long rows
-    dropped_zero_weight: int = 0
-    dropped_too_long: int = 0
-
-
-# ---------------------------------------------------------------------------------------- data
-
-
-def prepare_examples(
-    data: pl.DataFrame, tokenizer, cfg: TrainConfig
-) -> tuple[list[TokenizedExample], list[float], dict[str, int]]:
-    """Tokenised examples and their weights, in (prompt_id, traj_idx) order; zero-weight rows dropped."""
-    missing = {"prompt_id", "traj_idx", "messages", "weight"} - set(data.columns)
-    if missing:
-        raise ValueError(f"weighted trajectories lack column(s) {sorted(missing)}")
-    bad = data.filter(pl.col("weight").is_null() | pl.col("weight").is_nan() | (pl.col("weight") < 0))
-    if bad.height:
-        raise ValueError(
-            f"{bad.height} row(s) have a null, NaN or negative weight (first: {bad.row(0, named=True)})"
-        )
-    kept = data.filter(pl.col("weight") > 0).sort("prompt_id", "traj_idx")
-    examples: list[TokenizedExample] = []
-    weights: list[float] = []
-    too_long = 0
-    for messages, weight in zip(kept["messages"].to_list(), kept["weight"].to_list(), strict=True):
-        try:
-            ex = tokenize_trajectory(tokenizer, messages, cfg.target, cfg.max_seq_len)
-        except ValueError as exc:  # the supervised response alone exceeds max_seq_len
-            if "max_seq_len" not in str(exc):
-                raise
-            too_long += 1
-            continue
-        if ex.n_supervised == 0:
-            too_long += 1
-            continue
-        examples.append(ex)
-        weights.append(float(weight))
-    stats = {"dropped_zero_weight": data.height - kept.height, "dropped_too_long": too_long}
-    if not examples:
-        raise ValueError(f"no training examples left ({stats}, {data.height} rows in)")
-    if too_long:
-        log.warning(
-            "dropped %d trajectories whose response does not fit max_seq_len=%d", too_long, cfg.max_seq_len
-        )
-    return examples, weights, stats
-
-
-def plan_steps(lengths: list[int], cfg: TrainConfig) -> Plan:
-    """The whole run's data order: optimizer steps of up to ``grad_accum`` global micro-batches.
-
-    Epoch ``e`` is a length-grouped shuffle with seed ``cfg.seed + e``. The run is ``max_steps``
-    steps when set (epochs repeat as needed), else ``ceil(epochs * steps_per_epoch)``."""
-    steps: Plan = []
-    target = cfg.max_steps
-    epoch = 0
-    while True:
-        batches = length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch, shuffle=True)
-        epoch_steps = [batches[k : k + cfg.grad_accum] for k in range(0, len(batches), cfg.grad_accum)]
-        if target is None:
-            target = max(1, math.ceil(cfg.epochs * len(epoch_steps)))
-        steps.extend(epoch_steps)
-        epoch += 1
-        if len(steps) >= target:
-            return steps[:target]
-
-
-def shard(global_batch: list[int], rank: int, world: int) -> tuple[list[int], list[bool]]:
-    """Rank ``rank``'s contiguous slice of a global batch, and which entries are real samples.
-    An empty slice becomes one placeholder sample (weight 0) so that the rank joins the collectives."""
-    local = [int(i) for i in np.array_split(np.asarray(global_batch), world)[rank]]
-    if not local:
-        return [int(global_batch[0])], [False]
-    return local, [True] * len(local)
-
-
-def run_fingerprint(
-    examples: list[TokenizedExample],
-    weights: list[float],
-    model_path: str,
-    model_cfg: ModelConfig,
-    cfg: TrainConfig,
-    world: int,
-) -> str:
-    """Identity of a run for resuming: data, model, settings that change the result, process count."""
-    h = hashlib.sha256()
-    settings = cfg.model_dump(mode="json", exclude={"checkpoint_every", "work_pool"})
-    h.update(
-        json.dumps([settings, model_path, model_cfg.model_dump(mode="json"), world], sort_keys=True).encode()
-    )
-    for ex, w in zip(examples, weights, strict=True):
-        h.update(np.asarray(ex.input_ids, dtype=np.int64).tobytes())
-        h.update(np.asarray(ex.labels, dtype=np.int64).tobytes())
-        h.update(np.float64(w).tobytes())
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------- model
-
-
-class _LossModule(torch.nn.Module):
-    """The model with the loss inside ``forward``, so DDP (and accelerate's autocast) wrap the whole
-    loss computation, whichever submodules ``weighted_sft_loss`` calls."""
-
-    def __init__(self, model: torch.nn.Module, normalize: str):
-        super().__init__()
-        self.model = model
-        self.normalize = normalize
-
-    def forward(self, batch: dict[str, torch.Tensor], global_weight_sum: torch.Tensor | None = None):
-        out = weighted_sft_loss(
-            self.model, batch, normalize=self.normalize, global_weight_sum=global_weight_sum
-        )
-        return out.loss, out.n_tokens
-
-
-def _build_model(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig):
-    # fp32 master weights; bf16 compute comes from the accelerator's autocast.
-    model = load_model(model_path, model_cfg.model_copy(update={"dtype": "float32"}), device="cpu")
-    model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora.enabled:
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
-
-        model = get_peft_model(
-            model,
-            PeftLoraConfig(
-                r=cfg.lora.r,
-                lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout,
-                target_modules=list(cfg.lora.target_modules),
-                task_type="CAUSAL_LM",
-            ),
-        )
-    return model
-
-
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # norms, biases
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
-
-
-def linear_schedule(
-    optimizer: torch.optim.Optimizer, warmup: int, total: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from 0 over ``warmup`` steps, then linear decay to 0 at ``total`` (the formula of
-    transformers' ``get_linear_schedule_with_warmup``, whose import would pull in peft and the Trainer)."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# ---------------------------------------------------------------------------------------- checkpoints
-
-
-def _find_checkpoint(checkpoint_dir: Path, fingerprint: str) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint of this run (``step-N`` dirs exist only once complete)."""
-    for path in sorted(checkpoint_dir.glob("step-*"), reverse=True):
-        try:
-            info = json.loads((path / CHECKPOINT_INFO).read_text())
-        except (OSError, ValueError):
-            continue
-        if info.get("fingerprint") == fingerprint:
-            return path, info
-        log.warning("ignoring checkpoint %s: it belongs to another run (different data or settings)", path)
-    return None
-
-
-def _save_checkpoint(accelerator, checkpoint_dir: Path, step: int, info: dict) -> None:
-    """``save_state`` into a temp dir, then rename it into place and drop older checkpoints."""
-    final = checkpoint_dir / f"step-{step:08d}"
-    tmp = checkpoint_dir / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / CHECKPOINT_INFO).write_text(json.dumps(info))
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        for old in checkpoint_dir.iterdir():
-            if old != final and old.name.startswith(("step-", ".tmp-step-")):
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-# ---------------------------------------------------------------------------------------- training
-
-
-def train_weighted_sft(
-    data: pl.DataFrame,
-    model_path: str,
-    model_cfg: ModelConfig,
-    cfg: TrainConfig,
-    output_dir: Path,
-    checkpoint_dir: Path,
-    progress: bool = True,
-    on_step: Callable[[int, float, float], None] | None = None,
-) -> TrainResult:
-    """Weighted SFT of ``model_path`` on ``data`` (columns prompt_id, traj_idx, messages, weight).
-
-    Writes the trained model (safetensors), tokenizer and ``training_log.json`` to ``output_dir`` and
-    checkpoints to ``checkpoint_dir``; resumes from a checkpoint of the same run. ``on_step(step,
-    loss, lr)`` is called on every process after each optimizer step (and its checkpoint)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    output_dir, checkpoint_dir = Path(output_dir), Path(checkpoint_dir)
-
-    # 1. seed, accelerator --------------------------------------------------------------------
-    set_seed(cfg.seed)
-    on_gpu = pick_device("auto") != "cpu"
-    bf16 = on_gpu and cfg.precision in ("auto", "bf16")
-    if cfg.precision == "bf16" and not on_gpu:
-        log.info("precision=bf16 requested without a GPU: training in fp32 on the CPU")
-    accelerator = Accelerator(cpu=not on_gpu, mixed_precision="bf16" if bf16 else "no")
-    rank, world = accelerator.process_index, accelerator.num_processes
-
-    # 2. data -----------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(model_path, model_cfg)
-    examples, weights, drop_stats = prepare_examples(data, tokenizer, cfg)
-    lengths = [len(e) for e in examples]
-
-    # 3. the plan: every step's global micro-batches, identical on every rank --------------------
-    plan = plan_steps(lengths, cfg)
-    n_steps = len(plan)
-    plan_digest = hashlib.sha256(json.dumps(plan).encode()).hexdigest()
-    fingerprint = run_fingerprint(examples, weights, model_path, model_cfg, cfg, world)
-
-    # 4. model, optimizer, schedule ---------------------------------------------------------------
-    model = _build_model(model_path, model_cfg, cfg)
-    optimizer = _optimizer(model, cfg)
-    warmup = math.ceil(cfg.warmup_ratio * n_steps)
-    scheduler = linear_schedule(optimizer, warmup, n_steps)
-    # The scheduler is stepped once per optimizer step by us (a prepared scheduler would step W
-    # times), and registered so that save_state/load_state carry it.
-    loss_module, optimizer = accelerator.prepare(_LossModule(model, cfg.normalize), optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-
-    # 5. resume -----------------------------------------------------------------------------------
-    start_step, history, resumed_from = 0, [], None
-    found = _find_checkpoint(checkpoint_dir, fingerprint) if checkpoint_dir.exists() else None
-    if found is not None:
-        path, info = found
-        accelerator.load_state(str(path))
-        start_step, history, resumed_from = (
-            info["step"],
-            [tuple(h) for h in info["loss_history"]],
-            info["step"],
-        )
-        if accelerator.is_main_process:
-            log.info("resuming from %s (step %d of %d)", path, start_step, n_steps)
-    accelerator.wait_for_everyone()
-
-    # 6. the loop -----------------------------------------------------------------------------------
-    device = accelerator.device
-    log_every = max(1, n_steps // 20)
-    bar = tqdm(
-        total=n_steps,
-        initial=start_step,
-        desc="train",
-        disable=not (progress and accelerator.is_main_process),
-    )
-    loss_module.train()
-    tokens_this_run = 0
-    t0 = time.perf_counter()
-    for step in range(start_step, n_steps):
-        micro_batches = plan[step]
-        lr = scheduler.get_last_lr()[0]
-        step_loss = torch.zeros((), device=device)
-        for j, global_batch in enumerate(micro_batches):
-            local, real = shard(global_batch, rank, world)
-            batch = collate(
-                [examples[i] for i in local],
-                [weights[i] if r else 0.0 for i, r in zip(local, real, strict=True)],
-                tokenizer.pad_token_id,
-            )
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if cfg.normalize == "weight_sum":
-                global_weight_sum = accelerator.reduce(batch["weights"].sum(), reduction="sum")
-                scale = world
-            else:
-                global_weight_sum = None
-                scale = len(local) * world / len(global_batch)
-            last = j == len(micro_batches) - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(loss_module):
-                loss, _ = loss_module(batch, global_weight_sum)
-                loss = loss * (scale / len(micro_batches))
-                accelerator.backward(loss)
-            step_loss += loss.detach().float()
-            tokens_this_run += sum(lengths[i] for i in global_batch)
-        accelerator.clip_grad_norm_(loss_module.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        # the ranks' scaled losses average to the global objective (see the module docstring)
-        loss_value = accelerator.reduce(step_loss, reduction="mean").item()
-        history.append((step + 1, loss_value, lr))
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        if bar.disable and accelerator.is_main_process and (step + 1) % log_every == 0:
-            log.info("step %d/%d loss %.4f lr %.3g", step + 1, n_steps, loss_value, lr)
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < n_steps:
-            _save_checkpoint(
-                accelerator,
-                checkpoint_dir,
-                step + 1,
-                {
-                    "step": step + 1,
-                    "n_steps": n_steps,
-                    "seed": cfg.seed,
-                    "fingerprint": fingerprint,
-                    "plan_sha256": plan_digest,
-                    "loss_history": history,
-                },
-            )
-        if on_step is not None:
-            on_step(step + 1, loss_value, lr)
-    bar.close()
-    seconds = time.perf_counter() - t0
-
-    # 7. save ---------------------------------------------------------------------------------------
-    result = TrainResult(
-        steps=n_steps,
-        samples=sum(len(b) for s in plan for b in s),
-        tokens=sum(lengths[i] for s in plan for b in s for i in b),
-        final_loss=history[-1][1] if history else None,
-        loss_history=history,
-        seconds=seconds,
-        tokens_per_s=tokens_this_run / seconds if seconds > 0 else 0.0,
-        resumed_from_step=resumed_from,
-        examples=len(examples),
-        **drop_stats,
-    )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        trained = accelerator.unwrap_model(loss_module).model
-        if cfg.lora.enabled:
-            trained = trained.merge_and_unload()  # a plain model: the adapter folded into the weights
-        if cfg.gradient_checkpointing:
-            getattr(trained, "activation_checkpointing_disable", trained.gradient_checkpointing_disable)()
-        trained.config.use_cache = True
-        save_dtype = torch_dtype(model_cfg.dtype, "cuda" if bf16 else "cpu")
-        output_dir.mkdir(parents=True, exist_ok=True)
-        trained.to(save_dtype).save_pretrained(output_dir)
-        tokenizer.save_pretrained(output_dir)
-        log_doc = {
-            **result.model_dump(mode="json"),
-            "config": cfg.model_dump(mode="json"),
-            "processes": world,
-        }
-        (output_dir / TRAINING_LOG).write_text(json.dumps(log_doc, indent=2))
-    accelerator.wait_for_everyone()
-    accelerator.free_memory()
-    return result
-
-
-# ---------------------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m tasks.train --data X.parquet --model DIR --config train.json --output OUT
-    --checkpoints CK``; run it under ``torchrun --nproc_per_node N`` for N processes."""
-    p = argparse.ArgumentParser(prog="python -m tasks.train", description=main.__doc__)
-    p.add_argument("--data", required=True, help="weighted trajectories parquet")
-    p.add_argument("--model", required=True, help="model directory (or any ModelConfig.path)")
-    p.add_argument("--config", required=True, help="TrainConfig as JSON")
-    p.add_argument("--output", required=True, help="output model directory")
-    p.add_argument("--checkpoints", required=True, help="checkpoint directory (resumed from when it matches)")
-    p.add_argument("--model-config", help="ModelConfig as JSON (dtype, trust_remote_code); path is --model")
-    p.add_argument("--result", help="write the TrainResult JSON here (main process)")
-    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
-    p.add_argument("--kill-after-step", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL itself there
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    model_cfg = (
-        ModelConfig.model_validate_json(Path(args.model_config).read_text())
-        if args.model_config
-        else ModelConfig()
-    )
-    model_cfg = model_cfg.model_copy(update={"path": args.model})
-    cfg = TrainConfig.model_validate_json(Path(args.config).read_text())
-
-    on_step = None
-    if args.kill_after_step is not None:
-        import signal
-
-        def on_step(step: int, loss: float, lr: float) -> None:
-            if step == args.kill_after_step:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    result = train_weighted_sft(
-        pl.read_parquet(args.data),
-        resolve_model(model_cfg),
-        model_cfg,
-        cfg,
-        Path(args.output),
-        Path(args.checkpoints),
-        progress=not args.no_progress,
-        on_step=on_step,
-    )
-    if args.result and int(os.environ.get("RANK", "0")) == 0:
-        Path(args.result).write_text(result.model_dump_json())
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return 0
-
-
-# ---------------------------------------------------------------------------------------- Prefect task
 
 
 def checkpoint_dir_for(store: ArtifactStore, key: str) -> Path:
@@ -541,29 +46,73 @@ def checkpoint_dir_for(store: ArtifactStore, key: str) -> Path:
     return root / "checkpoints" / "train" / key
 
 
-def _launch_distributed(
+def resolve_num_processes(cfg: TrainConfig, requested: int | None = None) -> int:
+    """Processes to train with: an explicit request, else ``cfg.num_processes``, else one per
+    visible GPU (one on a CPU-only worker)."""
+    if requested:
+        return requested
+    if cfg.num_processes:
+        return cfg.num_processes
+    import torch
+
+    return max(1, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def accelerate_config_path(cfg: TrainConfig) -> Path | None:
+    """The accelerate config file as an absolute path (the launcher runs in the repository root)."""
+    if not cfg.accelerate_config:
+        return None
+    path = Path(cfg.accelerate_config).expanduser()
+    if not path.is_absolute():  # relative to the working directory, else to the repository
+        path = path.resolve() if path.exists() else REPO_ROOT / path
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"train.accelerate_config: {cfg.accelerate_config!r} is not a file (expected an accelerate "
+            "config YAML such as configs/accelerate/fsdp.yaml)"
+        )
+    return path
+
+
+def launch_command(cfg: TrainConfig, num_processes: int, trainer_args: list[str]) -> list[str] | None:
+    """The command that runs ``tasks.trainer`` across processes, or None to train in this process."""
+    config_file = accelerate_config_path(cfg)
+    if config_file is not None:
+        return [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+            "--num_processes", str(num_processes), "--num_machines", "1", "--module", "tasks.trainer",
+            *trainer_args,
+        ]  # fmt: skip
+    if num_processes > 1:
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
+            "-m", "tasks.trainer", *trainer_args,
+        ]  # fmt: skip
+    return None
+
+
+def _run_launched(
+    cfg: TrainConfig,
+    num_processes: int,
     data_path: str,
     model_path: str,
     model_cfg: ModelConfig,
-    cfg: TrainConfig,
     output_dir: Path,
     checkpoint_dir: Path,
-    num_processes: int,
     logger: logging.Logger | logging.LoggerAdapter,
 ) -> TrainResult:
-    """Run ``python -m tasks.train`` under torchrun with ``num_processes`` processes on this node."""
+    """Run the trainer under its launcher, streaming its output into the task's log."""
     with tempfile.TemporaryDirectory(prefix="drift-train-") as tmp:
         tmp_path = Path(tmp)
         (tmp_path / "train.json").write_text(cfg.model_dump_json())
         (tmp_path / "model.json").write_text(model_cfg.model_dump_json())
         result_file = tmp_path / "result.json"
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
-            "-m", "tasks.train",
+        trainer_args = [
             "--data", data_path, "--model", model_path, "--model-config", str(tmp_path / "model.json"),
             "--config", str(tmp_path / "train.json"), "--output", str(output_dir),
             "--checkpoints", str(checkpoint_dir), "--result", str(result_file), "--no-progress",
         ]  # fmt: skip
+        cmd = launch_command(cfg, num_processes, trainer_args)
+        assert cmd is not None, "one process without an accelerate config trains in-process"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         logger.info("launching %s", " ".join(cmd))
@@ -599,36 +148,32 @@ def train(
     cfg: TrainConfig,
     store_root: str,
     key: str,
-    num_processes: int = 1,
+    num_processes: int | None = None,
 ) -> Manifest:
     """Train the base model on the weighted trajectories; publish the model directory as the
-    ``train`` artifact. In-process for one process, ``torchrun`` for several (one per GPU)."""
+    ``train`` artifact. In-process for one process, a launcher for several or for FSDP/DeepSpeed."""
     logger = _logger()
     store = ArtifactStore(store_root)
     found = store.find("train", key)
     if found is not None:
         return found
+    processes = resolve_num_processes(cfg, num_processes)
     model_path = resolve_model(model_cfg)
     checkpoint_dir = checkpoint_dir_for(store, key)
     staging = store.staging_dir("train", key)
+    launched = processes > 1 or accelerate_config_path(cfg) is not None
     try:
-        if num_processes == 1:
+        if launched:
+            if not store.verify(weighted):
+                raise RuntimeError(f"weighted artifact {weighted.uri} is missing or corrupt")
+            data_path = store.local_path(weighted)
+            result = _run_launched(
+                cfg, processes, data_path, model_path, model_cfg, staging, checkpoint_dir, logger
+            )
+        else:
             data = store.read_parquet(weighted)
             result = train_weighted_sft(
                 data, model_path, model_cfg, cfg, staging, checkpoint_dir, progress=True
-            )
-        else:
-            if not store.verify(weighted):
-                raise RuntimeError(f"weighted artifact {weighted.uri} is missing or corrupt")
-            result = _launch_distributed(
-                store.local_path(weighted),
-                model_path,
-                model_cfg,
-                cfg,
-                staging,
-                checkpoint_dir,
-                num_processes,
-                logger,
             )
         meta = {
             "final_loss": result.final_loss,
@@ -637,7 +182,11 @@ def train(
             "seconds": result.seconds,
             "loss_history": [list(h) for h in result.loss_history],
             "resumed_from_step": result.resumed_from_step,
-            "processes": num_processes,
+            "processes": processes,
+            "launcher": "accelerate"
+            if cfg.accelerate_config
+            else ("torchrun" if processes > 1 else "in-process"),
+            "accelerate_config": Path(cfg.accelerate_config).name if cfg.accelerate_config else None,
         }
         manifest = store.publish_dir(staging, stage="train", key=key, rows=result.examples, meta=meta)
     except BaseException:
@@ -648,7 +197,3 @@ def train(
         "trained %d steps, final loss %s, %.0f tokens/s", result.steps, result.final_loss, result.tokens_per_s
     )
     return manifest
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

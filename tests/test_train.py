@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from drift_core.schemas import LoraConfig, ModelConfig, TrainConfig
-from tasks.train import TrainResult, train_weighted_sft
+from tasks.trainer import TrainResult, train_weighted_sft
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
@@ -70,7 +70,7 @@ def run(tiny_model_dir, data, cfg, out: Path, ck: Path, **kw) -> TrainResult:
 
 def cli(args: list[str], nproc: int = 1, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    prefix = [sys.executable, "-m", "tasks.train"]
+    prefix = [sys.executable, "-m", "tasks.trainer"]
     if nproc > 1:
         prefix = [
             sys.executable,
@@ -80,7 +80,7 @@ def cli(args: list[str], nproc: int = 1, timeout: int = 120) -> subprocess.Compl
             "--nproc_per_node",
             str(nproc),
         ]
-        prefix += ["-m", "tasks.train"]
+        prefix += ["-m", "tasks.trainer"]
     return subprocess.run(prefix + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -220,7 +220,7 @@ def test_train_task_publishes_and_reuses(tiny_model_dir, tmp_path, monkeypatch):
 @pytest.mark.slow  # ~17-25 s each (two fresh interpreters importing torch + transformers)
 @pytest.mark.parametrize("normalize", ["weight_sum", "mean"])
 def test_two_process_torchrun_matches_single_process(tiny_model_dir, tmp_path, normalize):
-    """The Prefect task with num_processes=2 runs `torchrun -m tasks.train` (gloo on the CPU).
+    """The Prefect task with num_processes=2 runs `torchrun -m tasks.trainer` (gloo on the CPU).
 
     11 rows, global micro-batch 5 (ranks get 3 + 2 samples, the epoch's last batch 1 + a zero-weight
     placeholder), 2 micro-batches per step: the per-rank loss scaling must turn DDP's gradient average
@@ -241,3 +241,114 @@ def test_two_process_torchrun_matches_single_process(tiny_model_dir, tmp_path, n
         assert a[1] == pytest.approx(b[1], rel=1e-5)
     # measured: max |diff| 5e-7 (mean), 2e-7 (weight_sum): float summation order only
     assert_same_weights(Path(ddp.uri), tmp_path / "single", atol=1e-5)
+
+
+@pytest.mark.slow  # ~20 s: `accelerate launch` starting two interpreters
+def test_accelerate_config_launches_through_accelerate(tiny_model_dir, tmp_path):
+    """`train.accelerate_config` runs `accelerate launch --config_file ... -m tasks.trainer`. On the
+    CPU accelerate does not apply FSDP (GPU process groups only), so the 2 processes train as a gloo
+    group: the launcher plumbing (config file, process count, result hand-back) is what runs here,
+    and the result must equal the single-process run. FSDP itself: benchmarks/gpu_check.py."""
+    from tasks.store import ArtifactStore
+    from tasks.train import train
+
+    data = make_data(11)
+    store = ArtifactStore(str(tmp_path / "store"))
+    weighted = store.write_parquet(data, "weights", "w")
+    cfg = cfg_for(max_steps=3, batch_size=5, grad_accum=2, accelerate_config="configs/accelerate/fsdp.yaml")
+    launched = train.fn(
+        weighted, ModelConfig(path=str(tiny_model_dir)), cfg, store.url, "acc", num_processes=2
+    )
+    assert launched.meta["launcher"] == "accelerate" and launched.meta["processes"] == 2
+    assert launched.meta["accelerate_config"] == "fsdp.yaml"
+
+    single = run(
+        tiny_model_dir,
+        data,
+        cfg.model_copy(update={"accelerate_config": None}),
+        tmp_path / "s",
+        tmp_path / "ck",
+    )
+    for a, b in zip(launched.meta["loss_history"], single.loss_history, strict=True):
+        assert a[1] == pytest.approx(b[1], rel=1e-5)
+    assert_same_weights(Path(launched.uri), tmp_path / "s", atol=1e-5)
+
+
+def test_launch_command_per_setting(tmp_path):
+    from tasks.train import launch_command
+
+    args = ["--data", "d.parquet"]
+    assert launch_command(cfg_for(), 1, args) is None  # in-process
+    torchrun = launch_command(cfg_for(), 4, args)
+    assert torchrun[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m"]
+    assert torchrun[7:] == ["tasks.trainer", *args]
+    acc = launch_command(cfg_for(accelerate_config="configs/accelerate/deepspeed_zero3.yaml"), 1, args)
+    assert acc[1:3] == ["-m", "accelerate.commands.launch"]
+    assert acc[acc.index("--config_file") + 1] == str(REPO / "configs/accelerate/deepspeed_zero3.yaml")
+    assert acc[acc.index("--num_processes") + 1] == "1"
+    assert acc[acc.index("--module") + 1 :] == ["tasks.trainer", *args]
+    with pytest.raises(FileNotFoundError, match=r"train.accelerate_config: 'nope.yaml' is not a file"):
+        launch_command(cfg_for(accelerate_config="nope.yaml"), 2, args)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "key", "value"),
+    [
+        ("fsdp.yaml", "FSDP", "fsdp_version", 2),
+        ("fsdp_offload.yaml", "FSDP", "fsdp_offload_params", True),
+        ("deepspeed_zero2.yaml", "DEEPSPEED", "zero_stage", 2),
+        ("deepspeed_zero3.yaml", "DEEPSPEED", "zero3_save_16bit_model", True),
+    ],
+)
+def test_shipped_accelerate_configs_parse(name, kind, key, value):
+    """accelerate's own loader accepts every shipped config (unknown keys would fail here)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(REPO / "configs" / "accelerate" / name))
+    assert cfg.distributed_type.value == kind
+    assert (cfg.fsdp_config or cfg.deepspeed_config)[key] == value
+
+
+def test_jsonl_training_data_reads_like_parquet(tmp_path):
+    """`python -m tasks.trainer --data X.jsonl` (e.g. the output of `drift weights`) gives the same
+    rows as the parquet artifact; a broken line names the file and line."""
+    from tasks.trainer import read_training_data
+
+    data = make_data(5, n_zero=1)
+    data.write_parquet(tmp_path / "w.parquet")
+    with (tmp_path / "w.jsonl").open("w") as f:
+        for row in data.to_dicts():
+            f.write(json.dumps(row) + "\n")
+    assert read_training_data(tmp_path / "w.jsonl") == read_training_data(tmp_path / "w.parquet")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(data.row(0, named=True)) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON object"):
+        read_training_data(tmp_path / "bad.jsonl")
+
+
+@pytest.mark.parametrize("weight", [None, float("nan"), -0.5])
+def test_bad_weight_is_rejected_with_its_row(tiny_model_dir, weight):
+    from tasks.models import load_tokenizer
+    from tasks.trainer import prepare_examples
+
+    rows = make_data(3).to_dicts()
+    rows[1]["weight"] = weight
+    with pytest.raises(
+        ValueError, match=r"1 row\(s\) have a null, NaN or negative weight .*'prompt_id': 'p0'"
+    ):
+        prepare_examples(rows, load_tokenizer(str(tiny_model_dir)), cfg_for())
+
+
+def test_train_cache_key_follows_results_not_placement():
+    """train.batch_size changes the optimisation, so it is in the stage key; where and how the
+    stage runs (processes, accelerate config, work pool, checkpoint interval) is not."""
+    from flows.drift_flow import _result_fields
+
+    base = _result_fields(cfg_for())
+    assert _result_fields(cfg_for(batch_size=8)) != base
+    for placement in (
+        {"num_processes": 8},
+        {"accelerate_config": "configs/accelerate/fsdp.yaml"},
+        {"work_pool": "drift-gpu"},
+        {"checkpoint_every": 7},
+    ):
+        assert _result_fields(cfg_for(**placement)) == base, placement
