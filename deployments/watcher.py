@@ -6,7 +6,8 @@ watcher (deployment ``drift-reference-watcher/watch-reference``, on an interval 
 1. fingerprints the config's ``reference_model``: a local directory by content
    (``tasks.models.fingerprint_model``, the same fingerprint the rollout cache keys on); a Hugging
    Face id by the commit its revision resolves to, asked of the hub (no answer: no decision); an
-   MLflow registered model ``models:/name@alias`` or ``models:/name/<version>`` by its version;
+   MLflow registered model ``models:/name@alias`` or ``models:/name/<version>`` by its version
+   (``tasks.registry.registry_fingerprint``, again what the rollout cache keys on);
 2. reads the fingerprint of the last successful rollout from MLflow: the newest FINISHED parent run
    of the config's experiment and reference path that generated rollouts (tag
    ``drift.reference_fingerprint``; retrain runs, tagged ``drift.rollouts_from``, did not);
@@ -20,41 +21,15 @@ next tick tries again.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 
 from drift_core.schemas import DriftConfig, ModelConfig
 from flows.config import load_config
+from tasks.registry import registry_fingerprint, registry_uri_for  # registry_fingerprint: public here too
 
 FULL_PIPELINE = "drift/full-pipeline"
-_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$")
-
-
-def registry_fingerprint(uri: str, tracking_uri: str) -> str:
-    """``mlflow:<name>/<version>`` for ``models:/name@alias``, ``models:/name/<n>`` or ``/latest``:
-    registered model versions are immutable, so the version number names the weights."""
-    from mlflow.tracking import MlflowClient
-
-    from tasks.tracking import _local_tracking_uri
-
-    match = _REGISTRY_URI.match(uri)
-    if match is None:
-        raise ValueError(f"{uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
-    name, alias, version = match["name"], match["alias"], match["version"]
-    uri_ = _local_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=uri_, registry_uri=uri_)
-    if alias:
-        mv = client.get_model_version_by_alias(name, alias)
-    elif version == "latest":
-        versions = client.search_model_versions(f"name = '{name}'")
-        if not versions:
-            raise ValueError(f"{uri!r}: registered model {name!r} has no versions")
-        mv = max(versions, key=lambda v: int(v.version))
-    else:
-        mv = client.get_model_version(name, version)
-    return f"mlflow:{name}/{mv.version}"
 
 
 def hub_fingerprint(repo_id: str, revision: str | None) -> str | None:
@@ -75,8 +50,8 @@ def fingerprint_reference(model: ModelConfig, tracking_uri: str) -> str | None:
 
     from tasks.models import fingerprint_model, resolve_model
 
-    if model.path.startswith("models:/"):
-        return registry_fingerprint(model.path, tracking_uri)
+    if model.path.startswith("models:/"):  # the registry the pipeline resolves the alias in, too
+        return registry_fingerprint(model.path, registry_uri_for(model.registry_uri, tracking_uri))
     resolved = resolve_model(model)  # builtins are materialised; a missing local dir raises
     if Path(resolved).is_dir():
         return fingerprint_model(model)

@@ -96,11 +96,16 @@ class DataConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    """A model reference: local directory, hub id, or a builtin (``builtin:smollm2-135m-instruct``,
-    ``builtin:tiny-smollm2``)."""
+    """A model reference: local directory, hub id, a builtin (``builtin:smollm2-135m-instruct``,
+    ``builtin:tiny-smollm2``) or an MLflow registered model (``models:/name@alias``)."""
 
     path: str = "builtin:smollm2-135m-instruct"
     revision: str | None = None
+    registry_uri: str | None = Field(
+        default=None,
+        description="MLflow registry for models:/ paths; None: $MLFLOW_REGISTRY_URI, run.tracking_uri, "
+        "$MLFLOW_TRACKING_URI",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
 

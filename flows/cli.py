@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     ev = sub.add_parser("eval", help="evaluate a model directory with the multi-turn protocol")
-    ev.add_argument("--model", required=True, help="model directory, hub id or builtin:...")
+    ev.add_argument(
+        "--model", required=True, help="model directory, hub id, builtin:... or models:/name@alias"
+    )
     ev.add_argument("--data", default=None, help="eval source (builtin:gsm8k, a file, hf:...)")
     ev.add_argument("--config", default="configs/demo.yaml", help="protocol/eval settings")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

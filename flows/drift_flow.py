@@ -34,6 +34,7 @@ from tasks.engines import release_engines
 from tasks.evaluate import greedy, summarize_eval
 from tasks.ingest import ingest, ingest_key
 from tasks.models import fingerprint_model, resolve_model
+from tasks.registry import pin_registered, without_credentials
 from tasks.rollout import collect_rollouts, rollout_shard
 from tasks.store import ArtifactStore, Manifest
 from tasks.tracking import Tracker, redact
@@ -174,8 +175,11 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
     base_dir = os.getcwd()
 
     # 1. Reference rollouts: ingest -> K trajectories per prompt, graded turn by turn.
-    reference = resolve_model(cfg.reference_model)
-    reference_fp = fingerprint_model(cfg.reference_model)
+    # A models:/ alias is resolved to one version for the whole run, in run.tracking_uri's registry
+    # unless configured otherwise; other model references come back unchanged.
+    reference_cfg = pin_registered(cfg.reference_model, cfg.run.tracking_uri)
+    reference = resolve_model(reference_cfg)
+    reference_fp = fingerprint_model(reference_cfg)
     if rollouts_from:
         rollouts = _find_rollouts(rollouts_from, store, tracker)
         logger.info("re-using rollouts %s (%s rows); rollout not run", rollouts.uri, rollouts.rows)
@@ -209,7 +213,7 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
                 rollout_base,
                 {
                     "model_path": reference,
-                    "model_cfg": cfg.reference_model,
+                    "model_cfg": reference_cfg,
                     "engine_cfg": cfg.engine,
                     "protocol": cfg.protocol,
                     "verifier": cfg.verifier,
@@ -249,12 +253,14 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
 
     # 3. Weighted SFT of the base model on the terminal (or every) assistant turn.
     release_engines()  # the rollout model must not hold (GPU) memory while training runs
-    base = cfg.train_model
+    same = cfg.train_model == cfg.reference_model
+    base = reference_cfg if same else pin_registered(cfg.train_model, cfg.run.tracking_uri)
     base_path = resolve_model(base)
-    base_fp = reference_fp if base == cfg.reference_model else fingerprint_model(base)
+    base_fp = reference_fp if same else fingerprint_model(base)
     train_task, train_args = train, {"model_cfg": base.model_copy(update={"path": base_path})}
     if cfg.train.work_pool:  # its own deployment (drift-train/<pool>), whose worker resolves the model
-        train_task, train_args = train_on_pool, {"model_cfg": base, "work_pool": cfg.train.work_pool}
+        pool_cfg = without_credentials(base)  # deployment parameters are stored: no passwords
+        train_task, train_args = train_on_pool, {"model_cfg": pool_cfg, "work_pool": cfg.train.work_pool}
     model = stages.run(
         "train",
         train_task,
@@ -283,7 +289,7 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
         )
     }
     if cfg.eval.evaluate_reference:
-        systems = {"reference": (reference, reference_fp, cfg.reference_model), **systems}
+        systems = {"reference": (reference, reference_fp, reference_cfg), **systems}
     results = {name: _evaluate(cfg, stages, eval_problems, name, *spec) for name, spec in systems.items()}
     for name, manifest in results.items():
         _track(tracker, stages, f"evaluate-{name}", manifest, {"system": name}, eval_metrics=True)

@@ -13,6 +13,7 @@ from flows.drift_flow import StageRunner, _evaluate, _run_tags, _track
 from tasks.engines import release_engines
 from tasks.ingest import ingest, ingest_key
 from tasks.models import fingerprint_model, resolve_model
+from tasks.registry import pin_registered
 from tasks.store import ArtifactStore
 from tasks.tracking import Tracker
 
@@ -21,11 +22,12 @@ from tasks.tracking import Tracker
 def evaluate_model(
     model: str, config_path: str = "configs/demo.yaml", overrides: list[str] | None = None
 ) -> dict[str, Any]:
-    """Evaluate ``model`` (a directory, hub id or builtin) with the config's protocol and eval set."""
+    """Evaluate ``model`` (a directory, hub id, builtin or models:/ URI) with the config's protocol and eval set."""
     cfg = load_config(config_path, overrides or [])
     store = ArtifactStore(cfg.run.artifact_store)
     stages = StageRunner(store)
     model_cfg = ModelConfig(path=model, trust_remote_code=cfg.reference_model.trust_remote_code)
+    model_cfg = pin_registered(model_cfg, cfg.run.tracking_uri)  # models:/: one version, run's registry
     path = resolve_model(model_cfg)
     fingerprint = fingerprint_model(model_cfg)
     tracker = Tracker(

