@@ -33,17 +33,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 ASSETS = ROOT / "benchmarks" / "assets" / "smollm2-tokenizer"
 H100_BF16_PEAK = 989e12
+DEVICE = "cuda"
 
 
-def qwen05b_config():
+def qwen05b_config(smoke: bool = False):
     from transformers import Qwen2Config
 
     return Qwen2Config(
-        hidden_size=896,
-        num_hidden_layers=24,
-        num_attention_heads=14,
+        hidden_size=64 if smoke else 896,
+        num_hidden_layers=2 if smoke else 24,
+        num_attention_heads=4 if smoke else 14,
         num_key_value_heads=2,
-        intermediate_size=4864,
+        intermediate_size=128 if smoke else 4864,
         vocab_size=151936,
         max_position_embeddings=32768,
         tie_word_embeddings=True,
@@ -62,14 +63,17 @@ def sft_bench(args) -> dict:
 
     from drift_core.loss import full_logits_loss, weighted_sft_loss
 
-    device = "cuda"
+    device = DEVICE
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(qwen05b_config(), dtype=torch.bfloat16).to(device)
+    # from_config then .to(): works on transformers 4.x (torch_dtype=) and 5.x (dtype=) alike
+    model = AutoModelForCausalLM.from_config(qwen05b_config(args.smoke)).to(
+        device=device, dtype=torch.bfloat16
+    )
     model.config.use_cache = False
     if args.grad_ckpt:
         model.gradient_checkpointing_enable()
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     b, t = args.batch, args.seq
     input_ids = torch.randint(0, 151936, (b, t), device=device)
     labels = torch.full_like(input_ids, -100)
@@ -82,7 +86,8 @@ def sft_bench(args) -> dict:
     }
     out = {"params": n_params, "batch": b, "seq": t}
     for name, fn in (("drift", weighted_sft_loss), ("full", full_logits_loss)):
-        torch.cuda.reset_peak_memory_stats()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         times = []
         try:
             for i in range(args.warmup + args.steps):
@@ -106,14 +111,15 @@ def sft_bench(args) -> dict:
             "step_s": round(step, 4),
             "tokens_per_s": round(tps),
             "mfu": round(6 * n_params * tps / H100_BF16_PEAK, 4),
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else 1.0,
         }
         print(f"[sft] {name}: {out[name]}", flush=True)
     if "tokens_per_s" in out.get("drift", {}) and "tokens_per_s" in out.get("full", {}):
         out["tokens_per_s_ratio"] = round(out["drift"]["tokens_per_s"] / out["full"]["tokens_per_s"], 3)
         out["peak_mem_ratio"] = round(out["drift"]["peak_mem_gib"] / out["full"]["peak_mem_gib"], 3)
     del model, opt
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
@@ -133,7 +139,7 @@ def engine_bench(args) -> dict:
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp)
         mcfg = ModelConfig(path=str(tmp), dtype="bfloat16")
-        engine = TransformersEngine(str(tmp), mcfg, EngineConfig(device="cuda", batch_size=args.engine_batch))
+        engine = TransformersEngine(str(tmp), mcfg, EngineConfig(device=DEVICE, batch_size=args.engine_batch))
         protocol = ProtocolConfig()
         import random
 
@@ -172,7 +178,7 @@ def engine_bench(args) -> dict:
         s = time.perf_counter()
         with torch.inference_mode():
             for p in subset:
-                ids = tok(p, add_special_tokens=False, return_tensors="pt")["input_ids"].to("cuda")
+                ids = tok(p, add_special_tokens=False, return_tensors="pt")["input_ids"].to(DEVICE)
                 g = model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
@@ -211,11 +217,17 @@ def main() -> None:
     parser.add_argument("--engine-batch", type=int, default=256)
     parser.add_argument("--naive-prompts", type=int, default=8)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: test this script")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    global DEVICE
+    if args.smoke:
+        DEVICE = "cpu"
+        args.steps, args.warmup, args.batch, args.seq = 1, 0, 2, 64
+        args.prompts, args.n, args.max_new_tokens, args.naive_prompts = 4, 2, 8, 2
+    elif not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device")
     info = {
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (smoke)",
         "torch": torch.__version__,
         "sft": sft_bench(args),
         "engine": engine_bench(args),
