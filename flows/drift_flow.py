@@ -18,7 +18,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
@@ -40,6 +40,9 @@ from tasks.store import ArtifactStore, Manifest
 from tasks.tracking import Tracker, redact
 from tasks.train import train
 from tasks.weights import compute_weights
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 
 class StageRunner:
@@ -180,10 +183,20 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
     reference_cfg = pin_registered(cfg.reference_model, cfg.run.tracking_uri)
     reference = resolve_model(reference_cfg)
     reference_fp = fingerprint_model(reference_cfg)
+    rollouts_fp = reference_fp  # the model that made the rollouts this run trains on
     if rollouts_from:
         rollouts = _find_rollouts(rollouts_from, store, tracker)
         logger.info("re-using rollouts %s (%s rows); rollout not run", rollouts.uri, rollouts.rows)
         tracker.client.set_tag(tracker.run_id, "drift.rollouts_from", rollouts_from)
+        rollouts_fp = _rollouts_fingerprint(rollouts_from, rollouts, tracker.client) or "unknown"
+        if rollouts_fp == "unknown":
+            logger.warning(
+                "rollouts_from=%r does not record the reference model that made it; "
+                "tagging drift.reference_fingerprint=unknown",
+                rollouts_from,
+            )
+        if rollouts_fp != reference_fp:  # the reference has moved since: say so in the MLflow UI
+            tracker.client.set_tag(tracker.run_id, "drift.reference_fingerprint_now", reference_fp)
     else:
         problems = stages.run(
             "ingest",
@@ -233,12 +246,13 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
             key=stage_key("rollout", base=rollout_base, shards=[m.key for m in shards]),
             max_turns=cfg.protocol.max_turns,
             k=cfg.rollout.k,
+            reference_fingerprint=reference_fp,
         )
     tracker.client.set_tag(
         tracker.run_id, "drift.rollout_manifest", redact("uri", rollouts.model_dump_json())
     )
-    tracker.client.set_tag(tracker.run_id, "drift.reference_fingerprint", reference_fp)
-    _track(tracker, stages, "rollout", rollouts, {"reference_fingerprint": reference_fp})
+    tracker.client.set_tag(tracker.run_id, "drift.reference_fingerprint", rollouts_fp)
+    _track(tracker, stages, "rollout", rollouts, {"reference_fingerprint": rollouts_fp})
 
     # 2. Importance weights within each prompt's group of K.
     weighted = stages.run(
@@ -292,7 +306,8 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
         systems = {"reference": (reference, reference_fp, reference_cfg), **systems}
     results = {name: _evaluate(cfg, stages, eval_problems, name, *spec) for name, spec in systems.items()}
     for name, manifest in results.items():
-        _track(tracker, stages, f"evaluate-{name}", manifest, {"system": name}, eval_metrics=True)
+        params = {"system": name, "model_fingerprint": systems[name][1]}  # the reference as of now
+        _track(tracker, stages, f"evaluate-{name}", manifest, params, eval_metrics=True)
     _log_comparison(tracker, results)
 
     summary = {
@@ -433,6 +448,28 @@ def _log_comparison(tracker: Tracker, results: dict[str, Manifest]) -> None:
     curves = {name: m.meta.get("multi_at", []) for name, m in results.items()}
     with tempfile.TemporaryDirectory() as tmp:
         tracker.log_file(tracker.run_id, plot_multi_at(curves, Path(tmp) / "multi_at.png"))
+
+
+def _rollouts_fingerprint(ref: str, rollouts: Manifest, client: MlflowClient) -> str | None:
+    """Fingerprint of the reference model that generated ``rollouts`` (None: not recorded).
+
+    The manifest's meta first: it travels with the artifact. Else the MLflow run that rolled them
+    out; a retrain run is followed to its own source, because retrain runs tagged before this was
+    fixed carry the reference fingerprint of their day, not of their rollouts."""
+    if fp := rollouts.meta.get("reference_fingerprint"):
+        return str(fp)
+    seen: set[str] = set()
+    while ref not in seen and not ref.endswith(".json"):  # a bare manifest path: nothing to ask
+        seen.add(ref)
+        try:
+            tags = client.get_run(ref).data.tags
+        except Exception:
+            return None
+        if "drift.rollouts_from" not in tags:
+            fp = tags.get("drift.reference_fingerprint")
+            return fp if fp and fp != "unknown" else None
+        ref = tags["drift.rollouts_from"]
+    return None
 
 
 def _find_rollouts(ref: str, store: ArtifactStore, tracker: Tracker) -> Manifest:

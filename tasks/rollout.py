@@ -191,10 +191,17 @@ def _tokenizer(model_path: str, model_cfg: ModelConfig):
 
 @task(name="collect-rollouts")
 def collect_rollouts(
-    shards: list[Manifest], store_root: str, key: str, max_turns: int, k: int, stage: str = "rollout"
+    shards: list[Manifest],
+    store_root: str,
+    key: str,
+    max_turns: int,
+    k: int,
+    stage: str = "rollout",
+    reference_fingerprint: str | None = None,
 ) -> Manifest:
     """Concatenate shard artifacts (in shard order) into one trajectories table, checking that
-    every prompt has exactly K distinct trajectories."""
+    every prompt has exactly K distinct trajectories. ``reference_fingerprint`` (the model that
+    rolled out) goes into the manifest's meta, so a run re-using a bare manifest can tell."""
     store = ArtifactStore(store_root)
     found = store.find(stage, key)
     if found is not None:
@@ -210,6 +217,8 @@ def collect_rollouts(
         raise RuntimeError(
             f"rollout shards do not hold exactly K={k} trajectories for: {bad.head(5).to_dicts()}"
         )
-    meta = rollout_stats(df, max_turns)
+    meta: dict[str, float | str] = dict(rollout_stats(df, max_turns))
     meta["wall_seconds"] = sum(m.meta.get("wall_seconds", 0.0) for m in shards)
+    if reference_fingerprint:
+        meta["reference_fingerprint"] = reference_fingerprint
     return store.write_parquet(df, stage, key, meta=meta)

@@ -4,6 +4,7 @@ states the Prefect API records (Cached vs Completed)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -115,6 +116,52 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     assert set(states["ingest"]) == {"Cached"}, states
     for name in ("rollout-shard", "collect-rollouts", "weights", "train", "eval-reference", "eval-trained"):
         assert set(states[name]) == {"Completed"}, (name, states)
+    run4 = mlflow_run_id(fourth.stdout)
+    made_fp = parent.data.tags["drift.reference_fingerprint"]
+    now_fp = client.get_run(run4).data.tags["drift.reference_fingerprint"]
+    assert made_fp != now_fp and "drift.reference_fingerprint_now" not in client.get_run(run4).data.tags
+
+    # 5. Retrain on run 1's rollouts: tagged with the reference that made them (recorded in their
+    # manifest), plus the reference as it is now, which is what its reference evaluation used.
+    fifth = drift_cli(["run", str(TINY), "--set", ref, "--rollouts-from", run1], workdir, env)
+    run5 = mlflow_run_id(fifth.stdout)
+    tags = client.get_run(run5).data.tags
+    assert tags["drift.rollouts_from"] == run1
+    assert json.loads(tags["drift.rollout_manifest"])["meta"]["reference_fingerprint"] == made_fp
+    assert tags["drift.reference_fingerprint"] == made_fp
+    assert tags["drift.reference_fingerprint_now"] == now_fp
+    by_stage = {
+        c.data.tags["drift.stage"]: c
+        for c in client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run5}'"
+        )
+    }
+    assert by_stage["rollout"].data.params["reference_fingerprint"] == made_fp
+    assert by_stage["evaluate-reference"].data.params["model_fingerprint"] == now_fp
+
+
+def test_rollouts_fingerprint_comes_from_what_made_the_rollouts():
+    """Manifest meta first; else the source run's tag, following retrain runs to their source
+    (their tag may predate the fix); None (tagged ``unknown``) when nothing records it."""
+    from types import SimpleNamespace
+
+    from flows.drift_flow import _rollouts_fingerprint
+    from tasks.store import Manifest
+
+    runs = {
+        "made": {"drift.reference_fingerprint": "sha256:old"},
+        "retrain": {"drift.reference_fingerprint": "sha256:new", "drift.rollouts_from": "made"},
+        "loop": {"drift.reference_fingerprint": "sha256:new", "drift.rollouts_from": "loop"},
+    }
+    client = SimpleNamespace(get_run=lambda rid: SimpleNamespace(data=SimpleNamespace(tags=runs[rid])))
+    bare = Manifest(stage="rollout", key="k", uri="u", sha256="s")
+    recorded = bare.model_copy(update={"meta": {"reference_fingerprint": "sha256:meta"}})
+    assert _rollouts_fingerprint("made", recorded, client) == "sha256:meta"
+    assert _rollouts_fingerprint("made", bare, client) == "sha256:old"
+    assert _rollouts_fingerprint("retrain", bare, client) == "sha256:old"
+    assert _rollouts_fingerprint("loop", bare, client) is None
+    assert _rollouts_fingerprint("gone", bare, client) is None  # get_run raises
+    assert _rollouts_fingerprint("/x/manifest.json", bare, client) is None
 
 
 def test_drift_eval_evaluates_any_model_directory(workdir, prefect_server):
