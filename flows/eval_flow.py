@@ -9,7 +9,7 @@ from prefect import flow
 
 from drift_core.schemas import ModelConfig
 from flows.config import load_config
-from flows.drift_flow import StageRunner, _evaluate, _run_tags, _track
+from flows.stages import StageRunner, evaluate_stage, run_tags, track_stage
 from tasks.engines import release_engines
 from tasks.ingest import ingest, ingest_key
 from tasks.models import fingerprint_model, resolve_model
@@ -33,7 +33,7 @@ def evaluate_model(
     tracker = Tracker(
         cfg,
         run_name=f"eval-{os.path.basename(model.rstrip('/'))}",
-        tags={**_run_tags(), "drift.flow": "drift-eval"},
+        tags={**run_tags(), "drift.flow": "drift-eval"},
     )
     status = "FAILED"
     try:
@@ -46,10 +46,10 @@ def evaluate_model(
             base_dir=base_dir,
             key=ingest_key(cfg.eval.data, base_dir),
         )
-        manifest = _evaluate(
+        manifest = evaluate_stage(
             cfg, stages, problems, "model", path, fingerprint, model_cfg.model_copy(update={"path": path})
         )
-        _track(
+        track_stage(
             tracker,
             stages,
             "evaluate-model",

@@ -12,8 +12,8 @@ import pytest
 from prefect import flow
 
 from flows.config import load_config
-from flows.drift_flow import StageRunner, _sharded
 from flows.runners import shard_runner, task_runner_for
+from flows.stages import StageRunner, sharded_calls
 from tasks.ingest import ingest, ingest_key
 from tasks.rollout import rollout_shard
 from tasks.store import ArtifactStore
@@ -53,7 +53,7 @@ def rollout_shards(overrides: list[str]) -> dict:
             "seed": cfg.rollout.seed,
             "store_root": store.url,
         }
-        calls = _sharded("rollout-shard", problems, cfg.rollout.shard_size, "shards-test", common)
+        calls = sharded_calls("rollout-shard", problems, cfg.rollout.shard_size, "shards-test", common)
         dask_workers: set[str] = set()
         if cfg.run.task_runner == "dask":
             with get_task_stream(client=runner.client) as stream:

@@ -341,14 +341,14 @@ def test_bad_weight_is_rejected_with_its_row(tiny_model_dir, weight):
 def test_train_cache_key_follows_results_not_placement():
     """train.batch_size changes the optimisation, so it is in the stage key; where and how the
     stage runs (processes, accelerate config, work pool, checkpoint interval) is not."""
-    from flows.drift_flow import _result_fields
+    from flows.stages import result_fields
 
-    base = _result_fields(cfg_for())
-    assert _result_fields(cfg_for(batch_size=8)) != base
+    base = result_fields(cfg_for())
+    assert result_fields(cfg_for(batch_size=8)) != base
     for placement in (
         {"num_processes": 8},
         {"accelerate_config": "configs/accelerate/fsdp.yaml"},
         {"work_pool": "drift-gpu"},
         {"checkpoint_every": 7},
     ):
-        assert _result_fields(cfg_for(**placement)) == base, placement
+        assert result_fields(cfg_for(**placement)) == base, placement

@@ -1,0 +1,227 @@
+"""The pieces every drift flow shares: running a stage task with drift's caching conventions, sharding
+a stage over problems, which config fields belong in cache keys, the evaluation stage, and recording
+a stage in MLflow. ``flows/drift_flow.py`` and ``flows/eval_flow.py`` are built from these."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.futures import wait
+from prefect.task_runners import TaskRunner
+
+from drift_core.schemas import DriftConfig
+from tasks.caching import key_from_parameters, stage_key
+from tasks.evaluate import greedy, summarize_eval
+from tasks.rollout import rollout_shard
+from tasks.store import ArtifactStore, Manifest
+from tasks.tracking import Tracker
+
+__all__ = ["StageRunner", "evaluate_stage", "result_fields", "run_tags", "sharded_calls", "track_stage"]
+
+
+class StageRunner:
+    """Runs one stage task with drift's caching conventions and records what happened."""
+
+    def __init__(self, store: ArtifactStore, runner: TaskRunner | None = None):
+        self.store = store
+        self.runner = runner  # shards go here; None: the flow's own task runner
+        self.results_dir = Path(store.root) / "prefect-results" if store.is_local else None
+        self.states: dict[str, list[str]] = {}
+        self.timings: dict[str, float] = {}
+
+    def options(self, task, **extra):
+        opts: dict[str, Any] = {
+            "cache_key_fn": key_from_parameters,
+            "persist_result": True,
+            "result_serializer": "json",
+        }
+        if self.results_dir is not None:
+            opts["result_storage"] = self.results_dir  # a Path: a str would name a block
+        opts.update(extra)
+        return task.with_options(**opts)
+
+    def run(self, label: str, task, /, **params) -> Manifest:
+        """Run (or serve from cache) one task and verify its artifact."""
+        start = time.perf_counter()
+        state = self.options(task)(**params, return_state=True)
+        manifest = state.result()
+        if not self.store.verify(manifest):  # cached manifest, but the artifact is gone or corrupt
+            get_run_logger().warning(
+                "%s: cached artifact %s failed its hash check; recomputing", label, manifest.uri
+            )
+            state = self.options(task, refresh_cache=True)(**params, return_state=True)
+            manifest = state.result()
+        self.states.setdefault(label, []).append(state.name)
+        self.timings[label] = self.timings.get(label, 0.0) + time.perf_counter() - start
+        return manifest
+
+    def map(self, label: str, task, calls: list[dict[str, Any]], /) -> list[Manifest]:
+        """Submit shard tasks (run concurrently by the shard runner, `flows.runners`), verify each result."""
+        start = time.perf_counter()
+        if self.runner is None:
+            futures = [self.options(task).submit(**params) for params in calls]
+        else:
+            futures = [self.runner.submit(self.options(task), params) for params in calls]
+        wait(futures)
+        manifests = []
+        for params, future in zip(calls, futures, strict=False):
+            manifest = future.result()
+            name = future.state.name
+            if not self.store.verify(manifest):
+                get_run_logger().warning(
+                    "%s: cached artifact %s failed its hash check; recomputing", label, manifest.uri
+                )
+                state = self.options(task, refresh_cache=True)(**params, return_state=True)
+                manifest, name = state.result(), state.name
+            self.states.setdefault(label, []).append(name)
+            manifests.append(manifest)
+        self.timings[label] = self.timings.get(label, 0.0) + time.perf_counter() - start
+        return manifests
+
+    def cached(self, label: str) -> bool:
+        return bool(self.states.get(label)) and all(s == "Cached" for s in self.states[label])
+
+
+def sharded_calls(label: str, problems: Manifest, shard_size: int, base_key: str, common: dict) -> list[dict]:
+    rows = problems.rows or 0
+    calls = []
+    for shard, start in enumerate(range(0, rows, shard_size)):
+        stop = min(rows, start + shard_size)
+        key = stage_key(label, base=base_key, start=start, stop=stop)
+        calls.append(
+            {**common, "problems": problems, "shard": shard, "start": start, "stop": stop, "key": key}
+        )
+    return calls
+
+
+def result_fields(model) -> dict:
+    """A config section without the fields that change speed, not results (kept out of cache keys).
+    Shard size stays out too: each shard's key holds its own prompt range, and a joined artifact's
+    key holds its shards' keys (not their content hashes, which include timings)."""
+    drop = _SPEED_ONLY.get(type(model).__name__, set())
+    return {k: v for k, v in model.model_dump(mode="json").items() if k not in drop}
+
+
+# Per section: the settings that change where or how fast a stage runs, never what it produces.
+# (train.batch_size is NOT here: it changes the optimisation; the engine's batch_size is not keyed.)
+_SPEED_ONLY: dict[str, set[str]] = {
+    "VerifierConfig": {"workers"},
+    "RolloutConfig": {"shard_size"},
+    "TrainConfig": {"work_pool", "checkpoint_every", "num_processes", "accelerate_config"},
+}
+
+
+def evaluate_stage(
+    cfg: DriftConfig, stages: StageRunner, problems: Manifest, name: str, path: str, fp: str, model_cfg
+):
+    max_turns = cfg.eval_max_turns
+    max_new = cfg.eval.max_new_tokens or cfg.rollout.sampling.max_new_tokens
+    protocol = cfg.protocol.model_copy(update={"max_turns": max_turns})
+    base = stage_key(
+        "evaluate",
+        model=fp,
+        problems=problems.sha256,
+        protocol=protocol,
+        verifier=result_fields(cfg.verifier),
+        max_new_tokens=max_new,
+        engine=cfg.engine.kind,
+    )
+    shard_task = rollout_shard.with_options(name="eval-shard", task_run_name=f"eval-{name}-{{shard}}")
+    shards = stages.map(
+        f"evaluate-{name}",
+        shard_task,
+        sharded_calls(
+            "eval-shard",
+            problems,
+            cfg.eval.shard_size,
+            base,
+            {
+                "model_path": path,
+                "model_cfg": model_cfg,
+                "engine_cfg": cfg.engine,
+                "protocol": protocol,
+                "verifier": cfg.verifier,
+                "sampling": greedy(max_new),
+                "k": 1,
+                "max_turns": max_turns,
+                "seed": 0,
+                "store_root": stages.store.url,
+                "stage": "eval-shard",
+            },
+        ),
+    )
+    return stages.run(
+        f"evaluate-{name}",
+        summarize_eval,
+        shards=shards,
+        label=name,
+        max_turns=max_turns,
+        store_root=stages.store.url,
+        key=stage_key("evaluate", base=base, shards=[m.key for m in shards]),
+    )
+
+
+def run_tags() -> dict[str, str]:
+    tags = {"drift.flow": "drift"}
+    try:
+        from prefect.runtime import flow_run
+
+        if flow_run.id:
+            tags["prefect.flow_run_id"] = str(flow_run.id)
+            tags["prefect.flow_run_name"] = str(flow_run.name)
+    except Exception:
+        pass
+    return tags
+
+
+def track_stage(
+    tracker: Tracker,
+    stages: StageRunner,
+    name: str,
+    manifest: Manifest,
+    params: dict,
+    histogram: bool = False,
+    loss_history: bool = False,
+    eval_metrics: bool = False,
+) -> None:
+    run_id = tracker.stage(
+        name,
+        params={**params, "artifact": manifest.uri, "sha256": manifest.sha256},
+        cached=stages.cached(name),
+    )
+    meta = manifest.meta
+    scalars = {k: v for k, v in meta.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    if manifest.rows is not None:
+        scalars["rows"] = manifest.rows
+    scalars["stage_seconds"] = stages.timings.get(name, 0.0)
+    tracker.log_metrics(run_id, scalars)
+    tracker.log_metrics(tracker.run_id, {f"{name}.{k}": v for k, v in scalars.items()})
+    if histogram and "histogram" in meta:
+        import tempfile
+
+        from tasks.plots import plot_weight_histogram
+
+        with tempfile.TemporaryDirectory() as tmp:
+            png = plot_weight_histogram(
+                meta["histogram"]["counts"], meta["histogram"]["edges"], Path(tmp) / "weights.png"
+            )
+            tracker.log_file(run_id, png)
+            tracker.log_file(tracker.run_id, png)
+    if loss_history:
+        for step, loss, lr in meta.get("loss_history", []):
+            tracker.log_metrics(run_id, {"loss": loss, "lr": lr}, step=int(step))
+    if eval_metrics:
+        for key in ("multi_at", "accuracy_at_turn", "correction_rate"):
+            for t, value in enumerate(meta.get(key, []), start=1):
+                if value is not None:
+                    tracker.log_metrics(run_id, {key: value}, step=t)
+                    tracker.log_metrics(tracker.run_id, {f"{name}.{key}_t{t}": value})
+        for file in ("metrics.json", "multi_at.png"):
+            path = Path(stages.store.dir_for(manifest.stage, manifest.key)) / file
+            if stages.store.is_local and path.exists():
+                tracker.log_file(run_id, path)
+    tracker.log_dict(run_id, manifest.model_dump(mode="json"), "manifest.json")
+    tracker.end_stage(name)
