@@ -1,6 +1,7 @@
 """Quality experiment: DRIFT against its baselines on the demo task, through the pipeline itself.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality.py [--seeds 0 1] [--report-only]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality.py --variants drift --seeds 0 --set weights.beta=0.5
 
 Every variant is one ``drift run configs/demo.yaml --set ...`` into its own artifact store and
 MLflow experiment (``.drift-quality/``, experiment ``drift-quality``). Ingest and rollout cache keys
@@ -48,7 +49,7 @@ VARIANTS = {
 
 
 def run_variant(config: str, name: str, seed: int, extra: list[str], tag: str) -> dict:
-    sets = [*COMMON, *VARIANTS[name], f"train.seed={seed}", f"run.name=quality-{name}-s{seed}", *extra]
+    sets = [*COMMON, *VARIANTS[name], f"train.seed={seed}", f"run.name=quality-{tag}", *extra]
     cmd = [str(ROOT / ".venv" / "bin" / "drift"), "run", config]
     for s in sets:
         cmd += ["--set", s]
@@ -203,7 +204,9 @@ def report(records: list[dict], n_boot: int = 2000) -> str:
         )
     lines.append("")
     lines.append("Paired differences in multi@T (per-problem solved, averaged over seeds), 95% bootstrap CI:")
-    for a, b in (("drift", "uniform"), ("drift", "success_only"), ("drift", "drift_all_turns")):
+    pairs = [("drift", "uniform"), ("drift", "success_only"), ("drift", "drift_all_turns")]
+    pairs += [(name, "drift") for name in solved if name.startswith("drift[")]  # sweep points
+    for a, b in pairs:
         if a in solved and b in solved:
             d, lo, hi = paired_bootstrap_ci(
                 np.mean(solved[a], axis=0), np.mean(solved[b], axis=0), n_boot=n_boot
@@ -244,6 +247,15 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--report-only", action="store_true", help="tabulate the runs already recorded")
     parser.add_argument("--fresh", action="store_true", help="forget recorded runs (not the store)")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra override for a sweep point (repeatable), e.g. --variants drift --set weights.beta=0.5; "
+        "recorded as its own system, drift[weights.beta=0.5]",
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.fresh and RUNS.exists():
@@ -252,10 +264,12 @@ def main() -> None:
     if not args.report_only:
         for seed in args.seeds:
             for name in args.variants:
-                tag = f"{name}-s{seed}"
+                system = f"{name}[{','.join(args.sets)}]" if args.sets else name
+                tag = f"{system}-s{seed}"
                 if any(r["tag"] == tag for r in done):
                     continue
-                rec = run_variant(args.config, name, seed, [], tag)
+                rec = run_variant(args.config, name, seed, args.sets, tag)
+                rec["variant"] = system
                 done.append(rec)
                 with RUNS.open("a") as f:
                     f.write(json.dumps(rec) + "\n")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -74,7 +76,10 @@ class Tracker:
         else:
             experiment_id = experiment.experiment_id
         self.experiment_id = experiment_id
-        run = self.client.create_run(experiment_id, run_name=run_name or cfg.run.name, tags=tags or {})
+        self.closed_orphans = close_orphaned_runs(self.client, experiment_id)
+        run = self.client.create_run(
+            experiment_id, run_name=run_name or cfg.run.name, tags={**(tags or {}), **_owner_tags()}
+        )
         self.run_id = run.info.run_id
         self.stage_runs: dict[str, str] = {}
         params = {k: redact(k, v) for k, v in flatten(cfg).items()}
@@ -123,6 +128,7 @@ class Tracker:
                 "mlflow.parentRunId": self.run_id,
                 "drift.stage": name,
                 "drift.cached": str(cached).lower(),
+                **_owner_tags(),
             },
         )
         self.stage_runs[name] = run.info.run_id
@@ -140,6 +146,43 @@ class Tracker:
             if run.info.status == "RUNNING":
                 self.client.set_terminated(run_id, status=status)
         self.client.set_terminated(self.run_id, status=status)
+
+
+def _owner_tags() -> dict[str, str]:
+    """Which process owns a run, so that a later run can tell a live run from a killed one."""
+    return {"drift.host": socket.gethostname(), "drift.pid": str(os.getpid())}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def close_orphaned_runs(client, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this experiment whose owning process on this host is gone.
+
+    A ``drift run`` killed with SIGKILL (or by the OOM killer) cannot end its MLflow runs, which
+    would otherwise show as running forever in the UI. Only runs started on this host are judged
+    (another host's processes cannot be seen from here); a reused pid leaves a run as it is."""
+    host = socket.gethostname()
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`drift.host` = '{host}'",
+        max_results=1000,
+    )
+    closed = []
+    for run in runs:
+        pid = run.data.tags.get("drift.pid", "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            client.set_tag(run.info.run_id, "drift.closed_reason", f"process {pid} on {host} is gone")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
 
 
 def _param_value(value: Any) -> str:
