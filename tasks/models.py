@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -35,6 +37,9 @@ BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 BUILTIN_TINY = "builtin:tiny-smollm2"
 _FINGERPRINT_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".jinja", ".bin")
 _lock = threading.RLock()  # re-entrant: builders call other builders
+
+
+log = logging.getLogger(__name__)
 
 
 class ModelError(ValueError):
@@ -244,13 +249,41 @@ def hash_directory(root: Path) -> str:
 
 
 def _hub_revision(repo_id: str, revision: str | None) -> str:
+    """``<id>@<commit>``: a commit pins itself; else the hub resolves the revision; offline, the
+    commit the local hub cache holds for it (what ``from_pretrained`` loads offline); failing
+    both, the revision name, which cannot see the model change (logged)."""
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return f"{repo_id}@{revision}"
     try:
         from huggingface_hub import HfApi
 
         info = HfApi().model_info(repo_id, revision=revision)
         return f"{repo_id}@{info.sha}"
-    except Exception:  # offline: the requested revision is the best identity we have
+    except Exception:
+        cached = _cached_hub_commit(repo_id, revision or "main")
+        if cached:
+            return f"{repo_id}@{cached}"
+        log.warning(
+            "%s: the hub is unreachable and the local cache has no %r: fingerprinting by the revision "
+            "name, so a new upload under it will not re-make rollouts (pin revision to a commit)",
+            repo_id,
+            revision or "main",
+        )
         return f"{repo_id}@{revision or 'main'}"
+
+
+def _cached_hub_commit(repo_id: str, revision: str) -> str | None:
+    """The commit that the local Hugging Face cache resolved ``revision`` to, if any."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - a transformers dependency
+        return None
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / revision
+    try:
+        commit = ref.read_text().strip()
+    except OSError:
+        return None
+    return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
 
 
 def torch_dtype(name: str, device: str):

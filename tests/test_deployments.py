@@ -353,3 +353,26 @@ def test_hub_fingerprint_is_the_resolved_commit_or_none_when_unreachable(monkeyp
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", offline)
     assert hub_fingerprint("Qwen/Qwen2.5-3B-Instruct", "main") is None  # "unknown": no re-roll
+
+
+def test_pipeline_hub_fingerprint_offline_uses_the_cached_commit(monkeypatch, tmp_path):
+    """Offline, a hub id is fingerprinted by the commit the local hub cache resolved (what
+    from_pretrained loads); a pinned commit needs no network; with neither, the revision name."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from tasks.models import _hub_revision
+
+    def offline(self, repo_id, revision=None):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", offline)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    refs = tmp_path / "models--Qwen--Qwen2.5-3B-Instruct" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("a" * 40)
+    assert _hub_revision("Qwen/Qwen2.5-3B-Instruct", None) == "Qwen/Qwen2.5-3B-Instruct@" + "a" * 40
+    assert _hub_revision("Qwen/Qwen2.5-3B-Instruct", "b" * 40) == "Qwen/Qwen2.5-3B-Instruct@" + "b" * 40
+    assert _hub_revision("Qwen/Qwen2.5-3B-Instruct", "v2") == "Qwen/Qwen2.5-3B-Instruct@v2"
+    (refs / "main").write_text("a" * 40 + "\n")  # as huggingface_hub may write it
+    assert _hub_revision("Qwen/Qwen2.5-3B-Instruct", "main").endswith("@" + "a" * 40)
