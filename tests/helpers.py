@@ -1,12 +1,37 @@
-"""Helpers shared by the tests that drive real runs: read MLflow run ids from the CLI's output and
-task-run states from the Prefect API."""
+"""Helpers shared by the tests that drive real runs: the CLI in a fresh interpreter, MLflow run ids
+from its output, and task-run states from the Prefect API."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 _RUN_SUFFIX = re.compile(r"-(\d+|[0-9a-f]{3,})$")  # rollout-shard-0, ingest-7f3 -> task name
+
+
+def drift_cli(
+    args: list[str], cwd: Path, env: dict, timeout: int = 900, check: bool = False
+) -> subprocess.CompletedProcess:
+    """The real command line, ``python -m flows.cli ...``, in a fresh interpreter; ``check``
+    asserts success and shows the output's tail when it fails."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=cwd,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert proc.returncode == 0, (
+            f"drift {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
 
 
 def mlflow_run_id(stdout: str) -> str:

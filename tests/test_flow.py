@@ -6,31 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import flow_run_of, mlflow_run_id, raw_task_states, states_by_task
+from helpers import drift_cli, flow_run_of, mlflow_run_id, raw_task_states, states_by_task
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 pytestmark = pytest.mark.timeout(900)
-
-
-def drift_cli(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=cwd,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, (
-        f"drift {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    )
-    return proc
 
 
 def task_states(env: dict, tracking_uri: str, run_id: str) -> dict[str, list[str]]:
@@ -51,7 +34,7 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     tracking = f"sqlite:///{workdir / '.drift' / 'mlflow.db'}"
 
     # 1. From nothing: every stage computes, and prints the per-turn table and the run id.
-    first = drift_cli(["run", str(TINY), "--set", ref], workdir, env)
+    first = drift_cli(["run", str(TINY), "--set", ref], workdir, env, check=True)
     assert "multi@t" in first.stdout and "trained model:" in first.stdout
     run1 = mlflow_run_id(first.stdout)
     states = task_states(env, tracking, run1)
@@ -90,12 +73,12 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     assert {"config.json", "summary.json", "multi_at.png", "weights.png"} <= artifacts
 
     # 2. Unchanged config: every task is served from the cache.
-    second = drift_cli(["run", str(TINY), "--set", ref], workdir, env)
+    second = drift_cli(["run", str(TINY), "--set", ref], workdir, env, check=True)
     states = task_states(env, tracking, mlflow_run_id(second.stdout))
     assert all(s == "Cached" for ss in states.values() for s in ss), states
 
     # 3. New beta: weights, train and the trained model's evaluation re-run; nothing upstream does.
-    third = drift_cli(["run", str(TINY), "--set", ref, "--set", "weights.beta=0.5"], workdir, env)
+    third = drift_cli(["run", str(TINY), "--set", ref, "--set", "weights.beta=0.5"], workdir, env, check=True)
     states = task_states(env, tracking, mlflow_run_id(third.stdout))
     for name in ("ingest", "rollout-shard", "collect-rollouts", "eval-reference"):
         assert set(states[name]) == {"Cached"}, (name, states)
@@ -111,7 +94,7 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     name = sorted(tensors)[0]
     tensors[name] = tensors[name] * 1.01
     save_file(tensors, weights_file, metadata={"format": "pt"})
-    fourth = drift_cli(["run", str(TINY), "--set", ref], workdir, env)
+    fourth = drift_cli(["run", str(TINY), "--set", ref], workdir, env, check=True)
     states = task_states(env, tracking, mlflow_run_id(fourth.stdout))
     assert set(states["ingest"]) == {"Cached"}, states
     for name in ("rollout-shard", "collect-rollouts", "weights", "train", "eval-reference", "eval-trained"):
@@ -123,7 +106,7 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
 
     # 5. Retrain on run 1's rollouts: tagged with the reference that made them (recorded in their
     # manifest), plus the reference as it is now, which is what its reference evaluation used.
-    fifth = drift_cli(["run", str(TINY), "--set", ref, "--rollouts-from", run1], workdir, env)
+    fifth = drift_cli(["run", str(TINY), "--set", ref, "--rollouts-from", run1], workdir, env, check=True)
     run5 = mlflow_run_id(fifth.stdout)
     tags = client.get_run(run5).data.tags
     assert tags["drift.rollouts_from"] == run1
@@ -178,6 +161,7 @@ def test_drift_eval_evaluates_any_model_directory(workdir, prefect_server):
         ],
         workdir,
         prefect_server,
+        check=True,
     )
     assert "model multi@t" in out.stdout
     from mlflow.tracking import MlflowClient

@@ -30,7 +30,7 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
-from helpers import flow_run_of, mlflow_run_id, raw_task_states
+from helpers import drift_cli, flow_run_of, mlflow_run_id, raw_task_states
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -43,18 +43,6 @@ URL_PASSWORD = "SENTINEL_url_password_9e0a"
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-
-def drift_cli(args: list[str], cwd: Path, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    """The real command line, ``python -m flows.cli ...``, in a fresh interpreter."""
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=cwd,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def assert_one_paragraph(stderr: str, *needles: str) -> None:
