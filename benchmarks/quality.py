@@ -109,6 +109,54 @@ def per_problem_solved(df) -> np.ndarray:
     return np.array([any(c) for c in df["turn_correct"].to_list()], dtype=np.float64)
 
 
+def problem_parts(df, T: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-problem numerator and denominator of multi@T, corr@T and the repeated-answer share (the
+    metrics are pooled ratios of these; see drift_core.metrics.bootstrap_ratio_ci)."""
+    solved, open_t, solved_t, rep, given = [], [], [], [], []
+    for correct, answers in zip(
+        df["turn_correct"].to_list(), df["normalized_answers"].to_list(), strict=True
+    ):
+        correct = list(correct)[:T]
+        solved.append(float(any(correct)))
+        still_open = not any(correct[: T - 1])
+        open_t.append(float(still_open))
+        solved_t.append(float(still_open and len(correct) >= T and bool(correct[T - 1])))
+        seen, r, g = set(), 0, 0
+        for a in answers:
+            if a is None:
+                continue
+            g += 1
+            r += a in seen
+            seen.add(a)
+        rep.append(float(r))
+        given.append(float(g))
+    ones = np.ones(len(solved))
+    return {
+        "multi@T": (np.array(solved), ones),
+        "corr@T": (np.array(solved_t), np.array(open_t)),
+        "repeated": (np.array(rep), np.array(given)),
+    }
+
+
+def interval_table(parts_by_system: dict[str, list[dict]], n_boot: int) -> list[str]:
+    """One row per system: each metric with its 95% bootstrap interval over problems, seeds pooled
+    per problem (a problem's seeds are resampled together)."""
+    from drift_core.metrics import bootstrap_ratio_ci
+
+    def fmt(r, lo, hi):
+        return "-" if r is None else f"{100 * r:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+    lines = ["| system | multi@T [95% CI] | corr@T [95% CI] | repeated [95% CI] |", "|---|---|---|---|"]
+    for name, per_seed in parts_by_system.items():
+        cells = []
+        for metric in ("multi@T", "corr@T", "repeated"):
+            num = np.sum([p[metric][0] for p in per_seed], axis=0)
+            den = np.sum([p[metric][1] for p in per_seed], axis=0)
+            cells.append(fmt(*bootstrap_ratio_ci(num, den, n_boot=n_boot)))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def guess_diagnostics(ref_df, trained: dict, T: int) -> str:
     """Does a model compute, or guess? The question-blind baseline (the best T distinct answers given
     to every problem, chosen on the eval golds themselves: an upper bound for a constant guesser), and
@@ -154,6 +202,7 @@ def report(records: list[dict], n_boot: int = 2000) -> str:
     T = max(len(x) for x in ref_df["turn_correct"].to_list())
     T = max(T, 3)
     solved = {"reference": [per_problem_solved(ref_df)]}
+    parts = {"reference": [problem_parts(ref_df, T)]}
     metrics = {
         "reference": [
             eval_metrics(ref_df["turn_correct"].to_list(), ref_df["normalized_answers"].to_list(), T)
@@ -165,6 +214,7 @@ def report(records: list[dict], n_boot: int = 2000) -> str:
         df = f["trained"]
         assert df["prompt_id"].to_list() == ref_df["prompt_id"].to_list()
         solved.setdefault(r["variant"], []).append(per_problem_solved(df))
+        parts.setdefault(r["variant"], []).append(problem_parts(df, T))
         metrics.setdefault(r["variant"], []).append(
             eval_metrics(df["turn_correct"].to_list(), df["normalized_answers"].to_list(), T)
         )
@@ -202,6 +252,12 @@ def report(records: list[dict], n_boot: int = 2000) -> str:
             + " | ".join(pct(x) for x in corr)
             + f" | {pct(rep)} | {turns:.2f} | {ci} |"
         )
+    lines.append("")
+    lines.append(
+        f"Each metric at T = {T} with its 95% bootstrap interval over problems ({n_boot} resamples):"
+    )
+    lines.append("")
+    lines.extend(interval_table(parts, n_boot))
     lines.append("")
     lines.append("Paired differences in multi@T (per-problem solved, averaged over seeds), 95% bootstrap CI:")
     pairs = [("drift", "uniform"), ("drift", "success_only"), ("drift", "drift_all_turns")]

@@ -138,3 +138,43 @@ def paired_bootstrap_ci(
         means[lo:hi] = d[idx].mean(axis=1)
     lo_q, hi_q = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
     return float(d.mean()), float(lo_q), float(hi_q)
+
+
+def bootstrap_ratio_ci(
+    numerator: np.ndarray,
+    denominator: np.ndarray,
+    n_boot: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[float | None, float | None, float | None]:
+    """``sum(numerator) / sum(denominator)`` over problems and a (1 - alpha) percentile interval from
+    resampling problems with replacement: ``(ratio, lo, hi)``.
+
+    Every metric of :func:`eval_metrics` is such a ratio of per-problem counts: multi@t (solved by t
+    / 1), the correction rate at t (solved at t / still open at t), the repeated-answer share
+    (repeats / answers given). Resampling problems, not answers, keeps a problem's turns together.
+    Resamples whose denominator is 0 are left out; ``None`` when the data's own denominator is 0."""
+    num = np.asarray(numerator, dtype=np.float64)
+    den = np.asarray(denominator, dtype=np.float64)
+    if num.ndim != 1 or num.shape != den.shape:
+        raise ValueError(
+            f"numerator and denominator must be 1-D of the same length, got {num.shape}, {den.shape}"
+        )
+    if num.shape[0] == 0:
+        raise ValueError("no problems")
+    if n_boot < 1 or not 0.0 < alpha < 1.0:
+        raise ValueError(f"need n_boot >= 1 and 0 < alpha < 1, got {n_boot}, {alpha}")
+    if den.sum() == 0:
+        return None, None, None
+    n = num.shape[0]
+    rng = np.random.default_rng(seed)
+    ratios = np.empty(n_boot, dtype=np.float64)
+    chunk = max(1, 4_000_000 // n)
+    for lo in range(0, n_boot, chunk):
+        hi = min(n_boot, lo + chunk)
+        idx = rng.integers(0, n, size=(hi - lo, n))
+        d = den[idx].sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratios[lo:hi] = np.where(d > 0, num[idx].sum(axis=1) / d, np.nan)
+    lo_q, hi_q = np.nanquantile(ratios, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(num.sum() / den.sum()), float(lo_q), float(hi_q)
