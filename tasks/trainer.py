@@ -355,7 +355,7 @@ def _save_checkpoint(accelerator, checkpoint_dir: Path, step: int, info: dict) -
 
 
 def train_weighted_sft(
-    data: pl.DataFrame,
+    data: pl.DataFrame | Iterable[Mapping[str, Any]],
     model_path: str,
     model_cfg: ModelConfig,
     cfg: TrainConfig,
@@ -364,7 +364,8 @@ def train_weighted_sft(
     progress: bool = True,
     on_step: Callable[[int, float, float], None] | None = None,
 ) -> TrainResult:
-    """Weighted SFT of ``model_path`` on ``data`` (columns prompt_id, traj_idx, messages, weight).
+    """Weighted SFT of ``model_path`` on ``data`` (a DataFrame or rows with prompt_id, traj_idx,
+    messages, weight).
 
     Writes the trained model (safetensors), tokenizer and ``training_log.json`` to ``output_dir`` and
     checkpoints to ``checkpoint_dir``; resumes from a checkpoint of the same run. ``on_step(step,
