@@ -352,3 +352,24 @@ def test_train_cache_key_follows_results_not_placement():
         {"checkpoint_every": 7},
     ):
         assert result_fields(cfg_for(**placement)) == base, placement
+
+
+def test_deepspeed_settings_come_from_the_train_config():
+    """Under DeepSpeed there is no prepared DataLoader and drift accumulates by hand: the micro-batch
+    size, accumulation 1 and clipping must be filled in before `prepare` (accelerate raises on
+    'auto' micro-batch sizes without a DataLoader)."""
+    from types import SimpleNamespace
+
+    from tasks.trainer import _configure_deepspeed
+
+    ds_config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+    accelerator = SimpleNamespace(
+        num_processes=4, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds_config))
+    )
+    _configure_deepspeed(accelerator, cfg_for(batch_size=16, grad_accum=3, max_grad_norm=0.5))
+    assert ds_config == {
+        "train_micro_batch_size_per_gpu": 4,  # the global micro-batch of 16 split over 4 ranks
+        "gradient_accumulation_steps": 1,  # drift marks the step boundary itself
+        "train_batch_size": 16,
+        "gradient_clipping": 0.5,
+    }
