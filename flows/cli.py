@@ -83,7 +83,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from flows.runners import task_runner_for
 
         flow = drift.with_options(task_runner=task_runner_for(cfg))
-    summary = flow(config_path=args.config, overrides=args.set, rollouts_from=args.rollouts_from)
+    from flows.orphans import crash_orphaned_flow_runs, owned_by_this_process
+
+    crash_orphaned_flow_runs()
+    with owned_by_this_process():
+        summary = flow(config_path=args.config, overrides=args.set, rollouts_from=args.rollouts_from)
     print()
     print(format_results(summary))
     print()
@@ -105,7 +109,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.data:
         overrides.append(f"eval.data.source={args.data}")
     load_config(args.config, overrides)
-    summary = evaluate_model(model=args.model, config_path=args.config, overrides=overrides)
+    from flows.orphans import crash_orphaned_flow_runs, owned_by_this_process
+
+    crash_orphaned_flow_runs()
+    with owned_by_this_process():
+        summary = evaluate_model(model=args.model, config_path=args.config, overrides=overrides)
     print()
     print(format_results(summary))
     print(f"MLflow run id: {summary['mlflow_run_id']}")

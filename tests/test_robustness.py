@@ -553,6 +553,7 @@ def resumed(tmp_path_factory, prefect_server):
         "env": env,
         "config": config_path,
         "finished_at_kill": finished,
+        "killed_pid": proc.pid,
         "run_id": run_id,
         "states": task_runs(prefect_server, tracking, run_id),
     }
@@ -578,6 +579,37 @@ def test_sigkill_mid_rollout_resumes_finished_shards(resumed):
     assert per_prompt.height == N_PROMPTS
     assert all(idx == list(range(K)) for idx in per_prompt["traj_idx"].to_list())
     assert df.select("prompt_id", "traj_idx").is_duplicated().sum() == 0
+
+
+@pytest.mark.slow
+def test_the_killed_run_is_marked_crashed_by_the_next_one(resumed, prefect_server):
+    """SIGKILL leaves the first run's Prefect flow run Running and its MLflow runs RUNNING; the
+    second `drift run` on this host marks them Crashed / KILLED (their process is gone)."""
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    pid = resumed["killed_pid"]
+    with (
+        temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
+        (killed,) = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"drift.pid:{pid}"]))
+        )
+    assert killed.state.type.value == "CRASHED", killed.state
+    assert f"process {pid} on" in killed.state.message
+
+    client = MlflowClient(resumed["tracking"])
+    experiment = client.get_run(resumed["run_id"]).info.experiment_id
+    runs = client.search_runs([experiment], filter_string=f"tags.`drift.pid` = '{pid}'")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "KILLED", parent.info
+    assert parent.data.tags["drift.closed_reason"].startswith(f"process {pid} on")
+    # stages that ended before the kill stay FINISHED; the one it interrupted is KILLED too
+    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}
+    assert client.get_run(resumed["run_id"]).info.status == "FINISHED"
 
 
 @pytest.mark.slow
