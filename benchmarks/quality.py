@@ -181,13 +181,16 @@ def guess_diagnostics(ref_df, trained: dict, T: int) -> str:
     return "\n".join(lines)
 
 
+TASK: dict = {"config": "configs/demo.yaml", "sets": []}  # the task every run of this invocation uses
+
+
 def _golds():
     import polars as pl
 
     from flows.config import load_config
     from tasks.ingest import load_problems
 
-    cfg = load_config(str(ROOT / "configs" / "demo.yaml"))
+    cfg = load_config(str(ROOT / TASK["config"]), TASK["sets"])
     df, _ = load_problems(cfg.eval.data)
     return df.select("prompt_id", "gold").with_columns(pl.col("gold"))
 
@@ -302,6 +305,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--report-only", action="store_true", help="tabulate the runs already recorded")
+    parser.add_argument(
+        "--task",
+        default=None,
+        help="name of another task (own records/table: quality_runs_<task>.jsonl); define it with --task-set",
+    )
+    parser.add_argument(
+        "--task-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override that defines the task (repeatable; not part of a system's name)",
+    )
     parser.add_argument("--fresh", action="store_true", help="forget recorded runs (not the store)")
     parser.add_argument(
         "--set",
@@ -314,6 +329,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    global RUNS
+    TASK.update(config=args.config, sets=args.task_set)
+    if args.task:  # another task: its own records and table, same store and MLflow experiment
+        RUNS = RESULTS / f"quality_runs_{args.task}.jsonl"
+    table_file = RESULTS / (f"quality_table_{args.task}.md" if args.task else "quality_table.md")
     if args.fresh and RUNS.exists():
         RUNS.unlink()
     done = [json.loads(line) for line in RUNS.read_text().splitlines()] if RUNS.exists() else []
@@ -324,19 +344,21 @@ def main() -> None:
                 tag = f"{system}-s{seed}"
                 if any(r["tag"] == tag for r in done):
                     continue
-                rec = run_variant(args.config, name, seed, args.sets, tag)
+                rec = run_variant(args.config, name, seed, [*args.task_set, *args.sets], tag)
                 rec["variant"] = system
                 done.append(rec)
                 with RUNS.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
-                if len(done) == 1:  # the first run is the demo from an empty store: time it cached too
+                if (
+                    len(done) == 1 and not args.task
+                ):  # the first demo run, from an empty store: time it cached too
                     again = run_variant(args.config, name, seed, [], tag + "-cached")
                     with (RESULTS / "demo_timing.json").open("w") as f:
                         json.dump({"first": rec, "cached": again}, f, indent=2)
     runs = [r for r in done if not r["tag"].endswith("-cached")]
     table = report(runs)
     print(table)
-    (RESULTS / "quality_table.md").write_text(table + "\n")
+    table_file.write_text(table + "\n")
 
 
 if __name__ == "__main__":
