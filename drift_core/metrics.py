@@ -107,6 +107,16 @@ def eval_metrics(
     )
 
 
+def _resamples(n: int, n_boot: int, seed: int):
+    """``(slice of resample rows, [rows, n] indices)`` chunks of ``n_boot`` resamples of ``n``
+    problems with replacement; bounded memory: at most ~4M resampled indices at a time."""
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 4_000_000 // n)
+    for lo in range(0, n_boot, chunk):
+        hi = min(n_boot, lo + chunk)
+        yield slice(lo, hi), rng.integers(0, n, size=(hi - lo, n))
+
+
 def paired_bootstrap_ci(
     a: np.ndarray,
     b: np.ndarray,
@@ -128,14 +138,9 @@ def paired_bootstrap_ci(
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     d = x - y
-    n = d.shape[0]
-    rng = np.random.default_rng(seed)
     means = np.empty(n_boot, dtype=np.float64)
-    chunk = max(1, 4_000_000 // n)  # bounded memory: at most ~4M resampled indices at a time
-    for lo in range(0, n_boot, chunk):
-        hi = min(n_boot, lo + chunk)
-        idx = rng.integers(0, n, size=(hi - lo, n))
-        means[lo:hi] = d[idx].mean(axis=1)
+    for rows, idx in _resamples(d.shape[0], n_boot, seed):
+        means[rows] = d[idx].mean(axis=1)
     lo_q, hi_q = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
     return float(d.mean()), float(lo_q), float(hi_q)
 
@@ -166,15 +171,10 @@ def bootstrap_ratio_ci(
         raise ValueError(f"need n_boot >= 1 and 0 < alpha < 1, got {n_boot}, {alpha}")
     if den.sum() == 0:
         return None, None, None
-    n = num.shape[0]
-    rng = np.random.default_rng(seed)
     ratios = np.empty(n_boot, dtype=np.float64)
-    chunk = max(1, 4_000_000 // n)
-    for lo in range(0, n_boot, chunk):
-        hi = min(n_boot, lo + chunk)
-        idx = rng.integers(0, n, size=(hi - lo, n))
+    for rows, idx in _resamples(num.shape[0], n_boot, seed):
         d = den[idx].sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
-            ratios[lo:hi] = np.where(d > 0, num[idx].sum(axis=1) / d, np.nan)
+            ratios[rows] = np.where(d > 0, num[idx].sum(axis=1) / d, np.nan)
     lo_q, hi_q = np.nanquantile(ratios, [alpha / 2.0, 1.0 - alpha / 2.0])
     return float(num.sum() / den.sum()), float(lo_q), float(hi_q)

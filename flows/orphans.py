@@ -15,6 +15,8 @@ import os
 import socket
 from collections.abc import Iterator
 
+from tasks.tracking import process_alive
+
 log = logging.getLogger(__name__)
 
 HOST_TAG, PID_TAG = "drift.host:", "drift.pid:"
@@ -32,16 +34,6 @@ def owned_by_this_process() -> Iterator[None]:
 
     with tags(*owner_tags()):
         yield
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def crash_orphaned_flow_runs() -> list[str]:
@@ -77,7 +69,7 @@ def crash_orphaned_flow_runs() -> list[str]:
                 if len(pids) != 1 or not pids[0].isdigit():
                     continue
                 pid = int(pids[0])
-                if pid == os.getpid() or _alive(pid):
+                if pid == os.getpid() or process_alive(pid):
                     continue
                 message = (
                     f"process {pid} on {socket.gethostname()} is gone (killed); marked by a later drift run"

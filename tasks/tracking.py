@@ -153,7 +153,8 @@ def _owner_tags() -> dict[str, str]:
     return {"drift.host": socket.gethostname(), "drift.pid": str(os.getpid())}
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (signal 0 checks without sending)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -178,7 +179,7 @@ def close_orphaned_runs(client, experiment_id: str) -> list[str]:
     closed = []
     for run in runs:
         pid = run.data.tags.get("drift.pid", "")
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             client.set_tag(run.info.run_id, "drift.closed_reason", f"process {pid} on {host} is gone")
             client.set_terminated(run.info.run_id, status="KILLED")
             closed.append(run.info.run_id)
