@@ -81,7 +81,9 @@ class DataConfig(StrictModel):
         description="builtin:arith | builtin:gsm8k | a local .jsonl/.json/.parquet/.csv | hf:<dataset id>",
     )
     split: str = "train"
-    subset: str | None = Field(default=None, description="HF dataset config name")
+    subset: str | list[str] | None = Field(
+        default=None, description="HF dataset config name, or several (their rows concatenated)"
+    )
     question_field: str = "question"
     answer_field: str = "answer"
     id_field: str | None = Field(default=None, description="column holding a stable prompt id")
@@ -93,6 +95,45 @@ class DataConfig(StrictModel):
     shuffle_seed: int | None = None
     on_bad_rows: Literal["error", "skip"] = "error"
     arith: ArithConfig = Field(default_factory=ArithConfig)
+    # Multiple choice (tasks/ingest.py renders the options under the question, gold = the letter):
+    correct_field: str | None = Field(
+        default=None, description="column holding the correct option's text (GPQA: 'Correct Answer')"
+    )
+    incorrect_fields: list[str] | None = Field(
+        default=None, description="columns holding the wrong options (GPQA: 'Incorrect Answer 1'..'3')"
+    )
+    choices_field: str | None = Field(
+        default=None, description="column holding the list of options; answer_field: an index or a letter"
+    )
+    shuffle_choices: bool = Field(
+        default=True, description="shuffle options per problem (seeded by choice_seed and the prompt id)"
+    )
+    choice_seed: int = 0
+
+    @field_validator("subset")
+    @classmethod
+    def _subsets_not_empty(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list of subsets; leave subset unset or name at least one")
+        return v
+
+    @model_validator(mode="after")
+    def _one_choice_layout(self) -> DataConfig:
+        if (self.correct_field is None) != (self.incorrect_fields is None):
+            raise ValueError("correct_field and incorrect_fields are set together (options as columns)")
+        if self.incorrect_fields is not None and not self.incorrect_fields:
+            raise ValueError("incorrect_fields: name at least one column of wrong options")
+        if self.correct_field is not None and self.choices_field is not None:
+            raise ValueError(
+                "set either correct_field + incorrect_fields (options as columns) or choices_field + "
+                "answer_field (a list of options), not both"
+            )
+        return self
+
+    @property
+    def multiple_choice(self) -> bool:
+        """Options rendered under the question and an option letter as gold."""
+        return self.correct_field is not None or self.choices_field is not None
 
 
 class ModelConfig(StrictModel):
@@ -125,7 +166,11 @@ class ProtocolConfig(StrictModel):
 
 
 class VerifierConfig(StrictModel):
-    kind: Literal["math", "numeric", "exact", "choice"] = "math"
+    kind: Literal["auto", "math", "numeric", "exact", "choice"] = Field(
+        default="math",
+        description="auto: choice for multiple-choice data, numeric when every gold is a plain number, "
+        "math otherwise (decided from the problem table before any generation)",
+    )
     timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
     tolerance: float = Field(default=1e-6, ge=0.0)
     workers: int = Field(default=2, ge=1, le=256, description="grading process-pool size")
@@ -202,12 +247,82 @@ class TrainConfig(StrictModel):
     )
 
 
+_ENTRY_NAME = r"^[A-Za-z0-9_-]+$"
+
+
+class EvalEntry(StrictModel):
+    """One benchmark of an evaluation suite: its data, its verifier and protocol overrides.
+
+    ``preset: <name>`` (see ``drift_core.presets``) fills in a paper benchmark's data and verifier;
+    keys given beside it override the preset's (``data`` merges key by key)."""
+
+    name: str = Field(pattern=_ENTRY_NAME, description="metrics are logged as <name>.multi_at_t<T>, ...")
+    data: DataConfig
+    verifier: VerifierConfig | None = Field(
+        default=None, description="unset: eval.verifier (default: kind auto)"
+    )
+    answer_format: Literal["answer", "think"] | None = Field(default=None, description="overrides protocol's")
+    task_instruction: str | None = Field(default=None, description="overrides the instruction text")
+    max_new_tokens: int | None = Field(default=None, ge=1, description="overrides eval.max_new_tokens")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "preset" in raw:
+            from drift_core.presets import expand_preset
+
+            return expand_preset(raw)
+        return raw
+
+
 class EvalConfig(StrictModel):
+    """What the evaluation runs on: ``data`` (one benchmark) or ``suite`` (several, each named)."""
+
     data: DataConfig = Field(default_factory=lambda: DataConfig(split="test"))
+    suite: list[EvalEntry] | None = Field(
+        default=None, description="named benchmarks; replaces data (set one of the two)"
+    )
+    verifier: VerifierConfig | None = Field(
+        default=None,
+        description="verifier of eval.data and of suite entries without one; unset: the top-level "
+        "verifier's settings with kind auto",
+    )
     max_turns: int | None = Field(default=None, ge=1, description="defaults to protocol.max_turns")
     max_new_tokens: int | None = Field(default=None, ge=1)
     shard_size: int = Field(default=64, ge=1)
     evaluate_reference: bool = Field(default=True, description="also evaluate the reference model")
+
+    @model_validator(mode="after")
+    def _data_or_suite(self) -> EvalConfig:
+        if self.suite is not None:
+            if "data" in self.model_fields_set:
+                raise ValueError("set eval.data (one benchmark) or eval.suite (several), not both")
+            if not self.suite:
+                raise ValueError("eval.suite is empty; name at least one benchmark or use eval.data")
+            names = [e.name for e in self.suite]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"eval.suite: duplicate entry names {dup}; names must be unique")
+        return self
+
+    def entries(self) -> list[tuple[str, EvalEntry]]:
+        """The suite as (config key, entry) pairs; ``eval.data`` is a suite of one whose name is
+        the source's stem (``math500.jsonl`` -> ``math500``, ``hf:HuggingFaceH4/MATH-500`` ->
+        ``MATH-500``, ``builtin:arith`` -> ``arith``)."""
+        if self.suite is not None:
+            return [(f"eval.suite[{i}]", e) for i, e in enumerate(self.suite)]
+        return [("eval", EvalEntry(name=source_name(self.data.source), data=self.data))]
+
+
+def source_name(source: str) -> str:
+    """A metric-safe short name for a data source: the file stem, the hub dataset name, the builtin."""
+    import re
+
+    text = source.split("@", 1)[0] if source.startswith("hf:") else source
+    text = text.rsplit(":", 1)[-1].rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".gz", ".jsonl", ".ndjson", ".json", ".parquet", ".csv"):
+        text = text.removesuffix(suffix)
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "eval"
 
 
 class RunConfig(StrictModel):

@@ -355,7 +355,45 @@ class ChoiceVerifier(Verifier):
         return Verdict(letter == target, True)
 
 
+_GOLD_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
+
+
+def is_plain_number(gold: str) -> bool:
+    """A gold that is just a decimal number (``42``, ``-3.5``, ``1,234``): what ``auto`` reads as
+    numeric. Fractions, LaTeX, units and expressions are not."""
+    return _GOLD_NUMBER.fullmatch(gold.strip()) is not None
+
+
+def resolve_kind(kind: str, golds: list[str], multiple_choice: bool) -> str:
+    """The verifier kind for a data set: ``kind`` itself unless it is ``auto``, which gives
+    ``choice`` for multiple-choice data, ``numeric`` when every gold is a plain number, ``math``
+    otherwise."""
+    if kind != "auto":
+        return kind
+    if multiple_choice:
+        return "choice"
+    if golds and all(is_plain_number(g) for g in golds):
+        return "numeric"
+    return "math"
+
+
+def unreadable_gold(kind: str, gold: str) -> str | None:
+    """Why verifier ``kind`` cannot read ``gold`` (None: it can). Checked for every gold before any
+    generation, so a mismatch of data and verifier fails in seconds, not after the first turn."""
+    if kind == "numeric":
+        return None if parse_number(gold) is not None else "not a number"
+    if kind == "choice":
+        return None if parse_choice(gold) is not None else "not an option letter A-J"
+    if kind == "exact":
+        return None if _exact_form(gold) else "empty after normalisation"
+    if kind == "math":
+        return None if normalize_answer(gold) else "empty after normalisation"
+    raise ValueError(f"unknown verifier kind {kind!r}")
+
+
 def make_verifier(cfg: VerifierConfig) -> Verifier:
+    if cfg.kind == "auto":
+        raise ValueError("verifier kind auto must be resolved against the data first (resolve_kind)")
     if cfg.kind == "math":
         return MathVerifier(timeout_s=cfg.timeout_s)
     if cfg.kind == "numeric":

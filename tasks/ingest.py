@@ -79,6 +79,7 @@ import polars as pl
 from prefect import task
 from pydantic import BaseModel, Field
 
+from drift_core.choices import gold_index, render_choices
 from drift_core.schemas import ArithConfig, DataConfig
 from drift_core.verify import GoldStyle, extract_gold
 from tasks.store import ArtifactStore, Manifest
@@ -93,6 +94,7 @@ __all__ = [
     "ingest",
     "ingest_key",
     "load_problems",
+    "problem_origins",
     "source_identity",
 ]
 
@@ -146,7 +148,7 @@ class _Table:
 @dataclass(frozen=True)
 class _Mapping:
     question: str
-    answer: str
+    answer: str | None  # None: options as columns (the gold is the correct_field column's option)
     id: str | None
     style: GoldStyle
     default_id: Callable[[int], str]
@@ -314,14 +316,14 @@ def _arith_stream(a: ArithConfig, split: str):
         yield f"What is {expr}?", str(_evaluate(operands, ops))
 
 
-def _draw_arith(a: ArithConfig, split: str, exclude: set[str]) -> list[tuple[str, str]]:
+def _draw_arith(a: ArithConfig, split: str, exclude: set[str], context: str) -> list[tuple[str, str]]:
     available = _arith_space(a) - len(exclude)
     if a.n > available:
         raise IngestError(
             f"builtin:arith split {split!r}: {a.n} distinct problems requested but only {available} exist "
             f"(digits={a.digits}, n_operands={a.n_operands}, ops={a.ops}"
             + (f", minus {len(exclude)} train problems" if exclude else "")
-            + "); lower data.arith.n or raise digits/n_operands"
+            + f"); lower {context}.arith.n or raise digits/n_operands"
         )
     seen: set[str] = set()
     out: list[tuple[str, str]] = []
@@ -331,7 +333,7 @@ def _draw_arith(a: ArithConfig, split: str, exclude: set[str]) -> list[tuple[str
         if budget < 0:
             raise IngestError(
                 f"builtin:arith split {split!r}: drew only {len(out)} of {a.n} distinct problems; the problem "
-                "space is nearly exhausted, lower data.arith.n or raise digits/n_operands"
+                f"space is nearly exhausted, lower {context}.arith.n or raise digits/n_operands"
             )
         if question in seen or question in exclude:
             continue
@@ -342,55 +344,82 @@ def _draw_arith(a: ArithConfig, split: str, exclude: set[str]) -> list[tuple[str
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def generate_arith(a: ArithConfig, split: str = "train") -> list[tuple[str, str]]:
-    """``a.n`` distinct (question, gold) pairs of ``split``; non-train splits avoid the train set."""
-    exclude = set() if split == "train" else {q for q, _ in _draw_arith(a, "train", set())}
-    return _draw_arith(a, split, exclude)
+def generate_arith(a: ArithConfig, split: str = "train", context: str = "data") -> list[tuple[str, str]]:
+    """``a.n`` distinct (question, gold) pairs of ``split``; non-train splits avoid the train set.
+    ``context`` is the config key of the data section, for messages."""
+    exclude = set() if split == "train" else {q for q, _ in _draw_arith(a, "train", set(), context)}
+    return _draw_arith(a, split, exclude, context)
 
 
-def _arith_table(cfg: DataConfig) -> _Table:
-    problems = generate_arith(cfg.arith, cfg.split)
+def _arith_table(cfg: DataConfig, context: str = "data") -> _Table:
+    problems = generate_arith(cfg.arith, cfg.split, context)
     records = [_Record(i, f"problem {i}", {"question": q, "answer": g}) for i, (q, g) in enumerate(problems)]
     return _Table("builtin:arith", ["question", "answer"], records)
 
 
-def _load_hf(cfg: DataConfig, needed: Iterable[str]) -> _Table:
+def _load_hf(cfg: DataConfig, needed: Iterable[str]) -> tuple[_Table, list[str]]:
+    """The dataset's rows (several subsets: concatenated in the given order) and their default ids:
+    ``<name>-<split>-<row>``, or ``<name>-<subset>-<split>-<row>`` when ``subset`` is a list."""
     ident, revision = _hf_parts(cfg.source)
+    name = ident.rsplit("/", 1)[-1]
     try:
         import datasets
     except ImportError as exc:
         raise IngestError(
             f"source {cfg.source!r} needs the Hugging Face datasets library: pip install drift[hf]"
         ) from exc
-    try:
-        ds = datasets.load_dataset(ident, cfg.subset, split=cfg.split, revision=revision)
-        df = pl.from_arrow(ds.with_format("arrow")[:])
-    except Exception as exc:  # network, auth, unknown split: re-raise with the config that caused it
-        raise IngestError(
-            f"source {cfg.source!r} (subset={cfg.subset!r}, split={cfg.split!r}): load_dataset failed: {exc}"
-        ) from exc
-    return _frame_table(df, f"{ident}[{cfg.subset or ''}:{cfg.split}]", needed)
+    subsets = cfg.subset if isinstance(cfg.subset, list) else [cfg.subset]
+    needed = list(needed)
+    tables: list[_Table] = []
+    ids: list[str] = []
+    for subset in subsets:
+        try:
+            ds = datasets.load_dataset(ident, subset, split=cfg.split, revision=revision)
+            df = pl.from_arrow(ds.with_format("arrow")[:])
+        except Exception as exc:  # network, auth, unknown split: re-raise with the config that caused it
+            raise IngestError(
+                f"source {cfg.source!r} (subset={subset!r}, split={cfg.split!r}): load_dataset failed: {exc}"
+            ) from exc
+        tables.append(_frame_table(df, f"{ident}[{subset or ''}:{cfg.split}]", needed))
+        prefix = f"{name}-{subset}" if isinstance(cfg.subset, list) else name
+        ids += [f"{prefix}-{cfg.split}-{i}" for i in range(df.height)]
+    if len(tables) == 1:
+        return tables[0], ids
+    records: list[_Record] = []
+    for t in tables:  # "where" names the subset, so a bad row can be found
+        offset = len(records)
+        records += [_Record(offset + r.index, f"{t.label} {r.where}", r.values, r.error) for r in t.records]
+    columns = list(dict.fromkeys(c for t in tables for c in t.columns))
+    return _Table(f"{ident}[{len(tables)} subsets:{cfg.split}]", columns, records), ids
 
 
-def _open_source(cfg: DataConfig, base_dir: Path | None) -> tuple[_Table, _Mapping]:
+def _fields(cfg: DataConfig) -> list[str]:
+    """The columns the mapping reads."""
+    answer = [] if cfg.correct_field is not None else [cfg.answer_field]
+    options = [cfg.correct_field, *(cfg.incorrect_fields or []), cfg.choices_field]
+    extra = [f for f in (*options, cfg.id_field, cfg.filter_field) if f]
+    return list(dict.fromkeys([cfg.question_field, *answer, *extra]))
+
+
+def _open_source(cfg: DataConfig, base_dir: Path | None, context: str = "data") -> tuple[_Table, _Mapping]:
     kind = _kind(cfg.source)
-    user_mapping = dict(
-        question=cfg.question_field, answer=cfg.answer_field, id=cfg.id_field, style=cfg.gold_style
-    )
-    needed = [cfg.question_field, cfg.answer_field] + [f for f in (cfg.id_field, cfg.filter_field) if f]
+    answer = None if cfg.correct_field is not None else cfg.answer_field
+    user_mapping = dict(question=cfg.question_field, answer=answer, id=cfg.id_field, style=cfg.gold_style)
+    needed = _fields(cfg)
+    if kind.startswith("builtin:") and cfg.multiple_choice:
+        raise IngestError(f"{cfg.source} is not multiple choice; unset {context}.correct_field/choices_field")
     if kind == "builtin:arith":
         seed, split = cfg.arith.seed, cfg.split
         mapping = _Mapping("question", "answer", None, "plain", lambda i: f"arith-{seed}-{split}-{i}")
-        return _arith_table(cfg), mapping
+        return _arith_table(cfg, context), mapping
     if kind == "builtin:gsm8k":
         split = cfg.split
         table = _read_jsonl(_gsm8k_path(split))
         table.label = f"builtin:gsm8k[{split}]"
         return table, _Mapping("question", "answer", None, "gsm8k", lambda i: f"gsm8k-{split}-{i}")
     if kind == "hf":
-        name = _hf_parts(cfg.source)[0].rsplit("/", 1)[-1]
-        split = cfg.split
-        return _load_hf(cfg, needed), _Mapping(**user_mapping, default_id=lambda i: f"{name}-{split}-{i}")
+        table, ids = _load_hf(cfg, needed)
+        return table, _Mapping(**user_mapping, default_id=ids.__getitem__)
     path = _local_path(cfg, base_dir)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
@@ -408,24 +437,63 @@ def _open_source(cfg: DataConfig, base_dir: Path | None) -> tuple[_Table, _Mappi
 # --------------------------------------------------------------------------------------------
 
 
-def _check_columns(table: _Table, m: _Mapping, cfg: DataConfig) -> None:
-    expected = {"question_field": m.question, "answer_field": m.answer}
+def _check_columns(table: _Table, m: _Mapping, cfg: DataConfig, context: str) -> None:
+    expected: dict[str, str | list[str]] = {"question_field": m.question}
+    if m.answer is not None:
+        expected["answer_field"] = m.answer
     if m.id:
         expected["id_field"] = m.id
     if cfg.filter_field:
         expected["filter_field"] = cfg.filter_field
-    missing = [c for c in expected.values() if c not in table.columns]
+    if cfg.correct_field is not None:
+        expected["correct_field"] = cfg.correct_field
+        expected["incorrect_fields"] = list(cfg.incorrect_fields or [])
+    elif cfg.choices_field is not None:
+        expected["choices_field"] = cfg.choices_field
+    wanted = [c for v in expected.values() for c in ([v] if isinstance(v, str) else v)]
+    missing = [c for c in wanted if c not in table.columns]
     if missing:
         mapping = ", ".join(f"{k}={v!r}" for k, v in expected.items())
+        keys = [k for k, v in expected.items() if set([v] if isinstance(v, str) else v) & set(missing)]
         raise IngestError(
             f"{table.label}: missing column(s) {missing}; found columns {table.columns}; "
-            f"the mapping expects {mapping} (set data.question_field / data.answer_field)"
+            f"the mapping expects {mapping} (set {' / '.join(f'{context}.{k}' for k in keys)})"
         )
 
 
-def _filter_match(cfg: DataConfig) -> Callable[[str | None], bool] | None:
+def _options(values: dict[str, Any], cfg: DataConfig, m: _Mapping) -> tuple[list[str], int]:
+    """The options of a multiple-choice row and the index of the correct one (ValueError: why not)."""
+    if cfg.correct_field is not None:
+        fields = [cfg.correct_field, *(cfg.incorrect_fields or [])]
+        options = [_to_text(values.get(f)) for f in fields]
+        for f, o in zip(fields, options, strict=True):
+            if o is None or not o.strip():
+                raise ValueError(f"empty option (field {f!r})")
+        return [o.strip() for o in options], 0
+    raw = values.get(cfg.choices_field)
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ValueError(f"field {cfg.choices_field!r} is not a list of options: {raw[:80]!r}") from None
+    if not isinstance(raw, list | tuple):
+        raise ValueError(f"field {cfg.choices_field!r} is not a list of options: {raw!r}")
+    options = [_to_text(o) for o in raw]
+    if any(o is None or not o.strip() for o in options):
+        raise ValueError(f"empty option in field {cfg.choices_field!r}")
+    answer = values.get(m.answer)
+    if answer is None or not str(answer).strip():
+        raise ValueError(f"empty answer (field {m.answer!r})")
+    try:
+        correct = gold_index(str(answer), len(options))
+    except ValueError as exc:
+        raise ValueError(f"field {m.answer!r}: {exc}") from None
+    return [o.strip() for o in options], correct
+
+
+def _filter_match(cfg: DataConfig, context: str) -> Callable[[str | None], bool] | None:
     if (cfg.filter_field is None) != (cfg.filter_value is None):
-        raise IngestError("data.filter_field and data.filter_value must be set together")
+        raise IngestError(f"{context}.filter_field and {context}.filter_value must be set together")
     if cfg.filter_field is None:
         return None
     value = cfg.filter_value
@@ -439,11 +507,26 @@ def _shuffle_key(seed: int, prompt_id: str) -> bytes:
     return hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
 
 
-def load_problems(cfg: DataConfig, base_dir: Path | None = None) -> tuple[pl.DataFrame, IngestReport]:
-    """Read ``cfg.source``, validate it and apply the selection; see the module docstring."""
-    table, m = _open_source(cfg, Path(base_dir) if base_dir is not None else None)
-    _check_columns(table, m, cfg)
-    match = _filter_match(cfg)
+def load_problems(
+    cfg: DataConfig, base_dir: Path | None = None, context: str = "data"
+) -> tuple[pl.DataFrame, IngestReport]:
+    """Read ``cfg.source``, validate it and apply the selection; see the module docstring.
+    ``context`` is where ``cfg`` sits in the config (``data``, ``eval.data``, ``eval.suite[1].data``):
+    error messages name the keys to set under it."""
+    df, report, _ = _load(cfg, base_dir, context)
+    return df, report
+
+
+def problem_origins(cfg: DataConfig, base_dir: Path | None = None, context: str = "data") -> dict[str, str]:
+    """Where each prompt id of the problem table comes from (``line 12``, ``row 3``), for messages:
+    the table itself does not keep it, so this reads the source again (only on the error path)."""
+    return _load(cfg, base_dir, context)[2]
+
+
+def _load(cfg: DataConfig, base_dir: Path | None, context: str) -> tuple[pl.DataFrame, IngestReport, dict]:
+    table, m = _open_source(cfg, Path(base_dir) if base_dir is not None else None, context)
+    _check_columns(table, m, cfg, context)
+    match = _filter_match(cfg, context)
     skip = cfg.on_bad_rows == "skip"
     skipped: list[str] = []
     filtered = 0
@@ -451,7 +534,7 @@ def load_problems(cfg: DataConfig, base_dir: Path | None = None) -> tuple[pl.Dat
     def bad(rec: _Record, reason: str) -> None:
         message = f"{table.label}: {rec.where}: {reason}"
         if not skip:
-            raise IngestError(f"{message} (set data.on_bad_rows=skip to drop bad rows)")
+            raise IngestError(f"{message} (set {context}.on_bad_rows=skip to drop bad rows)")
         skipped.append(message)
 
     ids: list[str] = []
@@ -471,15 +554,6 @@ def load_problems(cfg: DataConfig, base_dir: Path | None = None) -> tuple[pl.Dat
         if question is None or not question.strip():
             bad(rec, f"empty question (field {m.question!r})")
             continue
-        answer = _to_text(values.get(m.answer))
-        if answer is None or not answer.strip():
-            bad(rec, f"empty answer (field {m.answer!r})")
-            continue
-        try:
-            gold = extract_gold(answer, m.style)
-        except ValueError as exc:
-            bad(rec, f"no gold answer in field {m.answer!r}: {exc}")
-            continue
         if m.id:
             prompt_id = _to_text(values.get(m.id))
             if prompt_id is None or not prompt_id.strip():
@@ -487,13 +561,32 @@ def load_problems(cfg: DataConfig, base_dir: Path | None = None) -> tuple[pl.Dat
                 continue
         else:
             prompt_id = m.default_id(rec.index)
+        if cfg.multiple_choice:
+            try:
+                options, correct = _options(values, cfg, m)
+                question, gold = render_choices(
+                    question, options, correct, prompt_id, cfg.choice_seed, cfg.shuffle_choices
+                )
+            except ValueError as exc:
+                bad(rec, f"multiple choice: {exc}")
+                continue
+        else:
+            answer = _to_text(values.get(m.answer))
+            if answer is None or not answer.strip():
+                bad(rec, f"empty answer (field {m.answer!r})")
+                continue
+            try:
+                gold = extract_gold(answer, m.style)
+            except ValueError as exc:
+                bad(rec, f"no gold answer in field {m.answer!r}: {exc}")
+                continue
         if prompt_id in first_seen:
             if skip:
                 bad(rec, f"duplicate prompt id {prompt_id!r} (first at {first_seen[prompt_id]})")
                 continue
             duplicates.append(f"{prompt_id!r} ({first_seen[prompt_id]} and {rec.where})")
             continue
-        first_seen[prompt_id] = rec.where
+        first_seen[prompt_id] = rec.where  # also the origins returned for messages
         ids.append(prompt_id)
         questions.append(question)
         golds.append(gold)
@@ -534,7 +627,8 @@ def load_problems(cfg: DataConfig, base_dir: Path | None = None) -> tuple[pl.Dat
     )
     if skipped:
         log.warning("%s: skipped %d bad rows, e.g. %s", table.label, len(skipped), skipped[0])
-    return df, report
+    origins = {pid: f"{table.label}: {where}" for pid, where in first_seen.items()}
+    return df, report, origins
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,9 +680,14 @@ def source_identity(cfg: DataConfig, base_dir: Path | str | None = None) -> dict
     return {"kind": "file", "name": path.name, "sha256": digest, "size": size}
 
 
+_CHOICE_FIELDS = {"correct_field", "incorrect_fields", "choices_field", "shuffle_choices", "choice_seed"}
+
+
 def ingest_key(cfg: DataConfig, base_dir: Path | str | None = None) -> str:
-    """The ingest cache key: sha256 of the source identity and every selection field."""
-    selection = cfg.model_dump(mode="json", exclude={"arith", "split", "subset"})
+    """The ingest cache key: sha256 of the source identity and every selection field (the
+    multiple-choice fields only for multiple-choice data, so other keys did not move when they came)."""
+    exclude = {"arith", "split", "subset"} | (set() if cfg.multiple_choice else _CHOICE_FIELDS)
+    selection = cfg.model_dump(mode="json", exclude=exclude)
     payload = {"version": INGEST_VERSION, "source": source_identity(cfg, base_dir), "selection": selection}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -599,15 +698,22 @@ def ingest_key(cfg: DataConfig, base_dir: Path | str | None = None) -> str:
 
 
 @task(name="ingest")
-def ingest(cfg: DataConfig, store_root: str, base_dir: str | None = None, key: str | None = None) -> Manifest:
+def ingest(
+    cfg: DataConfig,
+    store_root: str,
+    base_dir: str | None = None,
+    key: str | None = None,
+    context: str = "data",
+) -> Manifest:
     """Write the problem table to the artifact store (or return the stored one) and its manifest.
-    ``key`` is ``ingest_key(cfg, base_dir)``; the flow passes it so Prefect's cache uses it too."""
+    ``key`` is ``ingest_key(cfg, base_dir)``; the flow passes it so Prefect's cache uses it too.
+    ``context``: the config key of ``cfg`` (``eval.data``, ...), named in error messages."""
     store = ArtifactStore(store_root)
     key = key or ingest_key(cfg, base_dir)
     found = store.find("ingest", key)
     if found is not None:
         return found
-    df, report = load_problems(cfg, Path(base_dir) if base_dir is not None else None)
+    df, report = load_problems(cfg, Path(base_dir) if base_dir is not None else None, context)
     meta = {
         "rows_read": report.rows_read,
         "rows_skipped": report.rows_skipped,

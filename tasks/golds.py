@@ -1,0 +1,64 @@
+"""Which verifier reads a problem table's golds, checked before any generation.
+
+``verifier.kind: auto`` is decided here from the ingested golds (``drift_core.verify.resolve_kind``),
+and every gold is then checked against the verifier that will grade it. A gold the verifier cannot
+read would otherwise fail (or grade every answer wrong) minutes into generation; here it stops the
+run in seconds, naming the config key, the file and the row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from drift_core.schemas import DataConfig, VerifierConfig
+from drift_core.verify import resolve_kind, unreadable_gold
+from tasks.ingest import IngestError, problem_origins
+from tasks.store import ArtifactStore, Manifest
+
+__all__ = ["GoldError", "checked_verifier"]
+
+_MAX_EXAMPLES = 3
+
+
+class GoldError(IngestError):
+    """A gold answer that the configured verifier cannot read."""
+
+
+def checked_verifier(
+    store: ArtifactStore,
+    problems: Manifest,
+    data: DataConfig,
+    verifier: VerifierConfig,
+    context: str,
+    base_dir: str | Path | None = None,
+    label: str | None = None,
+) -> VerifierConfig:
+    """``verifier`` with ``auto`` resolved against ``problems``' golds, after checking that it can
+    read every one of them. ``context`` is the config key whose ``verifier`` and ``data`` are meant
+    (``eval.suite[1]``, ``eval``, or ``""`` for the top level); ``label`` names the benchmark."""
+    golds = store.read_parquet(problems).select("prompt_id", "gold")
+    kind = resolve_kind(verifier.kind, golds["gold"].to_list(), data.multiple_choice)
+    bad = [
+        (pid, gold, why)
+        for pid, gold in golds.iter_rows()
+        if (why := unreadable_gold(kind, gold)) is not None
+    ]
+    if bad:
+        data_key = f"{context}.data" if context else "data"
+        verifier_key = f"{context}.verifier.kind" if context else "verifier.kind"
+        origins = problem_origins(data, Path(base_dir) if base_dir is not None else None, data_key)
+        shown = "; ".join(
+            f"{origins.get(pid, data.source)} (prompt id {pid!r}): gold {gold!r} is {why}"
+            for pid, gold, why in bad[:_MAX_EXAMPLES]
+        )
+        more = f"; and {len(bad) - _MAX_EXAMPLES} more" if len(bad) > _MAX_EXAMPLES else ""
+        auto = resolve_kind("auto", golds["gold"].to_list(), data.multiple_choice)
+        hint = f"Set {verifier_key}: {auto} (what auto picks for these golds)" if auto != kind else ""
+        hint = hint or f"Fix these golds or set {verifier_key}"
+        name = f"{context} {label!r}" if label and context else (context or "data")
+        raise GoldError(
+            f"{name}: {len(bad)} of {golds.height} golds cannot be read by the {kind} verifier"
+            + (" (auto)" if verifier.kind == "auto" else "")
+            + f": {shown}{more}. {hint}. Stopped before any generation."
+        )
+    return verifier.model_copy(update={"kind": kind})
