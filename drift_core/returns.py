@@ -1,12 +1,20 @@
 """The trajectory return of DRIFT (DESIGN.md, "The method, as facts", item 3).
 
-    R = sum_t gamma^(t-1) r_t  +  (sum of format penalties)  -  lambda * (1 - distinct / answers_given)
+    R = sum_t gamma^(t-1) r_t  +  (sum of format penalties)  -  lambda * (1 - distinct / n)
 
 r_t is the reward of turn t (1 if turn t is correct, else 0 in the paper), the format penalty is the
-trajectory's summed penalty (<= 0), and the last term is the repetition penalty over the trajectory's
-normalised answers: ``answers_given`` counts the turns that produced a parseable (non-None) answer and
-``distinct`` the distinct values among them. A trajectory with no parseable answer gets no repetition
-penalty (its format penalty already charges it).
+trajectory's summed penalty (<= 0), and the last term is the repetition penalty over the
+trajectory's list of normalised answers. How ``distinct`` and ``n`` are counted depends on who wrote
+the list (:data:`RepetitionRule`):
+
+* ``"reference"``: exactly the paper's ``weight_sft.py``: ``n`` is the length of the list,
+  ``distinct`` the number of distinct non-empty entries; empty strings and nulls count in ``n``
+  only. No list (or an empty one) gives no penalty. The reference rollout script appends one entry
+  per parseable answer, so on its own files ``n`` is "answers given".
+* ``"answers_given"``: drift's own trajectories, whose list has one entry per turn with None where no
+  answer could be parsed: ``n`` counts the non-None entries and ``distinct`` the distinct values
+  among them (an answer that normalises to "" is an answer). This equals ``"reference"`` on the
+  list of answers given, which is what the reference rollout script would have written.
 
 Two entry points compute the same formula: :func:`trajectory_return` for one trajectory (readable, the
 reference), and :func:`returns_from_arrays` for millions at once (numpy, no Python loop per row).
@@ -16,40 +24,65 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
 __all__ = [
+    "RepetitionRule",
     "answer_counts",
     "discounted_sums",
+    "repetition_counts",
     "repetition_penalty",
     "returns_from_arrays",
     "trajectory_return",
 ]
 
+RepetitionRule = Literal["reference", "answers_given"]
 
-def repetition_penalty(n_distinct: float, n_answered: float, repetition_lambda: float) -> float:
-    """lambda * (1 - distinct / answers_given); 0 when no answer was given (DESIGN item 3)."""
-    if n_answered <= 0:
+
+def repetition_penalty(n_distinct: float, n: float, repetition_lambda: float) -> float:
+    """lambda * (1 - distinct / n); 0 when n is 0 (DESIGN item 3)."""
+    if n <= 0:
         return 0.0
-    return repetition_lambda * (1.0 - n_distinct / n_answered)
+    return repetition_lambda * (1.0 - n_distinct / n)
+
+
+def repetition_counts(answers: object, rule: RepetitionRule = "reference") -> tuple[int, int]:
+    """(distinct, n) of one trajectory's answer list under ``rule`` (see the module docstring).
+
+    >>> repetition_counts(["", "", "5"]), repetition_counts([None, "5"]), repetition_counts("5")
+    ((1, 3), (1, 2), (0, 0))
+    >>> repetition_counts([None, "5", ""], "answers_given")
+    (2, 2)
+    """
+    if rule == "reference":
+        if not isinstance(answers, list | tuple):
+            return 0, 0
+        return len({a for a in answers if a is not None and a != ""}), len(answers)
+    if rule == "answers_given":
+        given = [a for a in (answers or []) if a is not None]
+        return len(set(given)), len(given)
+    raise ValueError(f"unknown repetition rule {rule!r}; expected 'reference' or 'answers_given'")
 
 
 def trajectory_return(
     turn_rewards: Sequence[float],
     format_penalty: float,
-    normalized_answers: Sequence[str | None],
+    normalized_answers: Sequence[str | None] | None,
     gamma: float,
     repetition_lambda: float,
+    rule: RepetitionRule = "reference",
 ) -> float:
     """Return R of one trajectory (DESIGN.md, "The method, as facts", item 3).
 
-    R = sum_t gamma^(t-1) r_t + format_penalty - lambda * (1 - distinct / answers_given), where
-    ``answers_given`` counts the non-None entries of ``normalized_answers`` and ``distinct`` the
-    distinct values among them (0 answers given -> no repetition penalty).
+    R = sum_t gamma^(t-1) r_t + format_penalty - lambda * (1 - distinct / n), with ``distinct`` and
+    ``n`` counted by :func:`repetition_counts` under ``rule``.
 
     >>> round(trajectory_return([0, 0, 1], -0.1, ["3", "3", "5"], 0.9, 0.5), 12)  # 0.81 - 0.1 - 0.5/3
     0.543333333333
+    >>> round(trajectory_return([0, 0, 1], -0.2, ["", "", "5"], 0.9, 0.5), 12)  # 0.81 - 0.2 - 0.5*2/3
+    0.276666666667
     """
     rewards = [float(r) for r in turn_rewards]
     for t, r in enumerate(rewards):
@@ -58,12 +91,8 @@ def trajectory_return(
     if not math.isfinite(format_penalty):
         raise ValueError(f"format_penalty is not finite: {format_penalty!r}")
     discounted = sum(gamma**t * r for t, r in enumerate(rewards))
-    given = [a for a in normalized_answers if a is not None]
-    return (
-        discounted
-        + float(format_penalty)
-        - repetition_penalty(len(set(given)), len(given), repetition_lambda)
-    )
+    n_distinct, n = repetition_counts(normalized_answers, rule)
+    return discounted + float(format_penalty) - repetition_penalty(n_distinct, n, repetition_lambda)
 
 
 def discounted_sums(turn_rewards: np.ndarray, gamma: float, lengths: np.ndarray | None = None) -> np.ndarray:
@@ -105,8 +134,10 @@ def answer_counts(codes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, n
     """(n_distinct, n_answered) per trajectory from integer answer codes.
 
     ``codes`` is the 1-D concatenation of every trajectory's answers encoded as integers (equal
-    answers -> equal codes, e.g. a dense rank of the normalised strings), with a negative code for a
-    missing (None) answer; ``lengths[i]`` is the number of answers of trajectory i.
+    answers -> equal codes, e.g. a dense rank of the normalised strings), with a negative code for an
+    entry that is no answer; ``lengths[i]`` is the number of entries of trajectory i. Rule
+    ``"answers_given"``: negative for None, n = n_answered. Rule ``"reference"``: negative for None
+    and "", n = lengths.
     """
     codes = np.asarray(codes, dtype=np.int64)
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -139,8 +170,9 @@ def returns_from_arrays(
     """Vectorised :func:`trajectory_return` (DESIGN item 3) for n trajectories, float64 ``[n]``.
 
     ``turn_rewards``: 2-D ``[n, max_turns]`` zero-padded, or 1-D concatenated with ``lengths`` (see
-    :func:`discounted_sums`). ``format_penalty``, ``n_distinct``, ``n_answered``: ``[n]``. Rows with
-    ``n_answered == 0`` get no repetition penalty. Non-finite rewards or penalties raise ValueError
+    :func:`discounted_sums`). ``format_penalty``, ``n_distinct``, ``n_answered``: ``[n]``, where
+    ``n_answered`` is the denominator ``n`` of the repetition term under the rule in use (see
+    :func:`repetition_counts`). Rows with ``n_answered == 0`` get no repetition penalty. Non-finite rewards or penalties raise ValueError
     naming the first offending trajectory.
     """
     rewards = np.asarray(turn_rewards, dtype=np.float64)

@@ -2,7 +2,9 @@
 
 Reads graded trajectories (reference-format JSONL or drift's trajectories parquet), computes DRIFT
 returns and weights, writes parquet with ``prompt_id, return, weight`` + the carried columns in input
-row order, and prints the weight diagnostics. Exit codes: 0 ok, 1 bad input data, 2 bad arguments.
+row order, and prints the weight diagnostics. Exit codes: 0 ok, 1 bad input data, 2 bad arguments or
+an input with no trajectories at all (empty, only blank lines, every row skipped: a wrong file?),
+in which case nothing is written.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def _fmt(value: object) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tasks.weights_io import run_weights_command  # polars only when the command runs
+    from tasks.weights_io import NoTrajectoriesError, run_weights_command  # polars only when run
 
     try:
         cfg = WeightsConfig(
@@ -68,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         report = run_weights_command(args.input, args.output, cfg, on_bad_rows=args.on_bad_rows)
+    except NoTrajectoriesError as e:
+        print(f"drift weights: error: {e}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as e:
         print(f"drift weights: error: {e}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from drift_core.returns import (
     answer_counts,
     discounted_sums,
+    repetition_counts,
     repetition_penalty,
     returns_from_arrays,
     trajectory_return,
@@ -33,14 +34,47 @@ def test_first_turn_correct_is_one():
 
 
 def test_no_answers_no_repetition_penalty():
-    # two unparseable turns: format penalty -0.2, 0 answers given -> no repetition term
-    assert trajectory_return([0, 0], -0.2, [None, None], 0.9, 0.5) == pytest.approx(-0.2)
+    # drift's trajectories: two unparseable turns: format penalty -0.2, 0 answers given -> no term
+    assert trajectory_return([0, 0], -0.2, [None, None], 0.9, 0.5, "answers_given") == pytest.approx(-0.2)
     assert repetition_penalty(0, 0, 0.5) == 0.0
 
 
-def test_none_answers_are_not_counted():
+def test_none_answers_are_not_counted_in_drift_trajectories():
     # answers None, "4", "4": 1 distinct of 2 given -> 0.5 * (1 - 1/2) = 0.25; r = [0, 0, 0]
-    assert trajectory_return([0, 0, 0], -0.1, [None, "4", "4"], 0.9, 0.5) == pytest.approx(-0.1 - 0.25)
+    got = trajectory_return([0, 0, 0], -0.1, [None, "4", "4"], 0.9, 0.5, "answers_given")
+    assert got == pytest.approx(-0.1 - 0.25)
+
+
+# The reference weight_sft.py rule: n = len(answer_norms), distinct = distinct non-empty entries.
+
+
+def test_reference_empty_strings_count_in_the_denominator_only():
+    # ["", "", "5"], turn 3 correct, penalty -0.2, gamma 0.9: 0.81 - 0.2 - 0.5 * (1 - 1/3)
+    # = 0.81 - 0.2 - 0.333333... = 0.276666...
+    got = trajectory_return([0, 0, 1], -0.2, ["", "", "5"], 0.9, 0.5)
+    assert got == pytest.approx(0.2766666666666667, rel=1e-12)
+
+
+def test_reference_nulls_count_in_the_denominator_only():
+    # [null, "5"], no turn correct, penalty -0.1: 0 - 0.1 - 0.5 * (1 - 1/2) = -0.35
+    assert trajectory_return([0, 0], -0.1, [None, "5"], 0.9, 0.5) == pytest.approx(-0.35, rel=1e-12)
+    # all entries empty or null: 0 distinct of 3 -> the whole lambda: 0 - 0.5 = -0.5
+    assert trajectory_return([0, 0, 0], 0.0, [None, "", None], 0.9, 0.5) == pytest.approx(-0.5)
+
+
+def test_reference_no_list_no_penalty():
+    # absent (None), not a list, or empty: no repetition term; r = 1 at turn 1
+    for answers in (None, "5", 5, {"a": 1}, []):
+        assert repetition_counts(answers) == (0, 0)
+        assert trajectory_return([1], 0.0, answers, 0.9, 0.5) == 1.0
+
+
+def test_repetition_rules_differ_only_on_missing_and_empty_entries():
+    assert repetition_counts(["3", "3", "5"]) == repetition_counts(["3", "3", "5"], "answers_given") == (2, 3)
+    assert repetition_counts([None, "", "x"]) == (1, 3)
+    assert repetition_counts([None, "", "x"], "answers_given") == (2, 2)
+    with pytest.raises(ValueError, match="unknown repetition rule"):
+        repetition_counts([], "other")  # type: ignore[arg-type]
 
 
 def test_gamma_one_and_lambda_zero():
@@ -93,7 +127,7 @@ trajectories = st.lists(
 @settings(max_examples=60, deadline=None)
 @given(trajs=trajectories, gamma=st.floats(0.05, 1.0), lam=st.floats(0.0, 2.0))
 def test_vectorised_equals_scalar(trajs, gamma, lam):
-    expected = [trajectory_return(r, p, a, gamma, lam) for r, p, a in trajs]
+    expected = [trajectory_return(r, p, a, gamma, lam, "answers_given") for r, p, a in trajs]
     lengths = np.array([len(r) for r, _, _ in trajs])
     flat = np.concatenate([r for r, _, _ in trajs])
     penalty = np.array([p for _, p, _ in trajs])
@@ -111,3 +145,20 @@ def test_vectorised_equals_scalar(trajs, gamma, lam):
         rtol=1e-12,
         atol=1e-12,
     )
+
+
+@settings(max_examples=40, deadline=None)
+@given(trajs=trajectories, gamma=st.floats(0.05, 1.0), lam=st.floats(0.0, 2.0))
+def test_vectorised_equals_scalar_reference_rule(trajs, gamma, lam):
+    # the reference rule through answer_counts: None and "" get negative codes, n = list length
+    trajs = [(r, p, [("" if x == "x" else x) for x in a]) for r, p, a in trajs]
+    expected = [trajectory_return(r, p, a, gamma, lam) for r, p, a in trajs]
+    lengths = np.array([len(r) for r, _, _ in trajs])
+    flat = np.concatenate([r for r, _, _ in trajs])
+    penalty = np.array([p for _, p, _ in trajs])
+    vocab = {"1": 0, "2": 1, "3": 2}
+    codes = np.array([vocab.get(x, -1) for _, _, a in trajs for x in a], dtype=np.int64)
+    n_entries = np.array([len(a) for _, _, a in trajs])
+    n_distinct, _ = answer_counts(codes, n_entries)
+    got = returns_from_arrays(flat, penalty, n_distinct, n_entries, gamma, lam, lengths=lengths)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,8 @@ import pytest
 from drift_core.returns import trajectory_return
 from drift_core.schemas import WeightsConfig
 from flows import cli_weights
-from tasks import weights_io
 from tasks.weights_io import (
+    NoTrajectoriesError,
     compute_weight_table,
     load_weight_inputs,
     read_weight_inputs,
@@ -29,11 +30,13 @@ from tasks.weights_io import (
 
 
 def reference_return(rec: dict, gamma: float, lam: float) -> float:
-    rewards = [rec["turn_rewards"][f"t{t}"] for t in range(1, len(rec["turn_rewards"]) + 1)]
-    r = sum(gamma ** (t - 1) * x for t, x in enumerate(rewards, start=1))
-    given = [a for a in rec["answer_norms"] if a is not None]
-    rep = lam * (1 - len(set(given)) / len(given)) if given else 0.0
-    return r + rec["format_penalty"] - rep
+    """The return as the paper's weight_sft.py computes it (DESIGN item 3), written plainly."""
+    r = sum(gamma ** (int(k[1:]) - 1) * v for k, v in rec["turn_rewards"].items() if re.fullmatch(r"t\d+", k))
+    r += rec.get("format_penalty", rec.get("trajectory_penalty", 0.0))
+    norms = rec.get("answer_norms")
+    if isinstance(norms, list) and norms:
+        r -= lam * (1 - len({a for a in norms if a}) / len(norms))
+    return r
 
 
 def reference_group_weights(ids: list, returns: list[float], beta: float) -> list[float]:
@@ -62,7 +65,7 @@ def make_records(n_prompts: int = 40, k: int = 8, max_turns: int = 5, seed: int 
             n_turns = rnd.randint(1, max_turns)
             solved = rnd.random() < 0.5
             rewards = {f"t{t}": (1 if (solved and t == n_turns) else 0) for t in range(1, n_turns + 1)}
-            answers = [rnd.choice([None, "1", "2", "3", "\\frac{1}{2}"]) for _ in range(n_turns)]
+            answers = [rnd.choice([None, "", "1", "2", "3", "\\frac{1}{2}"]) for _ in range(n_turns)]
             recs.append(
                 {
                     "prompt_id": f"q{p:03d}-{rnd.randint(0, 10**6)}" if p % 7 == 0 else f"q{p:03d}",
@@ -113,17 +116,24 @@ def test_reference_equality(tmp_path, gamma, beta, lam):
     assert report.n_groups == 40 and report.n_skipped_rows == 0
 
 
-def test_fast_and_line_by_line_jsonl_paths_agree(tmp_path):
+def test_rows_polars_cannot_read_are_set_aside_and_the_rest_read_the_same(tmp_path):
     recs = make_records(n_prompts=10, k=4, seed=3)
-    recs[0]["prompt_id"] = 12345  # integer prompt ids become strings on both paths
+    recs[0]["prompt_id"] = 12345  # integer prompt ids become strings
     recs[0]["turn_rewards"] = {"t1": 0.0, "t2": 0.25}
-    inp = write_jsonl(tmp_path / "t.jsonl", recs, raw_lines={5: ""})  # a blank line is not a row
-    fast = weights_io._read_jsonl_fast(inp)
-    assert fast is not None
-    slow = weights_io._read_jsonl_python(inp, "error", weights_io.BadRowsReport())
-    assert fast.columns == slow.columns
-    assert fast.to_dicts() == slow.to_dicts()
-    assert fast["prompt_id"][0] == "12345"
+    clean = load_weight_inputs(write_jsonl(tmp_path / "t.jsonl", recs, raw_lines={5: ""}))  # blank: no row
+    # a malformed line and a NaN make polars reject the whole file: those rows are found and
+    # skipped, and polars reads the rest into the same frame
+    broken = write_jsonl(
+        tmp_path / "b.jsonl", recs, raw_lines={3: '{"prompt_id": "x", "turn_rewards": {"t1": NaN}}', 7: "{"}
+    )
+    df, report = read_weight_inputs(broken, on_bad_rows="skip")
+    assert report.n_skipped == 2 and [m.split(": ")[1] for m in report.examples] == [
+        "line 4 (row 4)",
+        "line 8 (row 8)",
+    ]
+    assert df.columns == clean.columns and df.to_dicts() == clean.to_dicts()
+    assert clean["prompt_id"][0] == "12345"
+    assert clean.schema["answer_norms"] == pl.List(pl.String)
 
 
 def test_drift_parquet_input(tmp_path):
@@ -143,7 +153,7 @@ def test_drift_parquet_input(tmp_path):
     run_weights_command(inp, out, cfg)
     df = pl.read_parquet(out)
     want = [
-        trajectory_return([float(c) for c in tc], fp, a, 0.9, 0.5)
+        trajectory_return([float(c) for c in tc], fp, a, 0.9, 0.5, "answers_given")
         for tc, fp, a in zip(
             rows["turn_correct"], rows["format_penalty"], rows["normalized_answers"], strict=True
         )
@@ -236,17 +246,25 @@ def test_missing_field_names_field_row_and_fields_found(tmp_path):
             "without gaps",
         ),
         (
-            '{"prompt_id": "p", "turn_rewards": {"turn1": 0}, "answer_norms": [], "format_penalty": 0}',
-            "not of the form",
+            '{"prompt_id": "p", "turn_rewards": {"t0": 0, "t1": 1}, "answer_norms": [], "format_penalty": 0}',
+            "'t0' is not of the form",
         ),
+        (
+            '{"prompt_id": "p", "turn_rewards": {"t01": 0}, "answer_norms": [], "format_penalty": 0}',
+            "'t01' is not of the form",
+        ),
+        ('{"prompt_id": "p", "turn_rewards": {"turn1": 0}, "answer_norms": []}', "non-empty object of turn"),
         ('{"prompt_id": "p", "turn_rewards": {}, "answer_norms": [], "format_penalty": 0}', "non-empty"),
+        ('{"prompt_id": "p", "turn_rewards": {"t1": true}}', "not a number"),
+        (
+            '{"prompt_id": "p", "turn_rewards": {"t1": 1}, "trajectory_penalty": 0.1}',
+            "trajectory_penalty must",
+        ),
+        ('{"prompt_id": "p", "turn_rewards": {"t1": 1}, "format_penalty": "0"}', "format_penalty must"),
+        ('{"prompt_id": "p", "answer_norms": []}', "missing required field 'turn_rewards'"),
         (
             '{"prompt_id": "p", "turn_rewards": [0, 1], "answer_norms": [], "format_penalty": 0}',
             "non-empty object",
-        ),
-        (
-            '{"prompt_id": "p", "turn_rewards": {"t1": 1}, "answer_norms": "1", "format_penalty": 0}',
-            "answer_norms",
         ),
         (
             '{"prompt_id": "p", "turn_rewards": {"t1": 1}, "answer_norms": [], "format_penalty": 0.5}',
@@ -290,11 +308,64 @@ def test_skip_counts_and_run_reports(tmp_path):
     ]
 
 
-def test_all_rows_bad_gives_empty_output(tmp_path):
-    inp = write_jsonl(tmp_path / "e.jsonl", [], raw_lines={0: "{"})
-    report = run_weights_command(inp, tmp_path / "o.parquet", WeightsConfig(), on_bad_rows="skip")
-    assert report.n_trajectories == 0 and report.n_skipped_rows == 1
-    assert pl.read_parquet(tmp_path / "o.parquet").columns[-2:] == ["return", "weight"]
+@pytest.mark.parametrize(
+    ("text", "msg"),
+    [
+        ("", "no trajectories: the file is empty"),
+        ("\n  \n\t\n", "no trajectories: the file has only blank lines"),
+        ('{\n{"prompt_id": "p"}\n', "no trajectories: all 2 rows were bad and skipped"),
+    ],
+)
+def test_no_trajectories_is_an_error_and_writes_nothing(tmp_path, capsys, text, msg):
+    inp = tmp_path / "e.jsonl"
+    inp.write_text(text)
+    out = tmp_path / "o.parquet"
+    with pytest.raises(NoTrajectoriesError, match=msg):
+        run_weights_command(inp, out, WeightsConfig(), on_bad_rows="skip")
+    parser = argparse.ArgumentParser(prog="drift")
+    cli_weights.add_weights_parser(parser.add_subparsers())
+    args = parser.parse_args(["weights", str(inp), "--on-bad-rows", "skip", "-o", str(out)])
+    assert args.func(args) == 2
+    assert msg in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["e.jsonl"]  # no output, no temp file
+
+
+def test_parquet_without_rows_is_an_error(tmp_path):
+    schema = {
+        "prompt_id": pl.String,
+        "turn_correct": pl.List(pl.Boolean),
+        "normalized_answers": pl.List(pl.String),
+        "format_penalty": pl.Float64,
+    }
+    inp, out = tmp_path / "t.parquet", tmp_path / "o.parquet"
+    pl.DataFrame(
+        {"prompt_id": ["a"], "turn_correct": [[]], "normalized_answers": [[]], "format_penalty": [0.0]},
+        schema=schema,
+    ).write_parquet(inp)
+    with pytest.raises(NoTrajectoriesError, match="all 1 rows were bad and skipped"):
+        run_weights_command(inp, out, WeightsConfig(), on_bad_rows="skip")
+    pl.DataFrame(schema=schema).write_parquet(inp)
+    with pytest.raises(NoTrajectoriesError, match="0 rows"):
+        run_weights_command(inp, out, WeightsConfig())
+    assert not out.exists()
+
+
+def test_answer_entries_that_are_not_strings_are_read_as_their_json_text(tmp_path):
+    # drift reads [5, "5"] as ["5", "5"] (polars' reader): 1 distinct of 2 -> 0.25; R = 1 - 0.25.
+    # (weight_sft.py would count 2 distinct; docs/reliability.md lists the difference.)
+    lines = ['{"prompt_id": "a", "turn_rewards": {"t1": 1}, "answer_norms": [5, "5"]}']
+    _close(_returns_of(tmp_path, lines), [0.75])
+    lines = ['{"prompt_id": "a", "turn_rewards": {"t1": 1}, "answer_norms": [true, true, 1.5]}']
+    _close(_returns_of(tmp_path, lines), [1 - 0.5 * (1 - 2 / 3)])
+    lines = ['{"prompt_id": "a", "turn_rewards": {"t1": 1}, "answer_norms": [[1], [1], null]}']
+    _close(_returns_of(tmp_path, lines), [1 - 0.5 * (1 - 1 / 3)])
+
+
+def test_a_field_polars_cannot_unify_is_a_file_level_error(tmp_path):
+    # each record is fine, but "meta" is an object in one row and a number in the other
+    inp = write_jsonl(tmp_path / "u.jsonl", [GOOD | {"meta": {"a": 1}}, GOOD | {"meta": 3}])
+    with pytest.raises(ValueError, match=r"u\.jsonl: polars cannot read the records as one table"):
+        load_weight_inputs(inp, on_bad_rows="skip")
 
 
 def test_parquet_bad_input(tmp_path):
@@ -355,3 +426,96 @@ def test_compute_weight_table_keeps_order_and_columns():
     np.testing.assert_allclose(out["weight"].to_numpy(), [2 * math.exp(0.9) / s, 1.0, 2 * math.exp(-0.1) / s])
     assert out.columns == [*df.columns, "return", "weight"]
     assert diag.n_groups == 2
+
+
+# --- equal to weight_sft.py on the edge cases, by hand -----------------------------------------
+
+
+def _returns_of(tmp_path: Path, lines: list[str], **cfg) -> list[float]:
+    inp = tmp_path / "edge.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    run_weights_command(inp, tmp_path / "edge.parquet", WeightsConfig(**cfg))
+    return pl.read_parquet(tmp_path / "edge.parquet")["return"].to_list()
+
+
+def _close(got: list[float], want: list[float]) -> None:
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_reference_edge_cases_by_hand(tmp_path):
+    lines = [
+        # turn 3 correct: 0.9^2 = 0.81; penalty -0.2; ["", "", "5"]: 1 distinct non-empty of 3
+        # -> 0.5 * (1 - 1/3) = 1/3; R = 0.81 - 0.2 - 1/3 = 0.276666...
+        '{"prompt_id": "a", "turn_rewards": {"t1": 0, "t2": 0, "t3": 1}, "answer_norms": ["", "", "5"],'
+        ' "format_penalty": -0.2}',
+        # no turn correct; penalty -0.1; [null, "5"]: 1 of 2 -> 0.25; R = -0.35
+        '{"prompt_id": "b", "turn_rewards": {"t1": 0, "t2": 0}, "answer_norms": [null, "5"], "format_penalty": -0.1}',
+        # no answer_norms: no repetition penalty; turn 2 correct: R = 0.9 - 0.1 = 0.8
+        '{"prompt_id": "c", "turn_rewards": {"t1": 0, "t2": 1}, "format_penalty": -0.1}',
+        # answer_norms not a list (a string, an object, a number, null): no repetition penalty: R = 1
+        '{"prompt_id": "d", "turn_rewards": {"t1": 1}, "answer_norms": "5", "format_penalty": 0}',
+        '{"prompt_id": "d", "turn_rewards": {"t1": 1}, "answer_norms": {"a": "5"}, "format_penalty": 0}',
+        '{"prompt_id": "d", "turn_rewards": {"t1": 1}, "answer_norms": 5, "format_penalty": 0}',
+        '{"prompt_id": "d", "turn_rewards": {"t1": 1}, "answer_norms": null, "format_penalty": 0}',
+        # format_penalty absent: trajectory_penalty -0.3; ["4", "4"]: 1 of 2 -> 0.25; R = 0 - 0.3 - 0.25
+        '{"prompt_id": "e", "turn_rewards": {"t1": 0, "t2": 0}, "answer_norms": ["4", "4"], "trajectory_penalty": -0.3}',
+        # both absent: 0; turn 1 correct: R = 1
+        '{"prompt_id": "e", "turn_rewards": {"t1": 1}, "answer_norms": ["4"]}',
+        # format_penalty present wins over trajectory_penalty: R = 1 - 0.1
+        '{"prompt_id": "e", "turn_rewards": {"t1": 1}, "format_penalty": -0.1, "trajectory_penalty": -0.7}',
+        # format_penalty null counts as absent: trajectory_penalty -0.7: R = 1 - 0.7
+        '{"prompt_id": "e", "turn_rewards": {"t1": 1}, "format_penalty": null, "trajectory_penalty": -0.7}',
+        # reward keys that are not t<digits> are ignored: R = 0.9 (t2), not 0.9 + 5 + 7
+        '{"prompt_id": "f", "turn_rewards": {"t1": 0, "t2": 1, "total": 5, "turn3": 7, "t2b": 1}, "answer_norms": []}',
+        # an empty list: no penalty; all entries empty or null: 0 distinct of 3 -> the whole 0.5
+        '{"prompt_id": "g", "turn_rewards": {"t1": 0, "t2": 0, "t3": 0}, "answer_norms": [null, "", null]}',
+    ]
+    want = [
+        0.81 - 0.2 - 0.5 * (1 - 1 / 3),
+        -0.1 - 0.25,
+        0.9 - 0.1,
+        1.0,
+        1.0,
+        1.0,
+        1.0,
+        -0.3 - 0.25,
+        1.0,
+        0.9,
+        0.3,
+        0.9,
+        -0.5,
+    ]
+    got = _returns_of(tmp_path, lines)
+    _close(got, want)
+    assert round(got[0], 4) == 0.2767 and round(got[1], 4) == -0.35  # the figures in issue 13
+    # the script itself on every record it accepts (a null format_penalty makes it fail)
+    recs = [json.loads(line) for line in lines]
+    accepted = [i for i, r in enumerate(recs) if r.get("format_penalty", 0) is not None]
+    _close([got[i] for i in accepted], [reference_return(recs[i], 0.9, 0.5) for i in accepted])
+    out = pl.read_parquet(tmp_path / "edge.parquet")
+    # the answer list keeps its reference name; a value that is no list is null there
+    assert out["answer_norms"].to_list()[:4] == [["", "", "5"], [None, "5"], None, None]
+    assert out["solved"].to_list()[:3] == [True, False, True]
+    # weights of group "e" (4 rows): exp(R/beta) / mean, by hand from the returns above
+    e = np.array(want[7:11])
+    w = np.exp(e / 0.1) / np.exp(e / 0.1).mean()
+    _close(out["weight"].to_list()[7:11], w.tolist())
+
+
+def test_answer_norms_mixing_lists_and_other_values_in_one_file(tmp_path):
+    # polars reads such a column as text; lists are recovered, the rest is "not a list"
+    lines = [
+        '{"prompt_id": "a", "turn_rewards": {"t1": 0, "t2": 1}, "answer_norms": ["3", "3"]}',
+        '{"prompt_id": "a", "turn_rewards": {"t1": 1}, "answer_norms": "3"}',
+        '{"prompt_id": "a", "turn_rewards": {"t1": 0, "t2": 0}, "answer_norms": [null, ""]}',
+    ]
+    # 0.9 - 0.5 * (1 - 1/2) = 0.65; 1 (no list); 0 - 0.5 * (1 - 0/2) = -0.5
+    _close(_returns_of(tmp_path, lines), [0.65, 1.0, -0.5])
+
+
+def test_gamma_and_lambda_reach_the_reference_rule(tmp_path):
+    line = (
+        '{"prompt_id": "a", "turn_rewards": {"t1": 0, "t2": 0, "t3": 1}, "answer_norms": ["", "x", "x", "y"]}'
+    )
+    # gamma 0.5: 0.25; lambda 2: 2 distinct non-empty of 4 -> 2 * (1 - 2/4) = 1; R = -0.75
+    _close(_returns_of(tmp_path, [line], gamma=0.5, repetition_lambda=2.0), [-0.75])
