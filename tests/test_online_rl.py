@@ -45,6 +45,7 @@ def _config(tmp_path: Path, *extra: str):
             f"run.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
             f"online.output_dir={tmp_path}/online",
             "data.arith.n=2",
+            "verifier.workers=1",
             "online.prompts_per_step=2",
             "online.num_generations=2",
             "online.micro_batch_size=2",
