@@ -357,12 +357,15 @@ class ProtocolRollout:
                 )
 
     def _return(self, ep: Episode) -> float:
+        """The return the weights stage gives drift's own trajectories (repetition over the
+        answers given: one entry per turn, None where nothing could be parsed)."""
         return trajectory_return(
             [1.0 if t.correct else 0.0 for t in ep.turns],
             sum(t.format_penalty for t in ep.turns),
             [t.normalized_answer for t in ep.turns],
             self.weights.gamma,
             self.weights.repetition_lambda,
+            rule="answers_given",
         )
 
     def _log(

@@ -14,14 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import polars as pl
 import pytest
 
-pytest.importorskip("trl")
-
-from drift_core.protocol import grade_turn  # noqa: E402
-from drift_core.returns import trajectory_return  # noqa: E402
-from drift_core.verify import make_verifier  # noqa: E402
-from flows.config import load_config  # noqa: E402
+from drift_core.protocol import Episode, grade_turn
+from drift_core.verify import make_verifier
+from flows.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,27 +106,26 @@ def _check_tokens(rec: dict, tokenizer, cfg) -> bool:
     return True
 
 
-def _independent_returns(rows: list[dict], golds: dict[str, str], cfg) -> list[float]:
+def _independent_returns(rows: list[dict], golds: dict[str, str], cfg, tmp: Path) -> list[float]:
+    """Re-grade every stored assistant message against the dataset's gold and compute the returns
+    the way the DRIFT pipeline does: a trajectories parquet through the weights stage's reader."""
+    from tasks.rollout import records_to_frame
+    from tasks.weights_io import weigh_parquet
+
     verifier = make_verifier(cfg.verifier)
-    out = []
+    episodes = []
     for rec in rows:
-        turns = [
-            grade_turn(m["content"], golds[rec["prompt_id"]], cfg.protocol, verifier)
-            for m in rec["messages"]
-            if m["role"] == "assistant"
-        ]
-        solved_at = next((t for t, r in enumerate(turns) if r.correct), None)
-        assert len(turns) == (solved_at + 1 if solved_at is not None else cfg.protocol.max_turns)
-        out.append(
-            trajectory_return(
-                [float(r.correct) for r in turns],
-                sum(r.format_penalty for r in turns),
-                [r.normalized_answer for r in turns],
-                cfg.weights.gamma,
-                cfg.weights.repetition_lambda,
+        episode = Episode.start(rec["prompt_id"], 0, "-", golds[rec["prompt_id"]], cfg.protocol)
+        for message in (m for m in rec["messages"] if m["role"] == "assistant"):
+            assert episode.is_open(), "a turn after the episode should have stopped"
+            episode.add_turn(
+                message["content"], grade_turn(message["content"], episode.gold, cfg.protocol, verifier)
             )
-        )
-    return out
+        assert not episode.is_open(), "the episode stopped before it was solved or out of turns"
+        episodes.append(episode.to_record(gen_seconds=0.0))
+    records_to_frame(episodes).write_parquet(tmp / "graded.parquet")
+    weigh_parquet(tmp / "graded.parquet", tmp / "weighted.parquet", cfg.weights)
+    return pl.read_parquet(tmp / "weighted.parquet")["return"].to_list()
 
 
 def test_online_grpo_smoke(tmp_path):
@@ -173,7 +170,7 @@ def test_online_grpo_smoke(tmp_path):
         m.step: m.value for m in client.get_metric_history(run.info.run_id, "rewards/drift_return/mean")
     }
     for step, rows in steps.items():
-        expected = _independent_returns(rows, golds, cfg)
+        expected = _independent_returns(rows, golds, cfg, tmp_path)
         assert [r["drift_return"] for r in rows] == pytest.approx(expected, abs=1e-9)
         assert logged[step] == pytest.approx(sum(expected) / len(expected), abs=1e-5)
 
