@@ -15,6 +15,7 @@ from __future__ import annotations
 from prefect import flow, task
 
 from drift_core.schemas import ModelConfig, TrainConfig
+from tasks.caching import served_from_store
 from tasks.store import ArtifactStore, Manifest
 from tasks.train import train
 
@@ -33,15 +34,16 @@ def train_flow(
 ) -> dict:
     """Weighted SFT on the worker that picks this run up. ``num_processes`` defaults to
     ``train.num_processes``, else one process per visible GPU (one on a CPU worker)."""
-    manifest = train(
+    state = train(
         weighted=weighted,
         model_cfg=model_cfg,
         cfg=cfg,
         store_root=store_root,
         key=key,
         num_processes=num_processes,
+        return_state=True,
     )
-    return manifest.model_dump(mode="json")
+    return state.result().model_dump(mode="json")
 
 
 @task(name="train", task_run_name="train-on-{work_pool}")
@@ -58,9 +60,8 @@ def train_on_pool(
     from prefect.exceptions import ObjectNotFound
 
     store = ArtifactStore(store_root)
-    found = store.find("train", key)
-    if found is not None:
-        return found
+    if (hit := served_from_store(store, "train", key)) is not None:
+        return hit
     deployment = f"drift-train/{work_pool}"
     parameters = {
         "weighted": weighted.model_dump(mode="json"),

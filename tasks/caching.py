@@ -5,8 +5,12 @@ upstream artifacts by their content hash, models by fingerprint, and only the co
 that change the stage's output. Settings that change speed but not results (batch sizes, worker
 counts, pool names) are left out, so tuning them never invalidates rollouts.
 
-The same key names the Prefect cache entry (task state ``Cached``) and the artifact directory in
-the store, so a cache hit can always be checked against the artifact's content hash.
+The same key names the Prefect cache entry and the artifact directory in the store. The store is
+the one record of "this stage is done" (docs/architecture.md, "Caching"): every stage task first asks
+the store and, on a verified hit, returns :func:`served_from_store` - Prefect state ``Cached`` -
+whether or not Prefect's own record was written (a SIGKILL between the two writes leaves only the
+store's). A Prefect record whose artifact is missing or corrupt is recomputed by
+``flows.stages.StageRunner``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,11 @@ import hashlib
 import json
 from typing import Any
 
+from prefect.context import TaskRunContext
+from prefect.states import Completed, State
 from pydantic import BaseModel
+
+from tasks.store import ArtifactStore, Manifest
 
 # Bump when a stage's output format or semantics change: old cache entries stop matching.
 SCHEMA_VERSION = "1"
@@ -39,3 +47,20 @@ def stage_key(stage: str, **inputs: Any) -> str:
 def key_from_parameters(context, parameters: dict[str, Any]) -> str:
     """Prefect ``cache_key_fn``: tasks take an explicit ``key`` parameter computed by the flow."""
     return f"{context.task.name}-{parameters['key']}"
+
+
+def served_from_store(store: ArtifactStore, stage: str, key: str) -> State | Manifest | None:
+    """The store's verified artifact for (stage, key) as a task's return value, or None when the
+    stage has to run.
+
+    Inside a Prefect task run the hit is a ``Cached`` state (type COMPLETED) holding the manifest,
+    so the UI, ``state.name`` and the flow report a cache hit however the store was filled; Prefect
+    then writes its own record under the same key. Called directly (``task.fn(...)``) it is the
+    manifest itself.
+    """
+    found = store.find(stage, key)
+    if found is None:
+        return None
+    if TaskRunContext.get() is None:
+        return found
+    return Completed(name="Cached", data=found, message=f"verified artifact {found.uri} in the store")

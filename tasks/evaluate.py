@@ -15,6 +15,7 @@ from prefect import task
 
 from drift_core.metrics import eval_metrics
 from drift_core.schemas import SamplingConfig
+from tasks.caching import served_from_store
 from tasks.plots import plot_multi_at
 from tasks.store import ArtifactStore, Manifest
 
@@ -26,15 +27,14 @@ def greedy(max_new_tokens: int) -> SamplingConfig:
 @task(name="summarize-eval")
 def summarize_eval(shards: list[Manifest], label: str, max_turns: int, store_root: str, key: str) -> Manifest:
     store = ArtifactStore(store_root)
-    found = store.find("evaluate", key)
-    if found is not None:
-        return found
+    if (hit := served_from_store(store, "evaluate", key)) is not None:
+        return hit
     df = pl.concat([store.read_parquet(m) for m in shards], how="vertical")
     metrics = eval_metrics(df["turn_correct"].to_list(), df["normalized_answers"].to_list(), max_turns)
     meta = {"label": label, **metrics.model_dump()}
-    manifest = store.write_parquet(df, "evaluate", key, meta=meta)
     store.write_json(meta, "evaluate", key, "metrics.json")
     with tempfile.TemporaryDirectory() as tmp:
         png = plot_multi_at({label: metrics.multi_at}, Path(tmp) / "multi_at.png")
         store.write_bytes(png.read_bytes(), "evaluate", key, "multi_at.png")
-    return manifest
+    # the manifest last: it is the store's record that the stage is done (tasks.caching)
+    return store.write_parquet(df, "evaluate", key, meta=meta)

@@ -82,6 +82,7 @@ from pydantic import BaseModel, Field
 from drift_core.choices import gold_index, render_choices
 from drift_core.schemas import ArithConfig, DataConfig
 from drift_core.verify import GoldStyle, extract_gold
+from tasks.caching import served_from_store
 from tasks.store import ArtifactStore, Manifest
 
 log = logging.getLogger(__name__)
@@ -710,9 +711,8 @@ def ingest(
     ``context``: the config key of ``cfg`` (``eval.data``, ...), named in error messages."""
     store = ArtifactStore(store_root)
     key = key or ingest_key(cfg, base_dir)
-    found = store.find("ingest", key)
-    if found is not None:
-        return found
+    if (hit := served_from_store(store, "ingest", key)) is not None:
+        return hit
     df, report = load_problems(cfg, Path(base_dir) if base_dir is not None else None, context)
     meta = {
         "rows_read": report.rows_read,

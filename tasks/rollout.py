@@ -27,6 +27,7 @@ from drift_core.schemas import (
     TrajectoryRecord,
     VerifierConfig,
 )
+from tasks.caching import served_from_store
 from tasks.engines import Engine, SamplingParams, get_engine
 from tasks.grade import Grader, get_grader
 from tasks.store import ArtifactStore, Manifest
@@ -155,9 +156,8 @@ def rollout_shard(
 ) -> Manifest:
     """Roll out prompts [start, stop) of the problem table; one cached artifact per shard."""
     store = ArtifactStore(store_root)
-    found = store.find(stage, key)
-    if found is not None:
-        return found
+    if (hit := served_from_store(store, stage, key)) is not None:
+        return hit
     table = store.read_parquet(problems).slice(start, stop - start)
     rows = table.select("prompt_id", "question", "gold").to_dicts()
     engine = get_engine(model_path, model_cfg, engine_cfg)
@@ -203,9 +203,8 @@ def collect_rollouts(
     every prompt has exactly K distinct trajectories. ``reference_fingerprint`` (the model that
     rolled out) goes into the manifest's meta, so a run re-using a bare manifest can tell."""
     store = ArtifactStore(store_root)
-    found = store.find(stage, key)
-    if found is not None:
-        return found
+    if (hit := served_from_store(store, stage, key)) is not None:
+        return hit
     df = (
         pl.concat([store.read_parquet(m) for m in shards], how="vertical")
         if shards

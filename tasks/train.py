@@ -28,6 +28,7 @@ from pathlib import Path
 from prefect import task
 
 from drift_core.schemas import ModelConfig, TrainConfig
+from tasks.caching import served_from_store
 from tasks.models import resolve_model
 from tasks.store import ArtifactStore, Manifest
 from tasks.trainer import TrainResult, train_weighted_sft
@@ -154,9 +155,8 @@ def train(
     ``train`` artifact. In-process for one process, a launcher for several or for FSDP/DeepSpeed."""
     logger = _logger()
     store = ArtifactStore(store_root)
-    found = store.find("train", key)
-    if found is not None:
-        return found
+    if (hit := served_from_store(store, "train", key)) is not None:
+        return hit
     processes = resolve_num_processes(cfg, num_processes)
     model_path = resolve_model(model_cfg)
     checkpoint_dir = checkpoint_dir_for(store, key)

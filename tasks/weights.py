@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import task
 
 from drift_core.schemas import WeightsConfig
+from tasks.caching import served_from_store
 from tasks.store import ArtifactStore, Manifest
 from tasks.weights_io import weigh_parquet
 
@@ -13,9 +14,8 @@ from tasks.weights_io import weigh_parquet
 def compute_weights(rollouts: Manifest, cfg: WeightsConfig, store_root: str, key: str) -> Manifest:
     """Add ``return`` and ``weight`` to the trajectories; diagnostics go into the manifest meta."""
     store = ArtifactStore(store_root)
-    found = store.find("weights", key)
-    if found is not None:
-        return found
+    if (hit := served_from_store(store, "weights", key)) is not None:
+        return hit
     if not store.verify(rollouts):
         raise RuntimeError(f"rollout artifact {rollouts.uri} is missing or corrupt")
 
@@ -23,13 +23,12 @@ def compute_weights(rollouts: Manifest, cfg: WeightsConfig, store_root: str, key
         # streamed in record batches: memory holds a few numbers per trajectory, never the text
         streamed = weigh_parquet(store.local_path(rollouts), tmp, cfg)
         meta = streamed.diagnostics.model_dump()
+        # before the manifest, which is the store's record that the stage is done (tasks.caching)
+        store.write_json(meta, "weights", key, "diagnostics.json")
         meta["histogram"] = _histogram(streamed.weights)
         return streamed.rows, meta
 
-    manifest = store.write_file("weights", key, write)
-    diagnostics = {k: v for k, v in manifest.meta.items() if k != "histogram"}
-    store.write_json(diagnostics, "weights", key, "diagnostics.json")
-    return manifest
+    return store.write_file("weights", key, write)
 
 
 def _histogram(weights: list[float], bins: int = 20) -> dict[str, list[float]]:
