@@ -53,16 +53,16 @@ def is_numeric(dtype: pl.DataType) -> bool:
 
 
 def read_reference_jsonl(path: Path, on_bad_rows: OnBadRows, report: BadRowsReport) -> pl.DataFrame:
-    """The one JSONL path: polars reads, vectorised checks, one vectorised normaliser."""
-    lines = _nonblank_lines(path)  # row r (1-based) of the file is lines[r - 1]
-    if not lines:
-        return _empty_normalised()
-    rows = np.arange(len(lines))
-    raw, why = _polars_table(path, lines)
+    """The one JSONL path: polars reads, vectorised checks, one vectorised normaliser. The file's
+    lines are split in Python only when a row has to be named or polars cannot read the file."""
+    raw, _ = _polars_table(path)
+    lines: list[tuple[int, bytes]] | None = None  # row r (1-based) of the file is lines[r - 1]
+    rows: np.ndarray | None = None  # the file row (0-based) of each row of ``raw``
     if raw is None:  # find the rows polars cannot take, report them, read the rest
+        lines = _nonblank_lines(path)
         rejected = [i for i, (_, line) in enumerate(lines) if _line_problem(line) is not None]
         _report_bad(path, lines, rejected, [], on_bad_rows, report)
-        rows = np.setdiff1d(rows, rejected)
+        rows = np.setdiff1d(np.arange(len(lines)), rejected)
         if rows.size == 0:
             return _empty_normalised()
         raw, why = _polars_table(path, [lines[i] for i in rows])
@@ -71,20 +71,27 @@ def read_reference_jsonl(path: Path, on_bad_rows: OnBadRows, report: BadRowsRepo
                 f"{path}: polars cannot read the records as one table ({why}), though each row "
                 "passes the checks: a field probably holds different JSON types in different rows"
             )
-    checks = _row_checks(raw.schema)
-    if checks:
-        flags = raw.select([c.fill_null(False).alias(f"bad{i}") for i, (c, _) in enumerate(checks)])
-        mask = np.zeros(raw.height, dtype=bool)
-        for name in flags.columns:
-            mask |= flags[name].to_numpy()
-        if mask.any():
-            bad = np.flatnonzero(mask)
-            fallback = [  # only for the rows whose message is shown
-                "; ".join(msg for i, (_, msg) in enumerate(checks) if flags[f"bad{i}"][int(b)])
-                for b in bad[:MAX_EXAMPLES]
-            ]
-            _report_bad(path, lines, rows[bad].tolist(), fallback, on_bad_rows, report)
-            raw = raw.filter(pl.Series(~mask))
+    flags = raw.select(
+        [c.fill_null(False).alias(f"bad{i}") for i, (c, _) in enumerate(_row_checks(raw.schema))]
+    )
+    mask = np.zeros(raw.height, dtype=bool)
+    for name in flags.columns:
+        mask |= flags[name].to_numpy()
+    if mask.any():
+        if lines is None:
+            lines = _nonblank_lines(path)
+            if len(lines) != raw.height:  # polars and Python disagree on what a line is
+                raise ValueError(f"{path}: {len(lines)} non-blank lines but polars read {raw.height} rows")
+            rows = np.arange(len(lines))
+        assert rows is not None
+        bad = np.flatnonzero(mask)
+        checks = _row_checks(raw.schema)
+        fallback = [  # only for the rows whose message is shown
+            "; ".join(msg for i, (_, msg) in enumerate(checks) if flags[f"bad{i}"][int(b)])
+            for b in bad[:MAX_EXAMPLES]
+        ]
+        _report_bad(path, lines, rows[bad].tolist(), fallback, on_bad_rows, report)
+        raw = raw.filter(pl.Series(~mask))
     return _normalise_jsonl(raw)
 
 
@@ -93,14 +100,24 @@ def _nonblank_lines(path: Path) -> list[tuple[int, bytes]]:
     return [(n, line) for n, line in enumerate(path.read_bytes().split(b"\n"), start=1) if line.strip()]
 
 
-def _polars_table(path: Path, lines: list[tuple[int, bytes]]) -> tuple[pl.DataFrame | None, str | None]:
-    """polars' NDJSON reader over the lines; (None, why) when it fails or gives types drift cannot use."""
+def _polars_table(
+    path: Path, lines: list[tuple[int, bytes]] | None = None
+) -> tuple[pl.DataFrame | None, str | None]:
+    """polars' NDJSON reader over the file (or over some of its lines); (None, why) when it fails or
+    gives types drift cannot use. An empty or blank file gives an empty frame."""
+    source = path if lines is None else io.BytesIO(b"\n".join(line for _, line in lines))
     try:
-        raw = pl.read_ndjson(io.BytesIO(b"\n".join(line for _, line in lines)), infer_schema_length=None)
+        raw = pl.read_ndjson(source, infer_schema_length=None)
     except Exception as e:  # noqa: BLE001 - polars raises several types; the rows are found next
+        if lines is None and not any(line.strip() for line in path.read_bytes().splitlines()):
+            return _empty_raw(), None
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     why = _schema_problem(raw.schema)
     return (None, why) if why else (raw, None)
+
+
+def _empty_raw() -> pl.DataFrame:
+    return pl.DataFrame(schema={"prompt_id": pl.String, "turn_rewards": pl.Struct({"t1": pl.Float64})})
 
 
 def _schema_problem(schema: pl.Schema) -> str | None:
