@@ -7,11 +7,10 @@ counts, pool names) are left out, so tuning them never invalidates rollouts.
 
 The same key names the Prefect cache entry and the artifact directory in the store. The store is
 the one record of "this stage is done" (docs/architecture.md, "Artifacts, manifests, cache keys"):
-every stage task first asks
-the store and, on a verified hit, returns :func:`served_from_store` - Prefect state ``Cached`` -
-whether or not Prefect's own record was written (a SIGKILL between the two writes leaves only the
-store's). A Prefect record whose artifact is missing or corrupt is recomputed by
-``flows.stages.StageRunner``.
+every stage task first asks the store and, on a verified hit, returns :func:`served_from_store`,
+Prefect state ``Cached``, whether or not Prefect's own record was written (a SIGKILL between the two
+writes leaves only the store's). A Prefect record whose artifact is missing or corrupt is
+recomputed by ``flows.stages.StageRunner``.
 """
 
 from __future__ import annotations
