@@ -179,7 +179,7 @@ def _row_checks(schema: pl.Schema) -> list[tuple[pl.Expr, str]]:
         )
     exprs = [_turn_expr(schema, n) for n in turns]
     if not exprs:
-        checks.append((pl.lit(True), "turn_rewards holds no turn reward t1, t2, ..."))
+        checks.append((pl.int_range(pl.len()) >= 0, "turn_rewards holds no turn reward t1, t2, ..."))
     else:
         checks.append((exprs[0].is_null(), "turn_rewards holds no t1"))
     for t, e in enumerate(exprs):
@@ -193,6 +193,8 @@ def _row_checks(schema: pl.Schema) -> list[tuple[pl.Expr, str]]:
 
 def _normalise_jsonl(raw: pl.DataFrame) -> pl.DataFrame:
     """Checked reference records -> the normalised columns (see the module docstring)."""
+    if raw.height == 0:
+        return _empty_normalised()
     schema = raw.schema
     turns, _ = _turn_fields(schema)
     exprs = [_turn_expr(schema, n) for n in turns]

@@ -314,6 +314,7 @@ def test_skip_counts_and_run_reports(tmp_path):
         ("", "no trajectories: the file is empty"),
         ("\n  \n\t\n", "no trajectories: the file has only blank lines"),
         ('{\n{"prompt_id": "p"}\n', "no trajectories: all 2 rows were bad and skipped"),
+        ('{"prompt_id": "p", "turn_rewards": {"x": 1}}\n', "no trajectories: all 1 rows were bad"),
     ],
 )
 def test_no_trajectories_is_an_error_and_writes_nothing(tmp_path, capsys, text, msg):
