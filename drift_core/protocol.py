@@ -116,7 +116,9 @@ def grade_turn(
     return TurnResult(
         response=content,
         answer=ACTION_SEPARATOR.join(actions),
-        normalized_answer=ACTION_SEPARATOR.join(normalize_answer(a) for a in actions),
+        normalized_answer=ACTION_SEPARATOR.join(
+            normalize_answer(verifier.read_answer(a) or a) for a in actions
+        ),
         correct=correct,
         valid=True,
         format_penalty=0.0,

@@ -171,6 +171,11 @@ class VerifierConfig(StrictModel):
         description="auto: choice for multiple-choice data, numeric when every gold is a plain number, "
         "math otherwise (decided from the problem table before any generation)",
     )
+    read: Literal["whole", "last_number"] = Field(
+        default="whole",
+        description="how an answer block is read: 'whole' = its text is the answer; 'last_number' = the "
+        "last number in it (an equation '48 + 69 = 117' answers 117; no number = no readable answer)",
+    )
     timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
     tolerance: float = Field(default=1e-6, ge=0.0)
     workers: int = Field(default=2, ge=1, le=256, description="grading process-pool size")

@@ -170,14 +170,37 @@ def normalize_answer(text: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+_LAST_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in ``text`` ("48 + 69 = 117" -> "117", "1,234" -> "1234"), or None."""
+    found = _LAST_NUMBER.findall(re.sub(r"(?<=\d),(?=\d{3}\b)", "", text))
+    return found[-1] if found else None
+
+
 @dataclass(frozen=True)
 class Verifier:
-    """Base class: ``__call__`` applies the time limit around ``check``."""
+    """Base class: ``__call__`` reads the answer (``read``) and applies the time limit around ``check``.
+
+    ``read="last_number"`` lets a small model show its work inside the answer block ("48 + 69 = 117"):
+    the answer is the last number written, and an answer block with no number is an invalid answer.
+    """
 
     timeout_s: float = 5.0
+    read: str = "whole"
+
+    def read_answer(self, answer: str) -> str | None:
+        """The answer as the verifier compares it, or None when nothing in it can be read."""
+        if self.read == "last_number":
+            return last_number(answer)
+        return answer
 
     def __call__(self, answer: str, gold: str) -> Verdict:
-        return run_with_time_limit(self.timeout_s, lambda: self.check(answer, gold))
+        text = self.read_answer(answer)
+        if text is None:
+            return Verdict(False, False)
+        return run_with_time_limit(self.timeout_s, lambda: self.check(text, gold))
 
     def check(self, answer: str, gold: str) -> Verdict:
         raise NotImplementedError
@@ -394,14 +417,15 @@ def unreadable_gold(kind: str, gold: str) -> str | None:
 def make_verifier(cfg: VerifierConfig) -> Verifier:
     if cfg.kind == "auto":
         raise ValueError("verifier kind auto must be resolved against the data first (resolve_kind)")
+    common = {"timeout_s": cfg.timeout_s, "read": cfg.read}
     if cfg.kind == "math":
-        return MathVerifier(timeout_s=cfg.timeout_s)
+        return MathVerifier(**common)
     if cfg.kind == "numeric":
-        return NumericVerifier(timeout_s=cfg.timeout_s, tolerance=cfg.tolerance)
+        return NumericVerifier(**common, tolerance=cfg.tolerance)
     if cfg.kind == "exact":
-        return ExactVerifier(timeout_s=cfg.timeout_s)
+        return ExactVerifier(**common)
     if cfg.kind == "choice":
-        return ChoiceVerifier(timeout_s=cfg.timeout_s)
+        return ChoiceVerifier(**common)
     raise ValueError(f"unknown verifier kind {cfg.kind!r}")  # pragma: no cover - Literal-checked
 
 

@@ -360,3 +360,52 @@ def test_time_limit_applies_in_process_pool_worker() -> None:
         verdict, elapsed = pool.submit(_timed_call, MathVerifier(timeout_s=0.5)).result(timeout=30)
     assert verdict == Verdict(False, True)
     assert elapsed < 1.5
+
+
+# --------------------------------------------------------------------------------------------
+# verifier.read = last_number: a small model's worked answer ("48 + 69 = 117") read as its result
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("48 + 69 = 117", "117"),
+        ("117", "117"),
+        ("-3 - 4 = -7.", "-7"),
+        ("1,234 + 1 = 1,235", "1235"),
+        ("2.5 * 2 = 5.0", "5.0"),
+        ("I do not know", None),
+        ("", None),
+    ],
+)
+def test_last_number(text: str, expected: str | None) -> None:
+    from drift_core.verify import last_number
+
+    assert last_number(text) == expected
+
+
+def test_last_number_reading_grades_the_result_not_the_equation() -> None:
+    from drift_core.protocol import grade_turn
+    from drift_core.schemas import ProtocolConfig
+
+    whole = make_verifier(VerifierConfig(kind="numeric"))
+    last = make_verifier(VerifierConfig(kind="numeric", read="last_number"))
+    assert whole("48 + 69 = 117", "117") == (False, False)  # not a number as a whole
+    assert last("48 + 69 = 117", "117") == (True, True)
+    assert last("48 + 69 = 127", "117") == (False, True)
+    assert last("no digits here", "117") == (False, False)
+    assert last("117", "117") == (True, True)
+    cfg = ProtocolConfig(format_penalty=-0.1)
+    turn = grade_turn("<answer>48 + 69 = 117</answer>", "117", cfg, last)
+    # the answer stays as written; its normal form is the number read, so "117" later is a repeat
+    assert (turn.answer, turn.normalized_answer, turn.correct, turn.valid) == (
+        "48 + 69 = 117",
+        "117",
+        True,
+        True,
+    )
+    assert turn.format_penalty == 0.0
+    unreadable = grade_turn("<answer>no idea</answer>", "117", cfg, last)
+    assert (unreadable.correct, unreadable.valid, unreadable.format_penalty) == (False, True, 0.0)
+    assert pickle.loads(pickle.dumps(last)) == last

@@ -1,0 +1,401 @@
+"""Evidence v2 (issue 10): does DRIFT teach feedback use, and what does it buy over online RL?
+
+    OMP_NUM_THREADS=2 nice .venv/bin/python benchmarks/evidence.py                 # everything
+    OMP_NUM_THREADS=2 nice .venv/bin/python benchmarks/evidence.py --only drift reference
+    .venv/bin/python benchmarks/evidence.py --report-only                          # tables + summary
+
+One task (``configs/evidence.yaml``: two-digit a ± b, the task chosen by ``benchmarks/probe_task.py``),
+one artifact store and one MLflow experiment (``.drift-evidence/``, experiment ``drift-evidence``), and
+every system produced by drift itself:
+
+* ``reference``: the reference model's evaluation (``evaluate-reference`` of the first pipeline run);
+* ``drift``, ``drift_all_turns``, ``uniform``, ``success_only``: ``drift run`` with the weighting /
+  training-target settings of each, one run per training seed, all on the SAME cached rollouts;
+* ``online_rl``: ``drift online`` (TRL GRPOTrainer, multi-turn episodes in the same protocol with the
+  same verifier and return) and then ``drift eval`` of the model it trained;
+* ``drift_round_r``: ``drift run --rounds R`` (iterated DRIFT: round r's model is round r+1's
+  reference and base model), one chain per training seed.
+
+Every finished run is appended to ``benchmarks/results/evidence_runs.jsonl`` at once, so a killed
+sweep continues where it stopped (finished tags are skipped). The report is a markdown table
+(``evidence_table.md``) and the machine-readable ``quality_summary.json``; both are rewritten after
+every run, from whatever has finished.
+
+Cost per system: generated tokens (reference rollouts, or all online generation), optimizer steps
+and wall seconds of the stages that produce the model (rollout + weights + train; iterated rounds
+add up their rounds; the online baseline's training loop). Shared rollouts are charged in full to
+every system that trains on them: each would have had to pay for them alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from quality import per_problem_solved, problem_parts  # noqa: E402 - shared per-problem helpers
+
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS = RESULTS / "evidence_runs.jsonl"
+SUMMARY = RESULTS / "quality_summary.json"
+TABLE = RESULTS / "evidence_table.md"
+STORE = ROOT / ".drift-evidence"
+CONFIG = "configs/evidence.yaml"
+COMMON = [
+    "run.experiment=drift-evidence",
+    f"run.artifact_store={STORE}/artifacts",
+    f"run.tracking_uri=sqlite:///{STORE}/mlflow.db",
+]
+PIPELINE_SYSTEMS = {
+    "drift": ["weights.mode=drift", "train.target=terminal"],
+    "drift_all_turns": ["weights.mode=drift", "train.target=all_turns"],
+    "uniform": ["weights.mode=uniform", "train.target=terminal"],
+    "success_only": ["weights.mode=success_only", "train.target=terminal"],
+}
+SYSTEMS = ["reference", *PIPELINE_SYSTEMS, "online_rl", "rounds"]
+_RUN_ID = re.compile(r"MLflow run id: ([0-9a-f]{32})")
+
+
+# ------------------------------------------------------------------------------------------
+# Running systems (each a real drift command in a fresh interpreter)
+# ------------------------------------------------------------------------------------------
+
+
+def drift(args: list[str], sets: list[str], tag: str) -> tuple[str, float]:
+    cmd = [sys.executable, "-m", "flows.cli", *args]
+    for s in [*COMMON, *sets]:
+        cmd += ["--set", s]
+    print(f"[evidence] {tag}: drift {' '.join(cmd[3:])}", flush=True)
+    start = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    log = RESULTS / "evidence_logs" / f"{tag}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr[-20000:])
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
+        raise SystemExit(f"[evidence] {tag} failed (exit {proc.returncode}); log: {log}")
+    return proc.stdout, wall
+
+
+def run_pipeline_system(name: str, seed: int) -> dict:
+    tag = f"{name}-s{seed}"
+    out, wall = drift(
+        ["run", CONFIG], [*PIPELINE_SYSTEMS[name], f"train.seed={seed}", f"run.name=evidence-{tag}"], tag
+    )
+    return {"tag": tag, "system": name, "seed": seed, "run_id": _RUN_ID.findall(out)[-1], "wall_s": wall}
+
+
+def run_online(seed: int, steps: int | None) -> dict:
+    tag = f"online_rl-s{seed}"
+    sets = [f"online.seed={seed}", f"run.name=evidence-{tag}"]
+    if steps is not None:
+        sets.append(f"online.max_steps={steps}")
+    out, wall = drift(["online", CONFIG], sets, tag)
+    result = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    eval_out, eval_wall = drift(
+        ["eval", "--model", result["model_dir"], "--config", CONFIG],
+        [f"run.name=evidence-{tag}-eval"],
+        tag + "-eval",
+    )
+    return {
+        "tag": tag,
+        "system": "online_rl",
+        "seed": seed,
+        "run_id": _RUN_ID.findall(out)[-1],
+        "eval_run_id": _RUN_ID.findall(eval_out)[-1],
+        "generated_tokens": int(result["generated_tokens"]),
+        "optimizer_steps": int(result["optimizer_steps"]),
+        "train_wall_s": float(result["wall_s"]),
+        "wall_s": wall + eval_wall,
+    }
+
+
+def run_rounds(seed: int, rounds: int) -> dict:
+    tag = f"rounds-s{seed}"
+    out, wall = drift(
+        ["run", CONFIG, "--rounds", str(rounds)],
+        [
+            "weights.mode=drift",
+            "train.target=terminal",
+            f"train.seed={seed}",
+            "iterate.stop_on_no_promotion=false",
+            f"run.name=evidence-{tag}",
+        ],
+        tag,
+    )
+    ids = list(dict.fromkeys(_RUN_ID.findall(out)))  # one parent run per round, in order
+    if len(ids) < rounds:
+        raise SystemExit(f"[evidence] {tag}: expected {rounds} round runs, found {len(ids)} run ids")
+    return {"tag": tag, "system": "rounds", "seed": seed, "round_run_ids": ids[-rounds:], "wall_s": wall}
+
+
+# ------------------------------------------------------------------------------------------
+# Reading results back (MLflow runs -> store manifests -> per-problem tables)
+# ------------------------------------------------------------------------------------------
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{STORE}/mlflow.db")
+
+
+def _manifest(client, run_id: str):
+    from tasks.store import Manifest
+
+    path = client.download_artifacts(run_id, "manifest.json")
+    return Manifest.model_validate_json(Path(path).read_text())
+
+
+def stage_manifests(run_id: str) -> dict[str, object]:
+    """The manifests of a parent run's stage runs, by stage run name (evaluate-reference, rollout,
+    weights, train, evaluate-trained; evaluate-model for ``drift eval``)."""
+    client = _client()
+    parent = client.get_run(run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+    )
+    out = {}
+    for child in children:
+        name = child.data.tags.get("mlflow.runName", "")
+        try:
+            out[name] = _manifest(client, child.info.run_id)
+        except Exception:  # a stage run with no manifest (e.g. a promotion decision)
+            continue
+    return out
+
+
+def _eval_frame(manifests: dict, which: str):
+    from tasks.store import ArtifactStore
+
+    names = [n for n in manifests if n.startswith("evaluate") and which in n]
+    if not names:
+        raise KeyError(f"no evaluate stage run for {which!r} among {sorted(manifests)}")
+    return ArtifactStore(str(STORE / "artifacts")).read_parquet(manifests[sorted(names)[0]]).sort("prompt_id")
+
+
+def _cost(manifests: dict) -> dict:
+    rollout = manifests.get("rollout")
+    train = manifests.get("train")
+    weights = manifests.get("weights")
+    return {
+        "generated_tokens": int(rollout.meta.get("generated_tokens", 0)) if rollout else 0,
+        "optimizer_steps": int(train.meta.get("steps", 0)) if train else 0,
+        "wall_s": float(
+            (rollout.meta.get("wall_seconds", 0.0) if rollout else 0.0)
+            + (weights.meta.get("seconds", 0.0) if weights else 0.0)
+            + (train.meta.get("seconds", 0.0) if train else 0.0)
+        ),
+    }
+
+
+def collect(records: list[dict]) -> tuple[dict, dict, object]:
+    """Per system: a list (one per seed) of (eval frame, cost); and the reference's frame."""
+    frames: dict[str, list] = {}
+    reference = None
+    for r in records:
+        if r["system"] in PIPELINE_SYSTEMS:
+            m = stage_manifests(r["run_id"])
+            reference = reference if reference is not None else _eval_frame(m, "reference")
+            frames.setdefault(r["system"], []).append((_eval_frame(m, "trained"), _cost(m)))
+        elif r["system"] == "online_rl":
+            m = stage_manifests(r["eval_run_id"])
+            cost = {k: r[k] for k in ("generated_tokens", "optimizer_steps")} | {"wall_s": r["train_wall_s"]}
+            frames.setdefault("online_rl", []).append((_eval_frame(m, ""), cost))
+        elif r["system"] == "rounds":
+            total = {"generated_tokens": 0, "optimizer_steps": 0, "wall_s": 0.0}
+            for i, run_id in enumerate(r["round_run_ids"], start=1):
+                m = stage_manifests(run_id)
+                total = {k: total[k] + v for k, v in _cost(m).items()}
+                frames.setdefault(f"drift_round_{i}", []).append((_eval_frame(m, "trained"), dict(total)))
+    return frames, reference
+
+
+# ------------------------------------------------------------------------------------------
+# The report
+# ------------------------------------------------------------------------------------------
+
+
+def _golds(reference) -> list[str]:
+    from flows.config import load_config
+    from tasks.ingest import load_problems
+
+    cfg = load_config(str(ROOT / CONFIG), [])
+    df, _ = load_problems(cfg.eval.data)
+    by_id = dict(zip(df["prompt_id"].to_list(), df["gold"].to_list(), strict=True))
+    return [by_id[p] for p in reference["prompt_id"].to_list()]
+
+
+def blind_ceiling(golds: list[str], turns: int) -> tuple[float, list[str]]:
+    """The best question-blind answer sequence (the T most frequent golds, chosen on the eval golds
+    themselves: an upper bound for any policy that ignores the question) and the share it solves."""
+    freq = Counter(golds)
+    best = [g for g, _ in freq.most_common(turns)]
+    return sum(freq[g] for g in best) / len(golds), best
+
+
+def _diversity(df) -> tuple[float, str]:
+    """Share of problems given the single most common answer sequence, and that sequence."""
+    seqs = Counter(tuple(a) for a in df["answers"].to_list())
+    top, count = seqs.most_common(1)[0]
+    return count / df.height, str(list(top))
+
+
+def report(records: list[dict], n_boot: int = 2000) -> tuple[str, dict]:
+    from drift_core.metrics import bootstrap_ratio_ci, eval_metrics, paired_bootstrap_ci
+    from flows.config import load_config
+
+    cfg = load_config(str(ROOT / CONFIG), [])
+    T = cfg.eval.max_turns or cfg.protocol.max_turns
+    frames, reference = collect(records)
+    if reference is None:
+        return "(no pipeline run finished yet)", {}
+    golds = _golds(reference)
+    ceiling, best = blind_ceiling(golds, T)
+    rollout_acc = None
+    first = next((r for r in records if r["system"] in PIPELINE_SYSTEMS), None)
+    if first is not None:
+        rollout = stage_manifests(first["run_id"]).get("rollout")
+        if rollout is not None:
+            rollout_acc = 100 * float(rollout.meta.get("solved_by_turn_1", 0.0))
+    systems = {"reference": [(reference, {"generated_tokens": 0, "optimizer_steps": 0, "wall_s": 0.0})]}
+    systems.update(frames)
+    order = ["reference", *PIPELINE_SYSTEMS, "online_rl"]
+    order += sorted((s for s in systems if s.startswith("drift_round_")), key=lambda s: int(s.split("_")[-1]))
+    ref_ids = reference["prompt_id"].to_list()
+    solved, summary_systems = {}, {}
+    head = (
+        "| system | seeds | "
+        + " | ".join(f"multi@{t}" for t in range(1, T + 1))
+        + f" | corr@{T} | repeated | top answer sequence (share) | generated tokens | optimizer steps | wall s |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name in order:
+        if name not in systems:
+            continue
+        runs = systems[name]
+        for df, _ in runs:
+            assert df["prompt_id"].to_list() == ref_ids, f"{name}: evaluated on other problems"
+        ms = [
+            eval_metrics(df["turn_correct"].to_list(), df["normalized_answers"].to_list(), T)
+            for df, _ in runs
+        ]
+        solved[name] = np.mean([per_problem_solved(df) for df, _ in runs], axis=0)
+        parts = [problem_parts(df, T) for df, _ in runs]
+        multi_t = [float(np.mean([m.multi_at[t] for m in ms])) for t in range(T)]
+        num = np.sum([p["multi@T"][0] for p in parts], axis=0)
+        den = np.sum([p["multi@T"][1] for p in parts], axis=0)
+        r, lo, hi = bootstrap_ratio_ci(num, den, n_boot=n_boot)
+        corr = [m.correction_rate[T - 1] for m in ms if m.correction_rate[T - 1] is not None]
+        corr_t = 100 * float(np.mean(corr)) if corr else 0.0
+        repeated = 100 * float(np.mean([m.repeated_answer_share for m in ms]))
+        share, seq = _diversity(runs[0][0])
+        cost = {
+            k: float(np.mean([c[k] for _, c in runs]))
+            for k in ("generated_tokens", "optimizer_steps", "wall_s")
+        }
+        summary_systems[name] = {
+            "seeds": len(runs) if name != "reference" else 0,
+            "multi_at_T": round(100 * r, 2),
+            "ci": [round(100 * lo, 2), round(100 * hi, 2)],
+            "corr_at_T": round(corr_t, 2),
+            "repeated": round(repeated, 2),
+            "top_sequence_share": round(100 * share, 2),
+            "generated_tokens": int(cost["generated_tokens"]),
+            "optimizer_steps": int(cost["optimizer_steps"]),
+            "wall_s": round(cost["wall_s"], 1),
+        }
+        lines.append(
+            f"| {name} | {len(runs) if name != 'reference' else '—'} | "
+            + " | ".join(f"{100 * x:.1f}" for x in multi_t)
+            + f" | {corr_t:.1f} | {repeated:.1f} | {seq} ({100 * share:.0f}%) | {int(cost['generated_tokens']):,}"
+            f" | {int(cost['optimizer_steps'])} | {cost['wall_s']:.0f} |"
+        )
+    paired = {}
+    lines += ["", f"Paired differences in multi@{T} (per problem, seeds averaged), 95% bootstrap CI:"]
+    for other in ("reference", "uniform", "success_only", "online_rl", "drift_all_turns"):
+        if "drift" in solved and other in solved:
+            d, lo, hi = paired_bootstrap_ci(solved["drift"], solved[other], n_boot=n_boot)
+            paired[f"drift-{other}"] = [round(100 * d, 2), round(100 * lo, 2), round(100 * hi, 2)]
+            lines.append(f"- drift − {other}: {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+    lines += [
+        "",
+        f"Question-blind ceiling: answering {best} to every problem solves {100 * ceiling:.1f}% by turn {T} "
+        "(the best constant sequence, chosen on the eval golds).",
+    ]
+    if rollout_acc is not None:
+        lines.append(
+            f"Reference turn-1 accuracy in the rollouts (temperature {cfg.rollout.sampling.temperature}): {rollout_acc:.1f}%."
+        )
+    summary = {
+        "task": cfg.eval.data.source + " " + json.dumps(cfg.eval.data.arith.model_dump(), sort_keys=True),
+        "turns": T,
+        "n_eval": len(ref_ids),
+        "question_blind_ceiling": round(100 * ceiling, 2),
+        "reference_turn1_rollout_acc": None if rollout_acc is None else round(rollout_acc, 2),
+        "systems": summary_systems,
+        "paired": paired,
+    }
+    return "\n".join(lines), summary
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_report(records: list[dict]) -> None:
+    table, summary = report(records)
+    print(table, flush=True)
+    _write_atomic(TABLE, table + "\n")
+    if summary:
+        _write_atomic(SUMMARY, json.dumps(summary, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--only", nargs="+", choices=SYSTEMS, default=SYSTEMS)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--online-steps", type=int, default=None, help="override online.max_steps")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    done = [json.loads(line) for line in RUNS.read_text().splitlines()] if RUNS.exists() else []
+    tags = {r["tag"] for r in done}
+
+    def record(rec: dict) -> None:
+        done.append(rec)
+        with RUNS.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        write_report(done)
+
+    if not args.report_only:
+        for seed in args.seeds:  # seed-major: a cut-short sweep still has every system at seed 0
+            for name in PIPELINE_SYSTEMS:
+                if (
+                    name in args.only or "reference" in args.only and name == "drift"
+                ) and f"{name}-s{seed}" not in tags:
+                    record(run_pipeline_system(name, seed))
+            if "online_rl" in args.only and f"online_rl-s{seed}" not in tags:
+                record(run_online(seed, args.online_steps))
+            if "rounds" in args.only and f"rounds-s{seed}" not in tags:
+                record(run_rounds(seed, args.rounds))
+    write_report(done)
+
+
+if __name__ == "__main__":
+    main()
