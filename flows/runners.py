@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from drift_core.schemas import DriftConfig
+from tasks.grade import grading_scope
 
 
 def task_runner_for(cfg: DriftConfig) -> TaskRunner:
@@ -50,13 +51,16 @@ def task_runner_for(cfg: DriftConfig) -> TaskRunner:
 def shard_runner(cfg: DriftConfig, current: TaskRunner | None = None) -> Iterator[TaskRunner]:
     """The started runner for shard tasks: ``current`` (the flow's own runner) when it is already
     the kind the config asks for (the CLI sets a Dask runner on the flow), else a new one that
-    lives for the ``with`` block."""
+    lives for the ``with`` block. Every process the shards start ends with the block."""
     wanted = task_runner_for(cfg)
-    if current is not None and _same_kind(current, wanted):
-        yield current
-        return
-    with wanted:
-        yield wanted
+    # grading pools that shards start in this process end with the block (tasks.grade); a Dask
+    # worker's shards end their own, and the Dask runner's exit ends the local cluster
+    with grading_scope():
+        if current is not None and _same_kind(current, wanted):
+            yield current
+            return
+        with wanted:
+            yield wanted
 
 
 def _same_kind(current: TaskRunner, wanted: TaskRunner) -> bool:

@@ -7,6 +7,13 @@ cannot interrupt (a long C call): the stuck worker pool is killed and rebuilt, a
 graded incorrect (undecided), so one pathological answer can neither hang nor crash a rollout.
 
 ``grade`` is also a Prefect task of its own, so grading can run on CPU workers and be timed alone.
+
+Lifetime (no grading process outlives the work that started it): :func:`grader_for` gives a shard
+its pool. Inside a :func:`grading_scope` (the flow's shard runner opens one in the flow process)
+shards of that process share one pool, shut down when the scope ends, also on failure. Outside any
+scope (a shard on a Dask worker, local or remote, or a direct call) the pool is the shard's own and
+is shut down when the shard ends. A pool worker also exits by itself once the process that started
+it is gone (killed, cancelled), so a hard kill cannot orphan it either.
 """
 
 from __future__ import annotations
@@ -16,8 +23,11 @@ import hashlib
 import json
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from prefect import task
 
@@ -34,10 +44,24 @@ POOL_START_TIMEOUT_S = 300.0
 GradeItem = tuple[str, str, int]
 
 
-def _warm_worker(verifier_json: str) -> None:
-    """Pool initializer: run the verifier once outside any time limit, so that importing sympy and
-    math-verify (seconds) is not charged to the first answer a fresh worker grades, which would
-    then time out and be graded incorrect."""
+#: How often a pool worker checks that the process that started it is still there.
+PARENT_POLL_S = 0.5
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Exit this worker once ``parent`` is gone: a killed parent (SIGKILL, a Dask nanny killing its
+    worker, a cancelled flow run) never shuts its pool down, and the worker would wait forever on
+    a queue whose write end it holds itself."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(0)
+
+
+def _warm_worker(verifier_json: str, parent: int) -> None:
+    """Pool initializer: watch the parent (above), then run the verifier once outside any time
+    limit, so that importing sympy and math-verify (seconds) is not charged to the first answer a
+    fresh worker grades, which would then time out and be graded incorrect."""
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="parent-watch").start()
     make_verifier(VerifierConfig.model_validate_json(verifier_json)).check("\\frac{1}{2}", "0.5")
 
 
@@ -52,7 +76,8 @@ def _grade_one(content: str, gold: str, n_tokens: int, protocol_json: str, verif
 
 
 class Grader:
-    """A reusable grading pool for one (protocol, verifier) setting."""
+    """A grading pool for one (protocol, verifier) setting; ``close`` (or the ``with`` block) ends
+    its processes."""
 
     def __init__(self, protocol: ProtocolConfig, verifier: VerifierConfig):
         self.protocol = protocol
@@ -72,7 +97,7 @@ class Grader:
                 self.verifier.workers,
                 mp_context=mp.get_context("spawn"),
                 initializer=_warm_worker,
-                initargs=(self._verifier_json,),
+                initargs=(self._verifier_json, os.getpid()),
             )
             # per-answer limits start once the workers are up: a cold start (spawn, imports) is
             # neither charged to the first answers nor mistaken for a stuck worker
@@ -80,12 +105,13 @@ class Grader:
                 ready.result(timeout=POOL_START_TIMEOUT_S)
         return self._pool
 
-    def _kill_pool(self) -> None:
+    def _kill_pool(self, wait: bool = False) -> None:
+        """Kill the pool's processes (``wait``: and reap them before returning)."""
         if self._pool is None:
             return
         for proc in list(getattr(self._pool, "_processes", {}).values()):
             proc.kill()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=wait, cancel_futures=True)
         self._pool = None
 
     def grade(self, items: list[GradeItem]) -> list[TurnResult]:
@@ -124,9 +150,19 @@ class Grader:
         return [r for r in results if r is not None]
 
     def close(self) -> None:
+        """Shut the pool down and wait for its processes to exit."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+    def __enter__(self) -> Grader:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # failed or cancelled: do not wait for answers nobody will read
+            self._kill_pool(wait=True)
 
 
 def _undecided(item: GradeItem) -> TurnResult:
@@ -141,17 +177,52 @@ def _undecided(item: GradeItem) -> TurnResult:
     )
 
 
-_graders: dict[str, Grader] = {}
-_graders_lock = threading.Lock()
+_shared: dict[str, Grader] = {}
+_scopes = 0
+_shared_lock = threading.Lock()
 
 
-def get_grader(protocol: ProtocolConfig, verifier: VerifierConfig) -> Grader:
-    """One pool per setting per process, reused across turns and shards."""
+@contextmanager
+def grading_scope() -> Iterator[None]:
+    """While open, shards of this process share one pool per setting (a flow's rollout shards on
+    the thread runner reuse the pool turn after turn, shard after shard); at its end, also on
+    failure or cancellation, every pool made inside is shut down. Scopes nest."""
+    global _scopes
+    with _shared_lock:
+        _scopes += 1
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        with _shared_lock:
+            _scopes -= 1
+            spent = list(_shared.values()) if _scopes == 0 else []
+            if _scopes == 0:
+                _shared.clear()
+        for grader in spent:
+            if failed:
+                grader._kill_pool(wait=True)
+            else:
+                grader.close()
+
+
+@contextmanager
+def grader_for(protocol: ProtocolConfig, verifier: VerifierConfig) -> Iterator[Grader]:
+    """The grader a shard uses: the scope's shared one inside a :func:`grading_scope`, else a pool
+    of the shard's own that ends with the ``with`` block."""
     key = protocol.model_dump_json() + verifier.model_dump_json()
-    with _graders_lock:
-        if key not in _graders:
-            _graders[key] = Grader(protocol, verifier)
-        return _graders[key]
+    with _shared_lock:
+        shared = None
+        if _scopes > 0:
+            shared = _shared.get(key) or _shared.setdefault(key, Grader(protocol, verifier))
+    if shared is not None:
+        yield shared
+        return
+    with Grader(protocol, verifier) as own:
+        yield own
 
 
 def responses_hash(items: list[GradeItem]) -> str:
@@ -165,10 +236,10 @@ def responses_hash(items: list[GradeItem]) -> str:
 def grade(items: list[GradeItem], protocol: ProtocolConfig, verifier: VerifierConfig, n: int = 0) -> dict:
     """Grade a table of responses (content, gold, n_tokens) on this worker; returns a JSON-able
     table: correct, valid, format_penalty, answer, normalized_answer, and throughput."""
-    grader = get_grader(protocol, verifier)
-    start = time.perf_counter()
-    results = grader.grade([tuple(i) for i in items])
-    seconds = time.perf_counter() - start
+    with grader_for(protocol, verifier) as grader:
+        start = time.perf_counter()
+        results = grader.grade([tuple(i) for i in items])
+        seconds = time.perf_counter() - start
     return {
         "rows": [r.model_dump(exclude={"response"}) for r in results],
         "answers_per_s": len(items) / seconds if seconds > 0 else None,

@@ -29,7 +29,7 @@ from drift_core.schemas import (
 )
 from tasks.caching import served_from_store
 from tasks.engines import Engine, SamplingParams, get_engine
-from tasks.grade import Grader, get_grader
+from tasks.grade import Grader, grader_for
 from tasks.store import ArtifactStore, Manifest
 
 TRAJECTORY_SCHEMA = {
@@ -162,9 +162,11 @@ def rollout_shard(
     rows = table.select("prompt_id", "question", "gold").to_dicts()
     engine = get_engine(model_path, model_cfg, engine_cfg)
     tokenizer = getattr(engine, "tokenizer", None) or _tokenizer(model_path, model_cfg)
-    grader = get_grader(protocol, verifier)
     started = time.perf_counter()
-    with tqdm(total=len(rows) * k, desc=f"{stage} {shard}", unit="turn", leave=False) as bar:
+    with (
+        grader_for(protocol, verifier) as grader,
+        tqdm(total=len(rows) * k, desc=f"{stage} {shard}", unit="turn", leave=False) as bar,
+    ):
         records = run_episodes(
             engine,
             tokenizer,

@@ -16,9 +16,11 @@ by the stage key, so a retry of a killed run resumes (see :mod:`tasks.trainer`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -118,18 +120,50 @@ def _run_launched(
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         logger.info("launching %s", " ".join(cmd))
         tail: deque[str] = deque(maxlen=60)
+        # its own process group: on failure or cancellation the launcher and every rank it started
+        # are stopped together (_stop_launched), none outlives the stage
         with subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            cmd,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            process_group=0,
         ) as proc:
             assert proc.stdout is not None
-            for line in proc.stdout:
-                tail.append(line)
-                logger.info(line.rstrip())
+            try:
+                for line in proc.stdout:
+                    tail.append(line)
+                    logger.info(line.rstrip())
+            except BaseException:
+                _stop_launched(proc)
+                raise
         if proc.returncode != 0 or not result_file.exists():
             raise RuntimeError(
                 f"distributed training exited with code {proc.returncode}; last output:\n{''.join(tail)}"
             )
         return TrainResult.model_validate_json(result_file.read_text())
+
+
+def _stop_launched(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """Stop a launcher and its ranks: SIGTERM to its process group (torchrun and accelerate pass
+    it on to their workers, which torchrun starts in sessions of their own), then SIGKILL to any
+    of them still alive after ``grace_s``."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+    proc.wait()
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:

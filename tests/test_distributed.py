@@ -1,15 +1,19 @@
 """Rollout shards on a real local Dask cluster (two worker processes) give the same trajectories
-as the thread runner: shards are seeded per shard, so where a shard runs must not matter.
+as the thread runner: shards are seeded per shard, so where a shard runs must not matter. And no
+process that either run started (grading pools, Dask nannies and workers, resource trackers)
+outlives it.
 
 (Two-process gloo training is covered in tests/test_train.py.)"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import polars as pl
 import pytest
 from prefect import flow
+from procs import children, describe, new_mark, run_processes
 
 from flows.config import load_config
 from flows.runners import shard_runner, task_runner_for
@@ -55,10 +59,12 @@ def rollout_shards(overrides: list[str]) -> dict:
         }
         calls = sharded_calls("rollout-shard", problems, cfg.rollout.shard_size, "shards-test", common)
         dask_workers: set[str] = set()
+        worker_pids: dict[str, int] = {}
         if cfg.run.task_runner == "dask":
             with get_task_stream(client=runner.client) as stream:
                 manifests = stages.map("rollout", rollout_shard, calls)
             dask_workers = {record["worker"] for record in stream.data}
+            worker_pids = runner.client.run(os.getpid)  # asked of each worker process itself
         else:
             manifests = stages.map("rollout", rollout_shard, calls)
     frames = [store.read_parquet(m).drop("gen_seconds") for m in manifests]
@@ -67,6 +73,7 @@ def rollout_shards(overrides: list[str]) -> dict:
         "states": stages.states["rollout"],
         "table": pl.concat(frames).to_dicts(),
         "dask_workers": sorted(dask_workers),
+        "worker_pids": worker_pids,
     }
 
 
@@ -106,13 +113,32 @@ def test_task_runner_for_follows_the_config():
     assert local.cluster_kwargs["n_workers"] == 2
 
 
-def test_dask_shards_match_thread_shards(tmp_path, tiny_model_dir, prefect_api):
+def test_dask_shards_match_thread_shards(tmp_path, tiny_model_dir, prefect_api, monkeypatch):
+    from multiprocessing import resource_tracker
+
+    # the interpreter's one resource tracker lives as long as this process, not as long as a run:
+    # started before the mark, it is not counted as the run's
+    resource_tracker.ensure_running()
+    monkeypatch.setenv("DRIFT_TEST_RUN_MARK", "")  # restored after the test
+    before = children()
     common = [f"reference_model.path={tiny_model_dir}", "run.max_workers=2", "verifier.workers=1"]
+
+    mark = new_mark()
     threads = rollout_shards([*common, f"run.artifact_store={tmp_path / 'threads'}"])
+    left = run_processes(mark, tmp_path)
+    assert not left, f"the thread runner's run left processes:\n{describe(left)}"
+
+    mark = new_mark()
     dask = rollout_shards([*common, f"run.artifact_store={tmp_path / 'dask'}", "run.task_runner=dask"])
+    left = run_processes(mark, tmp_path)
+    assert not left, f"the Dask run left processes:\n{describe(left)}"
+    assert children() == before
 
     assert threads["runner"] == "ThreadPoolTaskRunner" and dask["runner"] == "DaskTaskRunner"
     assert threads["states"] == dask["states"] == ["Completed", "Completed"]  # 8 prompts, shards of 4
-    assert len(dask["dask_workers"]) >= 1  # the shards ran on the cluster's worker processes
+    # two worker processes, neither of them this one, and the two shards ran one on each
+    pids = dask["worker_pids"]
+    assert len(set(pids.values())) == 2 and os.getpid() not in pids.values(), pids
+    assert dask["dask_workers"] == sorted(pids), (dask["dask_workers"], pids)
     assert len(threads["table"]) == 8 * 2  # 8 prompts x K=2
     assert dask["table"] == threads["table"]  # same trajectories, turn by turn
