@@ -24,7 +24,7 @@ from tasks.store import ArtifactStore
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
 
 
 @flow(name="drift-shards-test", persist_result=False)
