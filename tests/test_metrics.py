@@ -90,7 +90,7 @@ def test_bootstrap_ratio_ci_hand_cases():
         bootstrap_ratio_ci(np.ones(2), np.ones(3))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)  # the same 40 examples every run
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 3)), min_size=1, max_size=30))
 def test_bootstrap_ratio_ci_brackets_the_estimate(pairs):
     from drift_core.metrics import bootstrap_ratio_ci
@@ -99,4 +99,22 @@ def test_bootstrap_ratio_ci_brackets_the_estimate(pairs):
     den = np.array([b for _, b in pairs], dtype=float)
     r, lo, hi = bootstrap_ratio_ci(num, den, n_boot=200)
     assert r == pytest.approx(num.sum() / den.sum())
-    assert 0.0 <= lo <= hi <= 1.0
+    assert 0.0 <= lo <= r <= hi <= 1.0
+
+
+def test_bootstrap_ratio_ci_covers_a_known_ratio_about_95_percent():
+    """Coverage: 200 data sets of 100 problems drawn with a known ratio (per problem 1-3 turns open,
+    each solved with probability 0.3, so sum/sum estimates 0.3); the 95% interval must contain 0.3
+    in roughly 95% of them. Seeds are fixed, so the count is the same every run (measured: 186 of
+    200); the bounds leave room for a percentile interval's small-sample undercoverage, and fail an
+    interval that is too narrow (e.g. 50%: ~100 of 200) or too wide (always covers, 200 of 200)."""
+    from drift_core.metrics import bootstrap_ratio_ci
+
+    true_ratio, covered, seeds = 0.3, 0, range(200)
+    for seed in seeds:
+        rng = np.random.default_rng(10_000 + seed)
+        den = rng.integers(1, 4, size=100).astype(float)
+        num = rng.binomial(den.astype(int), true_ratio).astype(float)
+        _, lo, hi = bootstrap_ratio_ci(num, den, n_boot=500, seed=seed)
+        covered += lo <= true_ratio <= hi
+    assert 180 <= covered <= 198, f"the 95% interval covered the true ratio in {covered} of 200 data sets"
