@@ -24,6 +24,7 @@ import textwrap
 from typing import Any
 
 from flows import cli_weights
+from flows.prefect_server import start_if_needed, use_temporary_server
 
 EXIT_USAGE = 2
 
@@ -77,8 +78,12 @@ def _pct(value: float | None) -> str:
 def _cmd_run(args: argparse.Namespace) -> int:
     from flows.config import load_config
 
-    cfg = load_config(args.config, args.set)  # validate before importing Prefect or any compute
+    cfg = load_config(args.config, args.set)  # validate before importing the pipeline or any compute
+    server = start_if_needed()  # starts while the pipeline's modules and the MLflow store load
     from flows.drift_flow import drift
+    from tasks.tracking import open_tracking_store
+
+    open_tracking_store(cfg.run.tracking_uri)  # while the temporary Prefect server starts
 
     flow = drift
     if cfg.run.task_runner == "dask":
@@ -87,9 +92,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         flow = drift.with_options(task_runner=task_runner_for(cfg))
     from flows.orphans import crash_orphaned_flow_runs, owned_by_this_process
 
-    crash_orphaned_flow_runs()
-    with owned_by_this_process():
-        summary = flow(config_path=args.config, overrides=args.set, rollouts_from=args.rollouts_from)
+    with use_temporary_server(server):
+        crash_orphaned_flow_runs()
+        with owned_by_this_process():
+            summary = flow(config_path=args.config, overrides=args.set, rollouts_from=args.rollouts_from)
     print()
     print(format_results(summary))
     print()
@@ -105,17 +111,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from flows.config import load_config
-    from flows.eval_flow import evaluate_model
 
     overrides = list(args.set)
     if args.data:
         overrides.append(f"eval.data.source={args.data}")
-    load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    server = start_if_needed()
+    from flows.eval_flow import evaluate_model
     from flows.orphans import crash_orphaned_flow_runs, owned_by_this_process
+    from tasks.tracking import open_tracking_store
 
-    crash_orphaned_flow_runs()
-    with owned_by_this_process():
-        summary = evaluate_model(model=args.model, config_path=args.config, overrides=overrides)
+    open_tracking_store(cfg.run.tracking_uri)  # while the temporary Prefect server starts
+    with use_temporary_server(server):
+        crash_orphaned_flow_runs()
+        with owned_by_this_process():
+            summary = evaluate_model(model=args.model, config_path=args.config, overrides=overrides)
     print()
     print(format_results(summary))
     print(f"MLflow run id: {summary['mlflow_run_id']}")
@@ -171,12 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# In-process runs without PREFECT_API_URL start a temporary local API server; on a busy 2-core
-# machine it can take longer than Prefect's default 20 s to come up.
+# In-process runs without PREFECT_API_URL start a temporary local API server (flows.prefect_server);
+# on a busy 2-core machine it can take longer than Prefect's default 20 s to come up.
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_LOGGING_LEVEL": "WARNING",
+    # MLflow's usage telemetry posts to the internet from a thread that exit waits for (seconds
+    # where there is no network); a pipeline run sends nothing it was not asked to.
+    "MLFLOW_DISABLE_TELEMETRY": "true",
 }
 
 

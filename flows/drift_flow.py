@@ -215,7 +215,7 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
     for name, manifest in results.items():
         params = {"system": name, "model_fingerprint": systems[name][1]}  # the reference as of now
         track_stage(tracker, stages, f"evaluate-{name}", manifest, params, eval_metrics=True)
-    _log_comparison(tracker, results)
+    _log_comparison(tracker, stages, results)
 
     summary = {
         "mlflow_run_id": tracker.run_id,
@@ -234,14 +234,12 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _log_comparison(tracker: Tracker, results: dict[str, Manifest]) -> None:
-    import tempfile
-
-    from tasks.plots import plot_multi_at
+def _log_comparison(tracker: Tracker, stages: StageRunner, results: dict[str, Manifest]) -> None:
+    from tasks.plots import plot_file, plot_multi_at
 
     curves = {name: m.meta.get("multi_at", []) for name, m in results.items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        tracker.log_file(tracker.run_id, plot_multi_at(curves, Path(tmp) / "multi_at.png"))
+    with plot_file(stages.plots_dir, "multi_at.png", lambda path: plot_multi_at(curves, path), curves) as png:
+        tracker.log_file(tracker.run_id, png)
 
 
 def _rollouts_fingerprint(ref: str, rollouts: Manifest, client: MlflowClient) -> str | None:

@@ -29,6 +29,7 @@ class StageRunner:
         self.store = store
         self.runner = runner  # shards go here; None: the flow's own task runner
         self.results_dir = Path(store.root) / "prefect-results" if store.is_local else None
+        self.plots_dir = Path(store.root) / "plots" if store.is_local else None  # tasks.plots.plot_file
         self.states: dict[str, list[str]] = {}
         self.timings: dict[str, float] = {}
 
@@ -197,28 +198,29 @@ def track_stage(
     if manifest.rows is not None:
         scalars["rows"] = manifest.rows
     scalars["stage_seconds"] = stages.timings.get(name, 0.0)
-    tracker.log_metrics(run_id, scalars)
-    tracker.log_metrics(tracker.run_id, {f"{name}.{k}": v for k, v in scalars.items()})
+    # one write per run: every metric write is a database transaction
+    stage_rows = [(k, v, 0) for k, v in scalars.items()]
+    parent_rows = [(f"{name}.{k}", v, 0) for k, v in scalars.items()]
     if histogram and "histogram" in meta:
-        import tempfile
+        from tasks.plots import plot_file, plot_weight_histogram
 
-        from tasks.plots import plot_weight_histogram
-
-        with tempfile.TemporaryDirectory() as tmp:
-            png = plot_weight_histogram(
-                meta["histogram"]["counts"], meta["histogram"]["edges"], Path(tmp) / "weights.png"
-            )
+        hist = meta["histogram"]
+        draw = lambda path: plot_weight_histogram(hist["counts"], hist["edges"], path)  # noqa: E731
+        with plot_file(stages.plots_dir, "weights.png", draw, hist) as png:
             tracker.log_file(run_id, png)
             tracker.log_file(tracker.run_id, png)
     if loss_history:
         for step, loss, lr in meta.get("loss_history", []):
-            tracker.log_metrics(run_id, {"loss": loss, "lr": lr}, step=int(step))
+            stage_rows += [("loss", loss, int(step)), ("lr", lr, int(step))]
     if eval_metrics:
         for key in ("multi_at", "accuracy_at_turn", "correction_rate"):
             for t, value in enumerate(meta.get(key, []), start=1):
                 if value is not None:
-                    tracker.log_metrics(run_id, {key: value}, step=t)
-                    tracker.log_metrics(tracker.run_id, {f"{name}.{key}_t{t}": value})
+                    stage_rows.append((key, value, t))
+                    parent_rows.append((f"{name}.{key}_t{t}", value, 0))
+    tracker.log_metric_steps(run_id, stage_rows)
+    tracker.log_metric_steps(tracker.run_id, parent_rows)
+    if eval_metrics:
         for file in ("metrics.json", "multi_at.png"):
             path = Path(stages.store.dir_for(manifest.stage, manifest.key)) / file
             if stages.store.is_local and path.exists():

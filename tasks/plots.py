@@ -1,8 +1,45 @@
-"""Plots logged to MLflow: cumulative accuracy by turn, and the weight histogram."""
+"""Plots logged to MLflow: cumulative accuracy by turn, and the weight histogram.
+
+:func:`plot_file` keeps each rendered PNG under a hash of the data it shows, so a cached re-run
+logs the same picture without importing matplotlib (about a second of start-up on its own)."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def plot_file(
+    cache_dir: Path | None, filename: str, render: Callable[[Path], Any], data: Any
+) -> Iterator[Path]:
+    """A PNG named ``filename`` showing ``data``, drawn by ``render(path)`` only when no earlier run
+    drew the same data into ``cache_dir`` (``<cache_dir>/<hash of data>/<filename>``). Without a
+    cache directory (a remote store) it is drawn into a temporary directory for the ``with`` block."""
+    if cache_dir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / filename
+            render(path)
+            yield path
+        return
+    doc = json.dumps([filename, data], sort_keys=True, default=str)
+    path = Path(cache_dir) / hashlib.sha256(doc.encode()).hexdigest()[:32] / filename
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{os.getpid()}-{threading.get_ident()}-{filename}")
+        try:
+            render(tmp)
+            os.replace(tmp, path)  # whole or absent: a killed run never leaves half a PNG
+        finally:
+            tmp.unlink(missing_ok=True)
+    yield path
 
 
 def _pyplot():

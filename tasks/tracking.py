@@ -57,6 +57,15 @@ def _local_tracking_uri(uri: str) -> str:
     return uri
 
 
+def open_tracking_store(uri: str) -> None:
+    """Import MLflow and open (for a new database: create) the tracking store now. MLflow keeps one
+    store per URI, so the run's :class:`Tracker` reuses it; the CLI calls this while other
+    start-up work (the temporary Prefect server) proceeds in parallel."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=_local_tracking_uri(uri))
+
+
 class Tracker:
     """Thin wrapper over MlflowClient for drift's run layout."""
 
@@ -96,12 +105,17 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        self.log_metric_steps(run_id, [(k, v, step) for k, v in metrics.items()])
+
+    def log_metric_steps(self, run_id: str, rows: list[tuple[str, Any, int]]) -> None:
+        """``(key, value, step)`` rows in as few writes as possible (one per 500 rows: each write is
+        a database transaction); values that are not finite numbers are skipped."""
         from mlflow.entities import Metric
 
         now = _now_ms()
         items = [
             Metric(k, float(v), now, step)
-            for k, v in metrics.items()
+            for k, v, step in rows
             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
         ]
         for i in range(0, len(items), 500):

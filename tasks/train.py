@@ -26,6 +26,7 @@ import sys
 import tempfile
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import task
 
@@ -33,7 +34,9 @@ from drift_core.schemas import ModelConfig, TrainConfig
 from tasks.caching import served_from_store
 from tasks.models import resolve_model
 from tasks.store import ArtifactStore, Manifest
-from tasks.trainer import TrainResult, train_weighted_sft
+
+if TYPE_CHECKING:  # torch comes with the trainer: imported only when a model is trained here
+    from tasks.trainer import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +146,8 @@ def _run_launched(
             raise RuntimeError(
                 f"distributed training exited with code {proc.returncode}; last output:\n{''.join(tail)}"
             )
+        from tasks.trainer import TrainResult
+
         return TrainResult.model_validate_json(result_file.read_text())
 
 
@@ -205,8 +210,10 @@ def train(
                 cfg, processes, data_path, model_path, model_cfg, staging, checkpoint_dir, logger
             )
         else:
+            from tasks import trainer
+
             data = store.read_parquet(weighted)
-            result = train_weighted_sft(
+            result = trainer.train_weighted_sft(
                 data, model_path, model_cfg, cfg, staging, checkpoint_dir, progress=True
             )
         meta = {

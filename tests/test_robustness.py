@@ -97,12 +97,14 @@ def no_compute(monkeypatch, tmp_path):
     from prefect.server.api.server import SubprocessASGIServer
 
     import flows.drift_flow
+    from flows.prefect_server import TemporaryServer
 
     def forbidden(*a, **k):
         raise AssertionError("compute started for an invalid config")
 
     monkeypatch.setattr(flows.drift_flow, "drift", forbidden)
     monkeypatch.setattr(SubprocessASGIServer, "start", forbidden)
+    monkeypatch.setattr(TemporaryServer, "start", forbidden)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

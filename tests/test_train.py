@@ -213,7 +213,7 @@ def test_train_task_publishes_and_reuses(tiny_model_dir, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a published model must be reused, not retrained")
 
-    monkeypatch.setattr(train_mod, "train_weighted_sft", boom)
+    monkeypatch.setattr("tasks.trainer.train_weighted_sft", boom)
     assert train_mod.train.fn(weighted, model_cfg, cfg, store.url, "t1") == manifest
 
 
