@@ -28,6 +28,9 @@ FULL_INSTRUCTION = (
     "You may get several attempts: if your answer is wrong, you will be told so, and you should "
     "then reconsider your reasoning and give a corrected answer instead of repeating a previous one."
 )
+CHOICE_INSTRUCTION = (
+    "Answer the following multiple-choice question. Your final answer is the letter of the correct option."
+)
 ANSWER_FORMAT = "Put your final answer within <answer> </answer> tags."
 THINK_FORMAT = (
     "First think through the problem within <think> </think> tags, "

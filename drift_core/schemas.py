@@ -264,7 +264,7 @@ class EvalEntry(StrictModel):
     name: str = Field(pattern=_ENTRY_NAME, description="metrics are logged as <name>.multi_at_t<T>, ...")
     data: DataConfig
     verifier: VerifierConfig | None = Field(
-        default=None, description="unset: eval.verifier (default: kind auto)"
+        default=None, description="keys set here override eval.verifier's (default: kind auto)"
     )
     answer_format: Literal["answer", "think"] | None = Field(default=None, description="overrides protocol's")
     task_instruction: str | None = Field(default=None, description="overrides the instruction text")
@@ -289,8 +289,11 @@ class EvalConfig(StrictModel):
     )
     verifier: VerifierConfig | None = Field(
         default=None,
-        description="verifier of eval.data and of suite entries without one; unset: the top-level "
-        "verifier's settings with kind auto",
+        description="keys set here override, for every benchmark, the top-level verifier's settings "
+        "with kind auto (what evaluation uses by default)",
+    )
+    answer_format: Literal["answer", "think"] | None = Field(
+        default=None, description="overrides protocol.answer_format for evaluation (paper: think)"
     )
     max_turns: int | None = Field(default=None, ge=1, description="defaults to protocol.max_turns")
     max_new_tokens: int | None = Field(default=None, ge=1)
@@ -405,6 +408,16 @@ class DriftConfig(StrictModel):
     @property
     def eval_max_turns(self) -> int:
         return self.eval.max_turns or self.protocol.max_turns
+
+    def eval_verifier(self, entry: EvalEntry) -> VerifierConfig:
+        """A benchmark's verifier: the top-level verifier's settings with kind ``auto`` (resolved
+        against the golds before any generation), then the keys ``eval.verifier`` sets, then the
+        keys the entry's own ``verifier`` sets (``{kind: choice}`` keeps the top-level timeout)."""
+        out = self.verifier.model_copy(update={"kind": "auto"})
+        for layer in (self.eval.verifier, entry.verifier):
+            if layer is not None:
+                out = out.model_copy(update={k: getattr(layer, k) for k in layer.model_fields_set})
+        return out
 
     @field_validator("base_model", mode="before")
     @classmethod

@@ -2,7 +2,8 @@
 
     drift run CONFIG [--set key=value ...]     run the pipeline in-process (Prefect flow ``drift``)
     drift eval --model DIR [--data SOURCE] [--config CONFIG] [--set ...]
-                                               multi-turn evaluation of any model directory
+                                               multi-turn evaluation of any model on every
+                                               benchmark of the config's eval suite
     drift online CONFIG [--set key=value ...]  online multi-turn RL baseline (TRL GRPO), same protocol
                                                and reward; prints the MLflow run id and a JSON line
     drift weights INPUT --gamma G --beta B [--lambda L] --output OUT
@@ -45,29 +46,37 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def format_results(summary: dict[str, Any]) -> str:
-    """Per-turn table: multi@t, accuracy among open problems, correction rate, per system."""
-    evals = summary.get("eval", {})
-    if not evals:
+    """One row per benchmark: problems, verifier, then per system (reference and trained side by
+    side) multi@1..T and corr@T (the correction rate at the last turn), in percent."""
+    suite = summary.get("suite") or ({"eval": summary["eval"]} if summary.get("eval") else {})
+    if not suite:
         return "(no evaluation)"
-    names = list(evals)
-    turns = max(len(m.get("multi_at", [])) for m in evals.values())
-    head = f"{'turn':>4}  " + "  ".join(f"{n + ' multi@t':>18} {'acc@t':>6} {'corr@t':>6}" for n in names)
-    lines = [head, "-" * len(head)]
-    for t in range(turns):
-        cells = []
-        for n in names:
-            m = evals[n]
-            multi, acc, corr = (
-                _pct(m.get(k, [None] * turns)[t]) for k in ("multi_at", "accuracy_at_turn", "correction_rate")
+    verifiers = summary.get("verifiers", {})
+    systems = list(dict.fromkeys(s for per in suite.values() for s in per))
+    turns = max(len(m.get("multi_at", [])) for per in suite.values() for m in per.values())
+    cols = [f"multi@{t}" for t in range(1, turns + 1)] + [f"corr@{turns}"]
+    group = "  ".join(f"{c:>7}" for c in cols)
+    width = max(12, *(len(b) for b in suite))
+    lead = f"{'benchmark':<{width}} {'n':>5}  {'verifier':<8}"
+    head = lead + "".join(f"  | {g}" for g in [group] * len(systems))
+    names = " " * len(lead) + "".join(f"  | {s:<{len(group)}}" for s in systems)
+    lines = [names.rstrip(), head, "-" * len(head)]
+    for bench, per in suite.items():
+        n = next((m.get("n_problems") for m in per.values()), None)
+        row = f"{bench:<{width}} {n if n is not None else '-':>5}  {verifiers.get(bench, '-'):<8}"
+        for system in systems:
+            m = per.get(system, {})
+            multi = list(m.get("multi_at", []))
+            multi += [None] * (turns - len(multi))
+            corr = (m.get("correction_rate") or [None] * turns)[-1]
+            row += "  | " + "  ".join(f"{_pct(v):>7}" for v in [*multi, corr])
+        lines.append(row)
+    for bench, per in suite.items():
+        for system, m in per.items():
+            lines.append(
+                f"{bench} / {system}: mean turns {m.get('mean_turns_used', 0):.2f}, "
+                f"repeated answers {100 * m.get('repeated_answer_share', 0):.1f}%"
             )
-            cells.append(f"{multi:>18} {acc:>6} {corr:>6}")
-        lines.append(f"{t + 1:>4}  " + "  ".join(cells))
-    for n in names:
-        m = evals[n]
-        lines.append(
-            f"{n}: {m.get('n_problems')} problems, mean turns {m.get('mean_turns_used', 0):.2f}, "
-            f"repeated answers {100 * m.get('repeated_answer_share', 0):.1f}%"
-        )
     return "\n".join(lines)
 
 
@@ -79,6 +88,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from flows.config import load_config
 
     cfg = load_config(args.config, args.set)  # validate before importing the pipeline or any compute
+    from tasks.golds import check_eval_suite
+
+    check_eval_suite(cfg, os.getcwd())  # every eval gold readable by its verifier, in seconds
     server = start_if_needed()  # starts while the pipeline's modules and the MLflow store load
     from flows.drift_flow import drift
     from tasks.tracking import open_tracking_store
@@ -113,9 +125,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from flows.config import load_config
 
     overrides = list(args.set)
-    if args.data:
-        overrides.append(f"eval.data.source={args.data}")
+    if args.data:  # one data set instead of the config's eval data or suite
+        overrides += ["eval.suite=null", f"eval.data.source={args.data}"]
     cfg = load_config(args.config, overrides)
+    from tasks.golds import check_eval_suite
+
+    check_eval_suite(cfg, os.getcwd())  # every gold readable by its verifier, before Prefect starts
     server = start_if_needed()
     from flows.eval_flow import evaluate_model
     from flows.orphans import crash_orphaned_flow_runs, owned_by_this_process

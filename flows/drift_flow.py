@@ -25,10 +25,22 @@ from prefect.context import FlowRunContext
 from drift_core.schemas import DriftConfig, ModelConfig
 from flows.config import load_config
 from flows.runners import shard_runner
-from flows.stages import StageRunner, evaluate_stage, result_fields, run_tags, sharded_calls, track_stage
+from flows.stages import (
+    StageRunner,
+    eval_label,
+    evaluate_stage,
+    log_suite_params,
+    prepare_eval_suite,
+    result_fields,
+    run_tags,
+    sharded_calls,
+    track_eval,
+    track_stage,
+)
 from flows.train_flow import train_on_pool
 from tasks.caching import stage_key
 from tasks.engines import release_engines
+from tasks.golds import checked_verifier
 from tasks.ingest import ingest, ingest_key
 from tasks.models import fingerprint_model, resolve_model
 from tasks.registry import pin_registered, without_credentials
@@ -81,6 +93,10 @@ def drift(
 def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, rollouts_from, logger) -> dict:
     root = store.url
     base_dir = os.getcwd()
+    # Every benchmark of the eval suite is ingested and its golds checked first: a data/verifier
+    # mismatch fails now, not after rollouts and training.
+    suite = prepare_eval_suite(cfg, stages, base_dir)
+    log_suite_params(tracker, suite)
 
     # 1. Reference rollouts: ingest -> K trajectories per prompt, graded turn by turn.
     # A models:/ alias is resolved to one version for the whole run, in run.tracking_uri's registry
@@ -112,12 +128,13 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
             key=ingest_key(cfg.data, base_dir),
         )
         track_stage(tracker, stages, "ingest", problems, {"data.source": cfg.data.source})
+        verifier = checked_verifier(store, problems, cfg.data, cfg.verifier, "", base_dir)  # resolves auto
         rollout_base = stage_key(
             "rollout",
             problems=problems.sha256,
             model=reference_fp,
             protocol=cfg.protocol,
-            verifier=result_fields(cfg.verifier),
+            verifier=result_fields(verifier),
             rollout=result_fields(cfg.rollout),
             engine=cfg.engine.kind,
         )
@@ -134,7 +151,7 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
                     "model_cfg": reference_cfg,
                     "engine_cfg": cfg.engine,
                     "protocol": cfg.protocol,
-                    "verifier": cfg.verifier,
+                    "verifier": verifier,
                     "sampling": cfg.rollout.sampling,
                     "k": cfg.rollout.k,
                     "max_turns": cfg.protocol.max_turns,
@@ -191,15 +208,8 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
     )
     track_stage(tracker, stages, "train", model, {"base_fingerprint": base_fp}, loss_history=True)
 
-    # 4. Multi-turn evaluation, greedy, of the trained model (and the reference, for comparison).
-    eval_problems = stages.run(
-        "ingest-eval",
-        ingest,
-        cfg=cfg.eval.data,
-        store_root=root,
-        base_dir=base_dir,
-        key=ingest_key(cfg.eval.data, base_dir),
-    )
+    # 4. Multi-turn evaluation, greedy, of the trained model (and the reference, for comparison),
+    # on every benchmark of the suite. The first benchmark is the run's primary metric (`results`).
     systems = {
         "trained": (
             store.local_path(model),
@@ -209,12 +219,15 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
     }
     if cfg.eval.evaluate_reference:
         systems = {"reference": (reference, reference_fp, reference_cfg), **systems}
-    results = {
-        name: evaluate_stage(cfg, stages, eval_problems, name, *spec) for name, spec in systems.items()
-    }
-    for name, manifest in results.items():
-        params = {"system": name, "model_fingerprint": systems[name][1]}  # the reference as of now
-        track_stage(tracker, stages, f"evaluate-{name}", manifest, params, eval_metrics=True)
+    by_benchmark: dict[str, dict[str, Manifest]] = {}
+    for ev in suite:
+        for name, (path, fp, model_cfg) in systems.items():
+            label = eval_label(name, ev, suite)
+            manifest = evaluate_stage(cfg, stages, ev, label, name, path, fp, model_cfg)
+            params = {"system": name, "model_fingerprint": fp}  # the reference as of now
+            track_eval(tracker, stages, label, ev, manifest, f"{ev.name}.{name}", params)
+            by_benchmark.setdefault(ev.name, {})[name] = manifest
+    results = by_benchmark[suite[0].name]
     _log_comparison(tracker, stages, results)
 
     summary = {
@@ -223,7 +236,9 @@ def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, ro
         "model_dir": store.local_path(model),
         "stage_states": stages.states,
         "stage_seconds": {k: round(v, 2) for k, v in stages.timings.items()},
-        "eval": {name: m.meta for name, m in results.items()},
+        "eval": {name: m.meta for name, m in results.items()},  # the primary (first) benchmark
+        "suite": {b: {name: m.meta for name, m in ms.items()} for b, ms in by_benchmark.items()},
+        "verifiers": {ev.name: ev.verifier.kind for ev in suite},
         "weights": {k: v for k, v in weighted.meta.items() if k != "histogram"},
         "rollout": rollouts.meta,
     }

@@ -9,9 +9,16 @@ from prefect import flow
 
 from drift_core.schemas import ModelConfig
 from flows.config import load_config
-from flows.stages import StageRunner, evaluate_stage, run_tags, track_stage
+from flows.stages import (
+    StageRunner,
+    eval_label,
+    evaluate_stage,
+    log_suite_params,
+    prepare_eval_suite,
+    run_tags,
+    track_eval,
+)
 from tasks.engines import release_engines
-from tasks.ingest import ingest, ingest_key
 from tasks.models import fingerprint_model, resolve_model
 from tasks.registry import pin_registered
 from tasks.store import ArtifactStore
@@ -22,10 +29,12 @@ from tasks.tracking import Tracker
 def evaluate_model(
     model: str, config_path: str = "configs/demo.yaml", overrides: list[str] | None = None
 ) -> dict[str, Any]:
-    """Evaluate ``model`` (a directory, hub id, builtin or models:/ URI) with the config's protocol and eval set."""
+    """Evaluate ``model`` (a directory, hub id, builtin or models:/ URI) on every benchmark of the
+    config's eval suite (``eval.data`` is a suite of one), with the config's protocol."""
     cfg = load_config(config_path, overrides or [])
     store = ArtifactStore(cfg.run.artifact_store)
     stages = StageRunner(store)
+    suite = prepare_eval_suite(cfg, stages, os.getcwd())  # every gold checked before the model loads
     model_cfg = ModelConfig(path=model, trust_remote_code=cfg.reference_model.trust_remote_code)
     model_cfg = pin_registered(model_cfg, cfg.run.tracking_uri)  # models:/: one version, run's registry
     path = resolve_model(model_cfg)
@@ -37,30 +46,22 @@ def evaluate_model(
     )
     status = "FAILED"
     try:
-        base_dir = os.getcwd()
-        problems = stages.run(
-            "ingest-eval",
-            ingest,
-            cfg=cfg.eval.data,
-            store_root=store.url,
-            base_dir=base_dir,
-            key=ingest_key(cfg.eval.data, base_dir),
-        )
-        manifest = evaluate_stage(
-            cfg, stages, problems, "model", path, fingerprint, model_cfg.model_copy(update={"path": path})
-        )
-        track_stage(
-            tracker,
-            stages,
-            "evaluate-model",
-            manifest,
-            {"model": model, "fingerprint": fingerprint},
-            eval_metrics=True,
-        )
+        log_suite_params(tracker, suite)
+        resolved = model_cfg.model_copy(update={"path": path})
+        results = {}
+        for ev in suite:
+            label = eval_label("model", ev, suite)
+            manifest = evaluate_stage(cfg, stages, ev, label, "model", path, fingerprint, resolved)
+            params = {"model": model, "fingerprint": fingerprint}
+            track_eval(tracker, stages, label, ev, manifest, ev.name, params)
+            results[ev.name] = manifest
         status = "FINISHED"
+        primary = results[suite[0].name]
         return {
             "mlflow_run_id": tracker.run_id,
-            "eval": {"model": manifest.meta},
+            "eval": {"model": primary.meta},  # the first benchmark: the run's primary metric
+            "suite": {name: {"model": m.meta} for name, m in results.items()},
+            "verifiers": {ev.name: ev.verifier.kind for ev in suite},
             "stage_states": stages.states,
         }
     finally:

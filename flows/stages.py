@@ -5,6 +5,7 @@ a stage in MLflow. ``flows/drift_flow.py`` and ``flows/eval_flow.py`` are built 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +13,29 @@ from prefect import get_run_logger
 from prefect.futures import wait
 from prefect.task_runners import TaskRunner
 
-from drift_core.schemas import DriftConfig
+from drift_core.protocol import CHOICE_INSTRUCTION
+from drift_core.schemas import DriftConfig, EvalEntry, ProtocolConfig, VerifierConfig
 from tasks.caching import key_from_parameters, stage_key
 from tasks.evaluate import greedy, summarize_eval
+from tasks.golds import checked_verifier
+from tasks.ingest import ingest, ingest_key
 from tasks.rollout import rollout_shard
 from tasks.store import ArtifactStore, Manifest
 from tasks.tracking import Tracker
 
-__all__ = ["StageRunner", "evaluate_stage", "result_fields", "run_tags", "sharded_calls", "track_stage"]
+__all__ = [
+    "EvalSet",
+    "StageRunner",
+    "eval_label",
+    "evaluate_stage",
+    "log_suite_params",
+    "prepare_eval_suite",
+    "result_fields",
+    "run_tags",
+    "sharded_calls",
+    "track_eval",
+    "track_stage",
+]
 
 
 class StageRunner:
@@ -115,37 +131,97 @@ _SPEED_ONLY: dict[str, set[str]] = {
 }
 
 
+@dataclass(frozen=True)
+class EvalSet:
+    """One benchmark of the eval suite, ingested and checked: what its evaluate stages run with."""
+
+    name: str
+    config_key: str  # "eval" (eval.data) or "eval.suite[i]": named in messages
+    problems: Manifest
+    verifier: VerifierConfig  # kind resolved (never auto)
+    requested_kind: str  # the kind as configured (may be auto)
+    protocol: ProtocolConfig  # the run's protocol with the eval turns and the entry's overrides
+    max_new_tokens: int
+
+
+def _entry_protocol(cfg: DriftConfig, entry: EvalEntry) -> ProtocolConfig:
+    update: dict[str, Any] = {"max_turns": cfg.eval_max_turns}
+    answer_format = entry.answer_format or cfg.eval.answer_format
+    if answer_format is not None:
+        update["answer_format"] = answer_format
+    if entry.task_instruction is not None:
+        update["task_instruction"] = entry.task_instruction
+    elif entry.data.multiple_choice and cfg.protocol.task_instruction is None:
+        update["task_instruction"] = CHOICE_INSTRUCTION
+    return cfg.protocol.model_copy(update=update)
+
+
+def prepare_eval_suite(cfg: DriftConfig, stages: StageRunner, base_dir: str) -> list[EvalSet]:
+    """Ingest every benchmark of the suite and check every gold against its verifier (resolving
+    ``auto``): run before any generation, so a data/verifier mismatch fails in seconds."""
+    entries = cfg.eval.entries()
+    out = []
+    for config_key, entry in entries:
+        label = "ingest-eval" if len(entries) == 1 else f"ingest-eval-{entry.name}"
+        problems = stages.run(
+            label,
+            ingest,
+            cfg=entry.data,
+            store_root=stages.store.url,
+            base_dir=base_dir,
+            key=ingest_key(entry.data, base_dir),
+            context=f"{config_key}.data",
+        )
+        requested = cfg.eval_verifier(entry)
+        verifier = checked_verifier(
+            stages.store, problems, entry.data, requested, config_key, base_dir, entry.name
+        )
+        max_new = entry.max_new_tokens or cfg.eval.max_new_tokens or cfg.rollout.sampling.max_new_tokens
+        out.append(
+            EvalSet(
+                entry.name,
+                config_key,
+                problems,
+                verifier,
+                requested.kind,
+                _entry_protocol(cfg, entry),
+                max_new,
+            )
+        )
+    return out
+
+
 def evaluate_stage(
-    cfg: DriftConfig, stages: StageRunner, problems: Manifest, name: str, path: str, fp: str, model_cfg
-):
-    max_turns = cfg.eval_max_turns
-    max_new = cfg.eval.max_new_tokens or cfg.rollout.sampling.max_new_tokens
-    protocol = cfg.protocol.model_copy(update={"max_turns": max_turns})
+    cfg: DriftConfig, stages: StageRunner, ev: EvalSet, label: str, system: str, path: str, fp: str, model_cfg
+) -> Manifest:
+    """Evaluate model ``system`` on one benchmark (shards, then their summary), as stage ``label``."""
+    max_turns = ev.protocol.max_turns
     base = stage_key(
         "evaluate",
         model=fp,
-        problems=problems.sha256,
-        protocol=protocol,
-        verifier=result_fields(cfg.verifier),
-        max_new_tokens=max_new,
+        problems=ev.problems.sha256,
+        protocol=ev.protocol,
+        verifier=result_fields(ev.verifier),
+        max_new_tokens=ev.max_new_tokens,
         engine=cfg.engine.kind,
     )
-    shard_task = rollout_shard.with_options(name="eval-shard", task_run_name=f"eval-{name}-{{shard}}")
+    run_name = label.replace("evaluate-", "eval-", 1)  # eval-trained-0, eval-trained-math500-0
+    shard_task = rollout_shard.with_options(name="eval-shard", task_run_name=f"{run_name}-{{shard}}")
     shards = stages.map(
-        f"evaluate-{name}",
+        label,
         shard_task,
         sharded_calls(
             "eval-shard",
-            problems,
+            ev.problems,
             cfg.eval.shard_size,
             base,
             {
                 "model_path": path,
                 "model_cfg": model_cfg,
                 "engine_cfg": cfg.engine,
-                "protocol": protocol,
-                "verifier": cfg.verifier,
-                "sampling": greedy(max_new),
+                "protocol": ev.protocol,
+                "verifier": ev.verifier,
+                "sampling": greedy(ev.max_new_tokens),
                 "k": 1,
                 "max_turns": max_turns,
                 "seed": 0,
@@ -155,14 +231,49 @@ def evaluate_stage(
         ),
     )
     return stages.run(
-        f"evaluate-{name}",
+        label,
         summarize_eval,
         shards=shards,
-        label=name,
+        label=system,
         max_turns=max_turns,
         store_root=stages.store.url,
         key=stage_key("evaluate", base=base, shards=[m.key for m in shards]),
     )
+
+
+def eval_label(system: str, ev: EvalSet, suite: list[EvalSet]) -> str:
+    """Stage name: ``evaluate-<system>`` for a suite of one, ``evaluate-<system>-<benchmark>``."""
+    return f"evaluate-{system}" if len(suite) == 1 else f"evaluate-{system}-{ev.name}"
+
+
+def track_eval(
+    tracker: Tracker,
+    stages: StageRunner,
+    label: str,
+    ev: EvalSet,
+    manifest: Manifest,
+    prefix: str,
+    params: dict,
+) -> None:
+    """Record one evaluation: a stage run with its metrics by turn, and on the parent run the
+    metrics under ``prefix`` (``<benchmark>`` or ``<benchmark>.<system>``): ``math500.multi_at_t5``."""
+    params = {
+        **params,
+        "benchmark": ev.name,
+        "verifier.kind": ev.verifier.kind,
+        "verifier.requested": ev.requested_kind,
+    }
+    track_stage(tracker, stages, label, manifest, params, eval_metrics=True, parent_prefix=prefix)
+
+
+def log_suite_params(tracker: Tracker, suite: list[EvalSet]) -> None:
+    """The verifier each benchmark is graded with (``auto`` resolved), on the parent run."""
+    params = {}
+    for ev in suite:
+        params[f"eval.suite.{ev.name}.verifier.kind"] = ev.verifier.kind
+        params[f"eval.suite.{ev.name}.verifier.requested"] = ev.requested_kind
+        params[f"eval.suite.{ev.name}.problems"] = ev.problems.rows
+    tracker.log_params(tracker.run_id, params)
 
 
 def run_tags() -> dict[str, str]:
@@ -187,7 +298,11 @@ def track_stage(
     histogram: bool = False,
     loss_history: bool = False,
     eval_metrics: bool = False,
+    parent_prefix: str | None = None,
 ) -> None:
+    """A nested MLflow run for stage ``name``; its scalar metrics also go on the parent run, named
+    ``<parent_prefix>.<metric>`` (default prefix: the stage name)."""
+    prefix = parent_prefix or name
     run_id = tracker.stage(
         name,
         params={**params, "artifact": manifest.uri, "sha256": manifest.sha256},
@@ -200,7 +315,7 @@ def track_stage(
     scalars["stage_seconds"] = stages.timings.get(name, 0.0)
     # one write per run: every metric write is a database transaction
     stage_rows = [(k, v, 0) for k, v in scalars.items()]
-    parent_rows = [(f"{name}.{k}", v, 0) for k, v in scalars.items()]
+    parent_rows = [(f"{prefix}.{k}", v, 0) for k, v in scalars.items()]
     if histogram and "histogram" in meta:
         from tasks.plots import plot_file, plot_weight_histogram
 
@@ -217,7 +332,7 @@ def track_stage(
             for t, value in enumerate(meta.get(key, []), start=1):
                 if value is not None:
                     stage_rows.append((key, value, t))
-                    parent_rows.append((f"{name}.{key}_t{t}", value, 0))
+                    parent_rows.append((f"{prefix}.{key}_t{t}", value, 0))
     tracker.log_metric_steps(run_id, stage_rows)
     tracker.log_metric_steps(tracker.run_id, parent_rows)
     if eval_metrics:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from drift_core.schemas import DataConfig, VerifierConfig
+import polars as pl
+
+from drift_core.schemas import DataConfig, DriftConfig, VerifierConfig
 from drift_core.verify import resolve_kind, unreadable_gold
-from tasks.ingest import IngestError, problem_origins
+from tasks.ingest import IngestError, load_problems, problem_origins
 from tasks.store import ArtifactStore, Manifest
 
-__all__ = ["GoldError", "checked_verifier"]
+__all__ = ["GoldError", "check_eval_suite", "check_golds", "checked_verifier"]
 
 _MAX_EXAMPLES = 3
 
@@ -37,10 +39,34 @@ def checked_verifier(
     read every one of them. ``context`` is the config key whose ``verifier`` and ``data`` are meant
     (``eval.suite[1]``, ``eval``, or ``""`` for the top level); ``label`` names the benchmark."""
     golds = store.read_parquet(problems).select("prompt_id", "gold")
+    return check_golds(golds, data, verifier, context, base_dir, label)
+
+
+def check_eval_suite(cfg: DriftConfig, base_dir: str | Path | None = None) -> dict[str, str]:
+    """Read every benchmark of ``cfg``'s eval suite and check its golds (no store, no Prefect): the
+    CLI runs this before starting a flow, so a mismatch fails in seconds. Returns name -> kind."""
+    kinds = {}
+    for key, entry in cfg.eval.entries():
+        df, _ = load_problems(entry.data, Path(base_dir) if base_dir is not None else None, f"{key}.data")
+        kinds[entry.name] = check_golds(
+            df, entry.data, cfg.eval_verifier(entry), key, base_dir, entry.name
+        ).kind
+    return kinds
+
+
+def check_golds(
+    golds: pl.DataFrame,
+    data: DataConfig,
+    verifier: VerifierConfig,
+    context: str,
+    base_dir: str | Path | None = None,
+    label: str | None = None,
+) -> VerifierConfig:
+    """The check behind ``checked_verifier`` on a table with ``prompt_id`` and ``gold`` columns."""
     kind = resolve_kind(verifier.kind, golds["gold"].to_list(), data.multiple_choice)
     bad = [
         (pid, gold, why)
-        for pid, gold in golds.iter_rows()
+        for pid, gold in golds.select("prompt_id", "gold").iter_rows()
         if (why := unreadable_gold(kind, gold)) is not None
     ]
     if bad:

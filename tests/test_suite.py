@@ -454,3 +454,90 @@ def test_hf_subset_lists_are_concatenated_with_ids_per_subset(monkeypatch):
         "hendrycks_math-geometry-test-0",
     ]
     assert df["question"].to_list() == ["algebra 0", "algebra 1", "geometry 0"] and report.rows_read == 3
+
+
+# --------------------------------------------------------------------------------------------
+# The command line: the gold check before Prefect starts, and a two-benchmark suite end to end
+# --------------------------------------------------------------------------------------------
+
+SUITE_YAML = """
+run: {{artifact_store: {store}, tracking_uri: "sqlite:///{db}", experiment: suite}}
+reference_model: {{path: builtin:tiny-smollm2}}
+protocol: {{max_turns: 2}}
+eval:
+  max_new_tokens: 6
+  shard_size: 2
+  suite:
+    - name: math
+      data: {{source: math.jsonl, question_field: problem, id_field: unique_id}}{math_verifier}
+    - name: gpqa
+      data:
+        source: gpqa.csv
+        question_field: Question
+        id_field: Record ID
+        correct_field: Correct Answer
+        incorrect_fields: [Incorrect Answer 1, Incorrect Answer 2, Incorrect Answer 3]
+        limit: 3
+"""
+
+
+def suite_dir(tmp_path: Path, math_verifier: str = "") -> Path:
+    write(tmp_path / "math.jsonl", MATH_ROWS)
+    write(tmp_path / "gpqa.csv", GPQA_ROWS)
+    text = SUITE_YAML.format(store=tmp_path / "store", db=tmp_path / "mlflow.db", math_verifier=math_verifier)
+    (tmp_path / "suite.yaml").write_text(text)
+    return tmp_path / "suite.yaml"
+
+
+@pytest.mark.parametrize("command", ["eval", "run"])
+def test_unreadable_gold_stops_the_cli_before_prefect_starts(tmp_path, monkeypatch, capsys, command):
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from flows.cli import main
+    from flows.prefect_server import TemporaryServer
+
+    def forbidden(*a, **k):
+        raise AssertionError("Prefect started although a gold is unreadable")
+
+    monkeypatch.setattr(SubprocessASGIServer, "start", forbidden)
+    monkeypatch.setattr(TemporaryServer, "start", forbidden)
+    monkeypatch.chdir(tmp_path)
+    config = suite_dir(tmp_path, "\n      verifier: {kind: numeric}")
+    argv = ["eval", "--model", "builtin:tiny-smollm2", "--config", str(config)]
+    assert main(argv if command == "eval" else ["run", str(config)]) == 2
+    err = " ".join(capsys.readouterr().err.split())  # unwrap the paragraph
+    assert "GoldError: eval.suite[0] 'math': 1 of 2 golds cannot be read by the numeric verifier" in err
+    assert f"{tmp_path / 'math.jsonl'}: line 1 (prompt id 'a')" in err
+    assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_drift_eval_runs_every_benchmark_of_a_suite(tmp_path, prefect_server, tiny_model_dir):
+    """Two local benchmarks (LaTeX golds, GPQA-style options), no verifier set: one table row and
+    one set of MLflow metrics per benchmark, the verifiers auto picked in the run's params."""
+    from helpers import drift_cli, mlflow_run_id
+    from mlflow.tracking import MlflowClient
+
+    config = suite_dir(tmp_path)
+    out = drift_cli(
+        ["eval", "--model", "builtin:tiny-smollm2", "--config", str(config)], tmp_path, prefect_server
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {
+        line.split()[0]: line.split()
+        for line in out.stdout.splitlines()
+        if line.startswith(("math ", "gpqa ")) and "|" in line  # table rows, not the notes
+    }
+    assert rows["math"][1:3] == ["2", "math"] and rows["gpqa"][1:3] == ["3", "choice"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(mlflow_run_id(out.stdout))
+    for name, n in (("math", 2), ("gpqa", 3)):
+        assert run.data.metrics[f"{name}.n_problems"] == n
+        assert {f"{name}.multi_at_t1", f"{name}.multi_at_t2", f"{name}.correction_rate_t2"} <= set(
+            run.data.metrics
+        )
+    assert run.data.params["eval.suite.math.verifier.kind"] == "math"
+    assert run.data.params["eval.suite.gpqa.verifier.kind"] == "choice"
+    assert run.data.params["eval.suite.gpqa.verifier.requested"] == "auto"
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == ["evaluate-model-gpqa", "evaluate-model-math"]
