@@ -541,3 +541,70 @@ def test_drift_eval_runs_every_benchmark_of_a_suite(tmp_path, prefect_server, ti
     assert run.data.params["eval.suite.gpqa.verifier.requested"] == "auto"
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == ["evaluate-model-gpqa", "evaluate-model-math"]
+
+
+def test_eval_verifier_layers_keep_what_they_do_not_set():
+    cfg = DriftConfig.model_validate(
+        {
+            "verifier": {"kind": "numeric", "timeout_s": 7, "workers": 9},
+            "eval": {
+                "verifier": {"tolerance": 0.01},
+                "suite": [
+                    {"name": "a", "data": {"source": "a.jsonl"}},
+                    {"name": "b", "data": {"source": "b.jsonl"}, "verifier": {"kind": "choice"}},
+                ],
+            },
+        }
+    )
+    a, b = (cfg.eval_verifier(e) for _, e in cfg.eval.entries())
+    assert (a.kind, a.timeout_s, a.workers, a.tolerance) == ("auto", 7, 9, 0.01)
+    assert (b.kind, b.timeout_s, b.workers, b.tolerance) == ("choice", 7, 9, 0.01)
+
+
+def test_entry_protocol_overrides_and_the_choice_instruction():
+    from drift_core.protocol import CHOICE_INSTRUCTION
+    from flows.stages import _entry_protocol
+
+    cfg = DriftConfig.model_validate(
+        {
+            "protocol": {"max_turns": 3},
+            "eval": {
+                "max_turns": 5,
+                "answer_format": "think",
+                "suite": [
+                    {"name": "m", "data": {"source": "m.jsonl"}},
+                    {"name": "g", "data": {"source": "g.csv", **GPQA}, "answer_format": "answer"},
+                    {"name": "t", "data": {"source": "g.csv", **GPQA}, "task_instruction": "Pick one."},
+                ],
+            },
+        }
+    )
+    m, g, t = (_entry_protocol(cfg, e) for _, e in cfg.eval.entries())
+    assert (m.max_turns, m.answer_format, m.task_instruction) == (5, "think", None)
+    assert (g.answer_format, g.task_instruction) == ("answer", CHOICE_INSTRUCTION)
+    assert t.task_instruction == "Pick one."
+
+
+def test_results_table_has_one_row_per_benchmark_and_systems_side_by_side():
+    from flows.cli import format_results
+
+    def meta(multi, corr):
+        return {"n_problems": 4, "multi_at": multi, "correction_rate": [None, corr], "mean_turns_used": 1.5}
+
+    summary = {
+        "suite": {
+            "math": {"reference": meta([0.25, 0.5], 1 / 3), "trained": meta([0.5, 0.75], 0.5)},
+            "gpqa": {"reference": meta([0.0, 0.25], 0.25), "trained": meta([0.25, 0.25], 0.0)},
+        },
+        "verifiers": {"math": "math", "gpqa": "choice"},
+    }
+    lines = format_results(summary).splitlines()
+    assert lines[0].split() == ["|", "reference", "|", "trained"]
+    assert lines[1].split() == ["benchmark", "n", "verifier", "|", "multi@1", "multi@2", "corr@2"] + [
+        "|",
+        "multi@1",
+        "multi@2",
+        "corr@2",
+    ]
+    assert lines[3].split() == ["math", "4", "math", "|", "25.0", "50.0", "33.3", "|", "50.0", "75.0", "50.0"]
+    assert lines[4].split() == ["gpqa", "4", "choice", "|", "0.0", "25.0", "25.0", "|", "25.0", "25.0", "0.0"]
