@@ -515,11 +515,12 @@ def resumed(tmp_path_factory, prefect_server):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 400
+    # No wall-clock budget of its own: how long the first shard takes depends on the machine's load
+    # (a 400 s budget fired on a 2-core box shared by other jobs). A run that dies is caught here,
+    # a run that hangs by the module's pytest timeout.
     try:
         while not list(store.glob("rollout-shard/*/manifest.json")):
             assert proc.poll() is None, (d / "killed-run.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no rollout shard finished in time"
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=60) == -signal.SIGKILL
