@@ -383,6 +383,40 @@ class RunConfig(StrictModel):
     task_runner: Literal["threads", "dask"] = "threads"
     dask_address: str | None = None
     max_workers: int = Field(default=1, ge=1, description="shards run at once by the thread runner")
+    register_model: bool = Field(
+        default=True,
+        description="log the trained model to MLflow and register it as a version of registered_model",
+    )
+    registered_model: str | None = Field(
+        default=None,
+        pattern=r"^[^/@'\"\s]+$",
+        description="MLflow registered model name; default drift-<run.name>",
+    )
+
+
+class PromoteConfig(StrictModel):
+    """The promotion gate after evaluation: alias ``challenger`` always moves to the new version;
+    ``champion`` only when its multi@T beats the champion's (no champion: the reference's) on the
+    same eval problems by ``min_delta`` with the paired bootstrap interval above 0."""
+
+    enabled: bool = True
+    min_delta: float = Field(default=0.0, ge=-1.0, le=1.0, description="required multi@T gain")
+    n_boot: int = Field(default=2000, ge=100, le=100_000)
+    alpha: float = Field(default=0.05, gt=0.0, lt=1.0, description="two-sided interval level")
+    seed: int = 0
+
+
+class IterateConfig(StrictModel):
+    """Iterated DRIFT (``drift run --rounds R``, flow ``drift-iterate``): round r's trained model is
+    the reference and the base model of round r+1."""
+
+    rounds: int = Field(default=1, ge=1, description="rounds to run")
+    max_rounds: int = Field(default=10, ge=1, description="guard: rounds may not exceed this")
+    stop_on_no_promotion: bool = Field(
+        default=True,
+        description="stop when a round's model is not promoted; false: go on from the round's own "
+        "model (alias challenger) whatever the gate said",
+    )
 
 
 class DriftConfig(StrictModel):
@@ -400,6 +434,12 @@ class DriftConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     online: OnlineConfig = Field(default_factory=OnlineConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
+    iterate: IterateConfig = Field(default_factory=IterateConfig)
+
+    @property
+    def registered_model(self) -> str:
+        return self.run.registered_model or f"drift-{self.run.name}"
 
     @property
     def train_model(self) -> ModelConfig:
@@ -428,6 +468,15 @@ class DriftConfig(StrictModel):
     def _vllm_needs_gpu(self) -> DriftConfig:
         if self.engine.kind == "vllm" and self.engine.device == "cpu":
             raise ValueError("engine.kind=vllm cannot run with engine.device=cpu")
+        if self.iterate.rounds > self.iterate.max_rounds:
+            raise ValueError(
+                f"iterate.rounds={self.iterate.rounds} exceeds iterate.max_rounds={self.iterate.max_rounds}"
+            )
+        if self.iterate.rounds > 1 and not self.run.register_model:
+            raise ValueError(
+                "iterate.rounds > 1 needs run.register_model: true (each round's model is the next "
+                "round's reference through the MLflow registry)"
+            )
         return self
 
 

@@ -1,6 +1,7 @@
 """The ``drift`` command.
 
     drift run CONFIG [--set key=value ...]     run the pipeline in-process (Prefect flow ``drift``)
+    drift run CONFIG --rounds R [--set ...]    iterated DRIFT, R rounds (Prefect flow ``drift-iterate``)
     drift eval --model DIR [--data SOURCE] [--config CONFIG] [--set ...]
                                                multi-turn evaluation of any model on every
                                                benchmark of the config's eval suite
@@ -87,38 +88,64 @@ def _pct(value: float | None) -> str:
 def _cmd_run(args: argparse.Namespace) -> int:
     from flows.config import load_config
 
-    cfg = load_config(args.config, args.set)  # validate before importing the pipeline or any compute
+    overrides = [*args.set, *([f"iterate.rounds={args.rounds}"] if args.rounds else [])]
+    cfg = load_config(args.config, overrides)  # validate before importing the pipeline or any compute
+    if cfg.iterate.rounds > 1 and args.rollouts_from:
+        raise ValueError("--rollouts-from re-uses one run's rollouts; it cannot be combined with --rounds")
     from tasks.golds import check_eval_suite
 
     check_eval_suite(cfg, os.getcwd())  # every eval gold readable by its verifier, in seconds
     server = start_if_needed()  # starts while the pipeline's modules and the MLflow store load
-    from flows.drift_flow import drift
+    if cfg.iterate.rounds > 1:
+        from flows.iterate_flow import iterate as flow
+    else:
+        from flows.drift_flow import drift as flow
     from tasks.tracking import open_tracking_store
 
     open_tracking_store(cfg.run.tracking_uri)  # while the temporary Prefect server starts
 
-    flow = drift
     if cfg.run.task_runner == "dask":
         from flows.runners import task_runner_for
 
-        flow = drift.with_options(task_runner=task_runner_for(cfg))
+        flow = flow.with_options(task_runner=task_runner_for(cfg))
     from flows.orphans import crash_orphaned_flow_runs, owned_by_this_process
 
     with use_temporary_server(server):
         crash_orphaned_flow_runs()
         with owned_by_this_process():
-            summary = flow(config_path=args.config, overrides=args.set, rollouts_from=args.rollouts_from)
+            if cfg.iterate.rounds > 1:
+                result = flow(config_path=args.config, overrides=overrides)
+            else:
+                summary = flow(config_path=args.config, overrides=args.set, rollouts_from=args.rollouts_from)
+                result = {"rounds": [summary]}
+    for summary in result["rounds"]:
+        if cfg.iterate.rounds > 1:
+            print(f"\n=== round {summary['round']} of {cfg.iterate.rounds} ===")
+        _print_summary(summary)
+    if "stopped" in result:
+        print(f"\niterate {result['registered_model']}: {result['stopped']}")
+    return 0
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
     print()
     print(format_results(summary))
     print()
     print("stage states:", json.dumps(summary["stage_states"]))
     print("stage seconds:", json.dumps(summary["stage_seconds"]))
     print(f"trained model: {summary['model_dir']}")
+    if registered := summary.get("registered"):
+        print(
+            f"registered model: {registered['uri']}{'' if registered['created'] else ' (already registered)'}"
+        )
+    if promotion := summary.get("promotion"):
+        from flows.stages import format_promotion
+
+        print(format_promotion(promotion))
     from tasks.tracking import redact
 
     uri = redact("tracking_uri", summary["tracking_uri"])  # no password on a terminal or in CI logs
     print(f"MLflow run id: {summary['mlflow_run_id']}  (mlflow ui --backend-store-uri {uri})")
-    return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -172,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--rollouts-from", default=None, help="re-use rollouts of an MLflow run id / manifest")
+    run.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="iterated DRIFT: R rounds, each from the last round's model (flow drift-iterate; "
+        "iterate.* settings in the config)",
+    )
     run.set_defaults(func=_cmd_run)
 
     ev = sub.add_parser("eval", help="evaluate a model directory with the multi-turn protocol")

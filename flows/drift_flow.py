@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +27,14 @@ from drift_core.schemas import DriftConfig, ModelConfig
 from flows.config import load_config
 from flows.runners import shard_runner
 from flows.stages import (
+    EvalSet,
     StageRunner,
+    default_run_name,
     eval_label,
     evaluate_stage,
+    format_promotion,
+    link_mlflow_run,
+    log_promotion,
     log_suite_params,
     prepare_eval_suite,
     result_fields,
@@ -43,6 +49,8 @@ from tasks.engines import release_engines
 from tasks.golds import checked_verifier
 from tasks.ingest import ingest, ingest_key
 from tasks.models import fingerprint_model, resolve_model
+from tasks.promote import current_champion, promote
+from tasks.register import RegisteredVersion, register_model
 from tasks.registry import pin_registered, without_credentials
 from tasks.rollout import collect_rollouts, rollout_shard
 from tasks.store import ArtifactStore, Manifest
@@ -61,12 +69,14 @@ def drift(
     config: dict[str, Any] | None = None,
     rollouts_from: str | None = None,
     retrain: bool = False,
+    run_name: str | None = None,
 ) -> dict[str, Any]:
     """Run the DRIFT pipeline from one YAML config (``overrides``: ``key.sub=value`` strings).
 
     ``rollouts_from`` re-uses the rollouts of an earlier run (an MLflow run id or a rollout
     manifest JSON path) and never generates new ones. ``retrain=True`` (the ``retrain``
     deployment) makes ``rollouts_from`` required, so a retrain can never roll out by accident.
+    ``run_name`` names the MLflow parent run (default ``<run.name>-<UTC time>``).
     """
     cfg = load_config(config_path, overrides or [], raw=config)
     if retrain and not rollouts_from:
@@ -74,15 +84,15 @@ def drift(
             "retrain needs rollouts_from: the MLflow run id of an earlier drift run (or a rollout "
             "manifest JSON path); run drift/full-pipeline to generate rollouts"
         )
-    logger = get_run_logger()
     store = ArtifactStore(cfg.run.artifact_store)
-    tracker = Tracker(cfg, tags=run_tags())
+    tracker = Tracker(cfg, run_name=run_name or default_run_name(cfg), tags=run_tags())
+    link_mlflow_run(tracker)
     status = "FAILED"
     try:
         context = FlowRunContext.get()
         with shard_runner(cfg, context.task_runner if context else None) as runner:
-            stages = StageRunner(store, runner)
-            summary = _pipeline(cfg, store, stages, tracker, rollouts_from, logger)
+            run = PipelineRun(cfg, store, StageRunner(store, runner), tracker, get_run_logger())
+            summary = _pipeline(run, rollouts_from)
         status = "FINISHED"
         return summary
     finally:
@@ -90,160 +100,295 @@ def drift(
         release_engines()
 
 
-def _pipeline(cfg: DriftConfig, store, stages: StageRunner, tracker: Tracker, rollouts_from, logger) -> dict:
-    root = store.url
-    base_dir = os.getcwd()
+@dataclass
+class PipelineRun:
+    """What every stage of one flow run shares."""
+
+    cfg: DriftConfig
+    store: ArtifactStore
+    stages: StageRunner
+    tracker: Tracker
+    logger: Any
+    base_dir: str = field(default_factory=os.getcwd)
+
+    @property
+    def root(self) -> str:
+        return self.store.url
+
+
+@dataclass
+class Reference:
+    """The reference model as this run uses it: one registry version for the whole run."""
+
+    cfg: ModelConfig
+    path: str
+    fingerprint: str
+
+
+def _pipeline(run: PipelineRun, rollouts_from: str | None) -> dict:
     # Every benchmark of the eval suite is ingested and its golds checked first: a data/verifier
     # mismatch fails now, not after rollouts and training.
-    suite = prepare_eval_suite(cfg, stages, base_dir)
-    log_suite_params(tracker, suite)
+    suite = prepare_eval_suite(run.cfg, run.stages, run.base_dir)
+    log_suite_params(run.tracker, suite)
+    reference = _reference(run)
+    rollouts, rollouts_fp = _rollouts(run, reference, rollouts_from)
+    weighted = _weights(run, rollouts)
+    model, base = _train(run, weighted, reference)
+    registered = _register(run, model, base, rollouts, rollouts_fp)
+    by_benchmark = _evaluate(run, suite, model, reference)
+    results = by_benchmark[suite[0].name]  # the first benchmark is the run's primary metric
+    promotion = _promote(run, registered, suite, results, reference)
+    summary = {
+        "mlflow_run_id": run.tracker.run_id,
+        "tracking_uri": run.tracker.uri,
+        "model_dir": run.store.local_path(model),
+        "stage_states": run.stages.states,
+        "stage_seconds": {k: round(v, 2) for k, v in run.stages.timings.items()},
+        "eval": {name: m.meta for name, m in results.items()},  # the primary (first) benchmark
+        "suite": {b: {name: m.meta for name, m in ms.items()} for b, ms in by_benchmark.items()},
+        "verifiers": {ev.name: ev.verifier.kind for ev in suite},
+        "weights": {k: v for k, v in weighted.meta.items() if k != "histogram"},
+        "rollout": rollouts.meta,
+        "registered": registered and {**registered.model_dump(), "uri": registered.uri},
+        "promotion": promotion,
+    }
+    run.tracker.log_dict(run.tracker.run_id, summary, "summary.json")
+    return summary
 
-    # 1. Reference rollouts: ingest -> K trajectories per prompt, graded turn by turn.
-    # A models:/ alias is resolved to one version for the whole run, in run.tracking_uri's registry
-    # unless configured otherwise; other model references come back unchanged.
-    reference_cfg = pin_registered(cfg.reference_model, cfg.run.tracking_uri)
-    reference = resolve_model(reference_cfg)
-    reference_fp = fingerprint_model(reference_cfg)
-    rollouts_fp = reference_fp  # the model that made the rollouts this run trains on
+
+def _reference(run: PipelineRun) -> Reference:
+    """A models:/ alias is resolved to one version for the whole run, in run.tracking_uri's
+    registry unless configured otherwise; other model references come back unchanged."""
+    cfg = pin_registered(run.cfg.reference_model, run.cfg.run.tracking_uri)
+    return Reference(cfg, resolve_model(cfg), fingerprint_model(cfg))
+
+
+def _rollouts(run: PipelineRun, reference: Reference, rollouts_from: str | None) -> tuple[Manifest, str]:
+    """1. Reference rollouts: ingest -> K trajectories per prompt, graded turn by turn (or the
+    rollouts of an earlier run). Returns them and the fingerprint of the model that made them."""
+    cfg, stages, tracker = run.cfg, run.stages, run.tracker
+    rollouts_fp = reference.fingerprint
     if rollouts_from:
-        rollouts = _find_rollouts(rollouts_from, store, tracker)
-        logger.info("re-using rollouts %s (%s rows); rollout not run", rollouts.uri, rollouts.rows)
+        rollouts = _find_rollouts(rollouts_from, run.store, tracker)
+        run.logger.info("re-using rollouts %s (%s rows); rollout not run", rollouts.uri, rollouts.rows)
         tracker.client.set_tag(tracker.run_id, "drift.rollouts_from", rollouts_from)
         rollouts_fp = _rollouts_fingerprint(rollouts_from, rollouts, tracker.client) or "unknown"
         if rollouts_fp == "unknown":
-            logger.warning(
+            run.logger.warning(
                 "rollouts_from=%r does not record the reference model that made it; "
                 "tagging drift.reference_fingerprint=unknown",
                 rollouts_from,
             )
-        if rollouts_fp != reference_fp:  # the reference has moved since: say so in the MLflow UI
-            tracker.client.set_tag(tracker.run_id, "drift.reference_fingerprint_now", reference_fp)
+        if rollouts_fp != reference.fingerprint:  # the reference has moved since: say so in the MLflow UI
+            tracker.client.set_tag(tracker.run_id, "drift.reference_fingerprint_now", reference.fingerprint)
     else:
         problems = stages.run(
             "ingest",
             ingest,
             cfg=cfg.data,
-            store_root=root,
-            base_dir=base_dir,
-            key=ingest_key(cfg.data, base_dir),
+            store_root=run.root,
+            base_dir=run.base_dir,
+            key=ingest_key(cfg.data, run.base_dir),
         )
         track_stage(tracker, stages, "ingest", problems, {"data.source": cfg.data.source})
-        verifier = checked_verifier(store, problems, cfg.data, cfg.verifier, "", base_dir)  # resolves auto
+        verifier = checked_verifier(
+            run.store, problems, cfg.data, cfg.verifier, "", run.base_dir
+        )  # resolves auto
         rollout_base = stage_key(
             "rollout",
             problems=problems.sha256,
-            model=reference_fp,
+            model=reference.fingerprint,
             protocol=cfg.protocol,
             verifier=result_fields(verifier),
             rollout=result_fields(cfg.rollout),
             engine=cfg.engine.kind,
         )
-        shards = stages.map(
-            "rollout",
-            rollout_shard,
-            sharded_calls(
-                "rollout-shard",
-                problems,
-                cfg.rollout.shard_size,
-                rollout_base,
-                {
-                    "model_path": reference,
-                    "model_cfg": reference_cfg,
-                    "engine_cfg": cfg.engine,
-                    "protocol": cfg.protocol,
-                    "verifier": verifier,
-                    "sampling": cfg.rollout.sampling,
-                    "k": cfg.rollout.k,
-                    "max_turns": cfg.protocol.max_turns,
-                    "seed": cfg.rollout.seed,
-                    "store_root": root,
-                },
-            ),
-        )
+        common = {
+            "model_path": reference.path,
+            "model_cfg": reference.cfg,
+            "engine_cfg": cfg.engine,
+            "protocol": cfg.protocol,
+            "verifier": verifier,
+            "sampling": cfg.rollout.sampling,
+            "k": cfg.rollout.k,
+            "max_turns": cfg.protocol.max_turns,
+            "seed": cfg.rollout.seed,
+            "store_root": run.root,
+        }
+        calls = sharded_calls("rollout-shard", problems, cfg.rollout.shard_size, rollout_base, common)
+        shards = stages.map("rollout", rollout_shard, calls)
         rollouts = stages.run(
             "rollout",
             collect_rollouts,
             shards=shards,
-            store_root=root,
+            store_root=run.root,
             key=stage_key("rollout", base=rollout_base, shards=[m.key for m in shards]),
             max_turns=cfg.protocol.max_turns,
             k=cfg.rollout.k,
-            reference_fingerprint=reference_fp,
+            reference_fingerprint=reference.fingerprint,
         )
     tracker.client.set_tag(
         tracker.run_id, "drift.rollout_manifest", redact("uri", rollouts.model_dump_json())
     )
     tracker.client.set_tag(tracker.run_id, "drift.reference_fingerprint", rollouts_fp)
     track_stage(tracker, stages, "rollout", rollouts, {"reference_fingerprint": rollouts_fp})
+    return rollouts, rollouts_fp
 
-    # 2. Importance weights within each prompt's group of K.
-    weighted = stages.run(
+
+def _weights(run: PipelineRun, rollouts: Manifest) -> Manifest:
+    """2. Importance weights within each prompt's group of K."""
+    weighted = run.stages.run(
         "weights",
         compute_weights,
         rollouts=rollouts,
-        cfg=cfg.weights,
-        store_root=root,
-        key=stage_key("weights", rollouts=rollouts.sha256, weights=cfg.weights),
+        cfg=run.cfg.weights,
+        store_root=run.root,
+        key=stage_key("weights", rollouts=rollouts.sha256, weights=run.cfg.weights),
     )
-    track_stage(tracker, stages, "weights", weighted, cfg.weights.model_dump(), histogram=True)
+    track_stage(run.tracker, run.stages, "weights", weighted, run.cfg.weights.model_dump(), histogram=True)
+    return weighted
 
-    # 3. Weighted SFT of the base model on the terminal (or every) assistant turn.
+
+def _train(run: PipelineRun, weighted: Manifest, reference: Reference) -> tuple[Manifest, Reference]:
+    """3. Weighted SFT of the base model on the terminal (or every) assistant turn."""
+    cfg = run.cfg
     release_engines()  # the rollout model must not hold (GPU) memory while training runs
-    same = cfg.train_model == cfg.reference_model
-    base = reference_cfg if same else pin_registered(cfg.train_model, cfg.run.tracking_uri)
-    base_path = resolve_model(base)
-    base_fp = reference_fp if same else fingerprint_model(base)
-    train_task, train_args = train, {"model_cfg": base.model_copy(update={"path": base_path})}
+    if cfg.train_model == cfg.reference_model:
+        base = reference
+    else:
+        base_cfg = pin_registered(cfg.train_model, cfg.run.tracking_uri)
+        base = Reference(base_cfg, resolve_model(base_cfg), fingerprint_model(base_cfg))
+    train_task, train_args = train, {"model_cfg": base.cfg.model_copy(update={"path": base.path})}
     if cfg.train.work_pool:  # its own deployment (drift-train/<pool>), whose worker resolves the model
-        pool_cfg = without_credentials(base)  # deployment parameters are stored: no passwords
+        pool_cfg = without_credentials(base.cfg)  # deployment parameters are stored: no passwords
         train_task, train_args = train_on_pool, {"model_cfg": pool_cfg, "work_pool": cfg.train.work_pool}
-    model = stages.run(
+    model = run.stages.run(
         "train",
         train_task,
         weighted=weighted,
         cfg=cfg.train,
-        store_root=root,
-        key=stage_key("train", weighted=weighted.sha256, model=base_fp, train=result_fields(cfg.train)),
+        store_root=run.root,
+        key=stage_key(
+            "train", weighted=weighted.sha256, model=base.fingerprint, train=result_fields(cfg.train)
+        ),
         **train_args,
     )
-    track_stage(tracker, stages, "train", model, {"base_fingerprint": base_fp}, loss_history=True)
+    track_stage(
+        run.tracker, run.stages, "train", model, {"base_fingerprint": base.fingerprint}, loss_history=True
+    )
+    return model, base
 
-    # 4. Multi-turn evaluation, greedy, of the trained model (and the reference, for comparison),
-    # on every benchmark of the suite. The first benchmark is the run's primary metric (`results`).
-    systems = {
-        "trained": (
-            store.local_path(model),
-            "sha256:" + model.sha256,
-            ModelConfig(path=store.local_path(model)),
-        )
+
+def _register(
+    run: PipelineRun, model: Manifest, base: Reference, rollouts: Manifest, rollouts_fp: str
+) -> RegisteredVersion | None:
+    """3b. The trained model as a version of run.registered_model, with its lineage."""
+    cfg, tracker = run.cfg, run.tracker
+    if not cfg.run.register_model:
+        return None
+    lineage = {
+        "drift.mlflow_parent_run_id": tracker.run_id,
+        "drift.prefect_flow_run_id": run_tags().get("prefect.flow_run_id", ""),
+        "drift.reference_fingerprint": rollouts_fp,
+        "drift.rollout_manifest": rollouts.key,
+        "drift.weights": json.dumps(cfg.weights.model_dump(), sort_keys=True),
+        "drift.base_model": redact("uri", base.cfg.path),
+        "drift.base_fingerprint": base.fingerprint,
+        "drift.config_name": cfg.run.name,
     }
+    registered = register_model(
+        model_dir=run.store.local_path(model),
+        sha256=model.sha256,
+        name=cfg.registered_model,
+        tracking_uri=tracker.uri,
+        experiment_id=tracker.experiment_id,
+        train_run_id=tracker.stage_runs["train"],
+        lineage=lineage,
+    )
+    for key, value in {
+        "drift.registered_model": registered.name,
+        "drift.model_version": registered.version,
+    }.items():
+        tracker.client.set_tag(tracker.run_id, key, value)
+        tracker.client.set_tag(tracker.stage_runs["train"], key, value)
+    return registered
+
+
+def _evaluate(
+    run: PipelineRun, suite: list[EvalSet], model: Manifest, reference: Reference
+) -> dict[str, dict[str, Manifest]]:
+    """4. Multi-turn evaluation, greedy, of the trained model (and the reference, for comparison),
+    on every benchmark of the suite: ``{benchmark: {system: manifest}}``."""
+    cfg, stages, store = run.cfg, run.stages, run.store
+    trained_path = store.local_path(model)
+    systems = {"trained": (trained_path, "sha256:" + model.sha256, ModelConfig(path=trained_path))}
     if cfg.eval.evaluate_reference:
-        systems = {"reference": (reference, reference_fp, reference_cfg), **systems}
+        systems = {"reference": (reference.path, reference.fingerprint, reference.cfg), **systems}
     by_benchmark: dict[str, dict[str, Manifest]] = {}
     for ev in suite:
         for name, (path, fp, model_cfg) in systems.items():
             label = eval_label(name, ev, suite)
             manifest = evaluate_stage(cfg, stages, ev, label, name, path, fp, model_cfg)
             params = {"system": name, "model_fingerprint": fp}  # the reference as of now
-            track_eval(tracker, stages, label, ev, manifest, f"{ev.name}.{name}", params)
+            track_eval(run.tracker, stages, label, ev, manifest, f"{ev.name}.{name}", params)
             by_benchmark.setdefault(ev.name, {})[name] = manifest
-    results = by_benchmark[suite[0].name]
-    _log_comparison(tracker, stages, results)
+    _log_comparison(run.tracker, stages, by_benchmark[suite[0].name])
+    return by_benchmark
 
-    summary = {
-        "mlflow_run_id": tracker.run_id,
-        "tracking_uri": tracker.uri,
-        "model_dir": store.local_path(model),
-        "stage_states": stages.states,
-        "stage_seconds": {k: round(v, 2) for k, v in stages.timings.items()},
-        "eval": {name: m.meta for name, m in results.items()},  # the primary (first) benchmark
-        "suite": {b: {name: m.meta for name, m in ms.items()} for b, ms in by_benchmark.items()},
-        "verifiers": {ev.name: ev.verifier.kind for ev in suite},
-        "weights": {k: v for k, v in weighted.meta.items() if k != "histogram"},
-        "rollout": rollouts.meta,
-    }
-    tracker.log_dict(tracker.run_id, summary, "summary.json")
-    return summary
+
+def _promote(
+    run: PipelineRun,
+    registered: RegisteredVersion | None,
+    suite: list[EvalSet],
+    results: dict[str, Manifest],
+    reference: Reference,
+) -> dict | None:
+    """5. The promotion gate: challenger always, champion when it beats the champion (no champion:
+    the reference) on the same eval problems (the suite's first benchmark)."""
+    cfg, tracker = run.cfg, run.tracker
+    if registered is None or not cfg.promote.enabled:
+        return None
+    champion = current_champion(tracker.uri, registered.name)
+    baseline: Manifest | None = None
+    if champion == registered.version:
+        label = f"champion (version {champion})"
+    elif champion is None or f"mlflow:{registered.name}/{champion}" == reference.fingerprint:
+        label = "reference" if champion is None else f"champion (version {champion}, the reference)"
+        baseline = results.get("reference") or _evaluate_for_gate(
+            run, suite, "reference", reference.path, reference.fingerprint, reference.cfg
+        )  # eval.evaluate_reference off: the gate still needs the reference
+    else:
+        label = f"champion (version {champion})"
+        champion_cfg = pin_registered(
+            ModelConfig(path=f"models:/{registered.name}/{champion}"), cfg.run.tracking_uri
+        )
+        path, fp = resolve_model(champion_cfg), fingerprint_model(champion_cfg)
+        baseline = _evaluate_for_gate(run, suite, "champion", path, fp, champion_cfg)
+    result = promote(
+        name=registered.name,
+        version=registered.version,
+        challenger=results["trained"],
+        baseline=baseline,
+        baseline_label=label,
+        cfg=cfg.promote,
+        store_root=run.root,
+        tracking_uri=tracker.uri,
+    )
+    log_promotion(tracker, result)
+    print(format_promotion(result))
+    return result
+
+
+def _evaluate_for_gate(
+    run: PipelineRun, suite: list[EvalSet], system: str, path: str, fp: str, model_cfg: ModelConfig
+) -> Manifest:
+    """The gate's baseline evaluated on the suite's first benchmark (cached like any evaluation)."""
+    ev = suite[0]
+    label = eval_label(system, ev, suite)
+    manifest = evaluate_stage(run.cfg, run.stages, ev, label, system, path, fp, model_cfg)
+    params = {"system": system, "model_fingerprint": fp}
+    track_eval(run.tracker, run.stages, label, ev, manifest, f"{ev.name}.{system}", params)
+    return manifest
 
 
 # ------------------------------------------------------------------------------------ helpers

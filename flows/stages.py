@@ -342,3 +342,64 @@ def track_stage(
                 tracker.log_file(run_id, path)
     tracker.log_dict(run_id, manifest.model_dump(mode="json"), "manifest.json")
     tracker.end_stage(name)
+
+
+def default_run_name(cfg: DriftConfig, suffix: str = "") -> str:
+    """``<run.name>[-<suffix>]-<UTC time>``: parent runs tell apart in MLflow's chart legends."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return "-".join(p for p in (cfg.run.name, suffix, stamp) if p)
+
+
+def link_mlflow_run(tracker: Tracker) -> None:
+    """A Prefect artifact on the flow run pointing at its MLflow run (a link when the tracking
+    server has a web UI, else a note saying how to open the local store); the MLflow run already
+    carries the flow run id (tag ``prefect.flow_run_id``)."""
+    try:
+        from prefect.artifacts import create_link_artifact, create_markdown_artifact
+        from prefect.runtime import flow_run
+
+        if not flow_run.id:
+            return
+        url = tracker.run_url()
+        description = f"MLflow parent run {tracker.run_id} (experiment {tracker.experiment_id})"
+        if url:
+            create_link_artifact(link=url, link_text=f"MLflow run {tracker.run_id}", description=description)
+        else:
+            from tasks.tracking import redact
+
+            create_markdown_artifact(
+                markdown=f"**MLflow run** `{tracker.run_id}` in experiment `{tracker.experiment_id}`: "
+                f"`mlflow ui --backend-store-uri {redact('uri', tracker.uri)}`",
+                description=description,
+            )
+    except Exception as exc:  # a missing link must never fail a run
+        get_run_logger().warning("could not create the MLflow link artifact: %s", exc)
+
+
+def log_promotion(tracker: Tracker, result: dict) -> None:
+    """The promotion decision on the parent run: a tag, its numbers as metrics, a table artifact."""
+    from tasks.promote import promotion_table
+
+    decision = "promoted" if result["promoted"] else "not promoted"
+    tracker.client.set_tag(tracker.run_id, "drift.promotion", f"{decision}: {result['reason']}")
+    numbers = {k: result[k] for k in ("delta", "ci_low", "ci_high") if k in result}
+    tracker.log_metrics(tracker.run_id, {f"promote.{k}": v for k, v in numbers.items()})
+    tracker.log_metrics(tracker.run_id, {"promote.promoted": float(result["promoted"])})
+    tracker.client.log_table(
+        tracker.run_id, data=promotion_table(result).to_pandas(), artifact_file="promotion.json"
+    )
+
+
+def format_promotion(result: dict) -> str:
+    head = f"promotion: {result['name']} version {result['version']} "
+    head += (
+        "PROMOTED to champion" if result["promoted"] else f"not promoted (champion: {result.get('champion')})"
+    )
+    lines = [head, f"  vs {result['baseline']}: {result['reason']}"]
+    if "delta" in result:
+        lines.append(
+            f"  multi@T {100 * result['challenger_multi_at_t']:.1f} vs {100 * result['baseline_multi_at_t']:.1f} "
+            f"on {result['n_problems']} problems; delta {100 * result['delta']:+.1f} pts, "
+            f"{100 * (1 - result['alpha']):.0f}% interval [{100 * result['ci_low']:+.1f}, {100 * result['ci_high']:+.1f}]"
+        )
+    return "\n".join(lines)

@@ -150,6 +150,13 @@ class Tracker:
             self.log_params(run.info.run_id, {k: redact(k, v) for k, v in params.items()})
         return run.info.run_id
 
+    def run_url(self, run_id: str | None = None) -> str | None:
+        """The run's page in the MLflow web UI, when the tracking URI is a server (http/https)."""
+        if not self.uri.startswith(("http://", "https://")):
+            return None
+        base = _URL_CREDENTIALS.sub("", self.uri).rstrip("/")
+        return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id or self.run_id}"
+
     def end_stage(self, name: str, status: str = "FINISHED") -> None:
         if name in self.stage_runs:
             self.client.set_terminated(self.stage_runs[name], status=status)
