@@ -75,13 +75,17 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     # The trained model is registered with its lineage; the gate set the challenger alias.
     registry = MlflowClient(tracking, registry_uri=tracking)
     [version] = registry.search_model_versions("name = 'drift-tiny'")
-    assert version.tags["drift.mlflow_parent_run_id"] == run1 and version.run_id == by_stage["train"].info.run_id
+    assert (
+        version.tags["drift.mlflow_parent_run_id"] == run1 and version.run_id == by_stage["train"].info.run_id
+    )
     assert version.tags["drift.prefect_flow_run_id"] == flow_run_of(tracking, run1)
     assert version.tags["drift.reference_fingerprint"] == parent.data.tags["drift.reference_fingerprint"]
     assert json.loads(version.tags["drift.weights"])["beta"] == 0.1
     assert registry.get_registered_model("drift-tiny").aliases["challenger"] == version.version
     assert parent.data.tags["drift.promotion"].startswith(("promoted", "not promoted"))
-    assert "registered model: models:/drift-tiny/1" in first.stdout and "promotion: drift-tiny" in first.stdout
+    assert (
+        "registered model: models:/drift-tiny/1" in first.stdout and "promotion: drift-tiny" in first.stdout
+    )
 
     # 2. Unchanged config: every stage task is served from the cache, and no second version of the
     # same model is registered (register-model and promote talk to the registry: never cached).
