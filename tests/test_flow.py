@@ -13,7 +13,7 @@ from helpers import drift_cli, flow_run_of, mlflow_run_id, raw_task_states, stat
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(1800)  # five tiny runs; minutes each on a loaded 2-core machine
 
 
 def task_states(env: dict, tracking_uri: str, run_id: str) -> dict[str, list[str]]:
