@@ -24,30 +24,20 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
 from drift_core.schemas import ModelConfig
+from tasks.model_files import ModelError, atomic_dir, default_cache_root, model_lock
+from tasks.registry import materialize_registered, registry_fingerprint, registry_uri_for
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 BUILTIN_TINY = "builtin:tiny-smollm2"
 _FINGERPRINT_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".jinja", ".bin")
-_lock = threading.RLock()  # re-entrant: builders call other builders
 
 
 log = logging.getLogger(__name__)
-
-
-class ModelError(ValueError):
-    """A model reference that cannot be used (missing path, no chat template, unsafe format)."""
-
-
-def default_cache_root() -> Path:
-    return Path(os.environ.get("DRIFT_MODEL_CACHE", Path.home() / ".cache" / "drift" / "models"))
 
 
 def _smollm2_package_dir() -> Path:
@@ -58,24 +48,6 @@ def _smollm2_package_dir() -> Path:
             "(the Makefile does this)."
         )
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def _atomic_dir(target: Path, build) -> Path:
-    """Build a directory under a temporary name next to ``target`` and rename it into place."""
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race: use theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 def load_smollm2_tokenizer():
@@ -103,8 +75,8 @@ def materialize_smollm2(cache_root: Path | None = None) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         load_smollm2_tokenizer().save_pretrained(tmp)
 
-    with _lock:
-        return _atomic_dir(target, build)
+    with model_lock:
+        return atomic_dir(target, build)
 
 
 def materialize_tiny(cache_root: Path | None = None, seed: int = 0) -> Path:
@@ -135,8 +107,8 @@ def materialize_tiny(cache_root: Path | None = None, seed: int = 0) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
-    with _lock:
-        return _atomic_dir(target, build)
+    with model_lock:
+        return atomic_dir(target, build)
 
 
 def materialize_tiny_answering(cache_root: Path | None = None, seed: int = 0, steps: int = 120) -> Path:
@@ -189,16 +161,14 @@ def materialize_tiny_answering(cache_root: Path | None = None, seed: int = 0, st
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
-    with _lock:
-        return _atomic_dir(target, build)
+    with model_lock:
+        return atomic_dir(target, build)
 
 
 def resolve_model(cfg: ModelConfig, cache_root: Path | None = None) -> str:
     """Turn a model reference into something ``from_pretrained`` loads: a local dir or a hub id."""
     path = cfg.path
     if path.startswith("models:/"):
-        from tasks.registry import materialize_registered, registry_uri_for
-
         return str(materialize_registered(path, registry_uri_for(cfg.registry_uri), cache_root))
     if path == BUILTIN_SMOLLM2:
         return str(materialize_smollm2(cache_root))
@@ -224,8 +194,6 @@ def fingerprint_model(cfg: ModelConfig, cache_root: Path | None = None) -> str:
     """A content fingerprint: sha256 over the files that define the model's behaviour (a registered
     model: its immutable version, without downloading it)."""
     if cfg.path.startswith("models:/"):
-        from tasks.registry import registry_fingerprint, registry_uri_for
-
         return registry_fingerprint(cfg.path, registry_uri_for(cfg.registry_uri))
     resolved = resolve_model(cfg, cache_root)
     local = Path(resolved)

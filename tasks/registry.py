@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from drift_core.schemas import ModelConfig
-from tasks.models import ModelError, _atomic_dir, _lock, default_cache_root
+from tasks.model_files import ModelError, atomic_dir, default_cache_root, model_lock
 from tasks.tracking import _local_tracking_uri, redact
 
 PREFIX = "models:/"
@@ -174,8 +174,8 @@ def materialize_registered(uri: str, registry_uri: str, cache_root: Path | None 
                 ) from exc
             _flatten_model(Path(local), tmp, f"{uri!r} (version {version})")
 
-    with _lock:
-        return _atomic_dir(target, build)
+    with model_lock:
+        return atomic_dir(target, build)
 
 
 def _flatten_model(root: Path, out: Path, what: str) -> None:
