@@ -235,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
+    # Flow and task run logs reach the Prefect server (and its UI) at INFO; the terminal shows
+    # warnings and errors only: the command prints the results table and the run ids itself.
+    "PREFECT_LOGGING_LEVEL": "INFO",
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
     # MLflow's usage telemetry posts to the internet from a thread that exit waits for (seconds
     # where there is no network); a pipeline run sends nothing it was not asked to.
     "MLFLOW_DISABLE_TELEMETRY": "true",

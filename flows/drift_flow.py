@@ -169,6 +169,7 @@ def _rollouts(run: PipelineRun, reference: Reference, rollouts_from: str | None)
     cfg, stages, tracker = run.cfg, run.stages, run.tracker
     rollouts_fp = reference.fingerprint
     if rollouts_from:
+        tracker.open_stage("rollout")
         rollouts = _find_rollouts(rollouts_from, run.store, tracker)
         run.logger.info("re-using rollouts %s (%s rows); rollout not run", rollouts.uri, rollouts.rows)
         tracker.client.set_tag(tracker.run_id, "drift.rollouts_from", rollouts_from)
@@ -182,6 +183,7 @@ def _rollouts(run: PipelineRun, reference: Reference, rollouts_from: str | None)
         if rollouts_fp != reference.fingerprint:  # the reference has moved since: say so in the MLflow UI
             tracker.client.set_tag(tracker.run_id, "drift.reference_fingerprint_now", reference.fingerprint)
     else:
+        tracker.open_stage("ingest")
         problems = stages.run(
             "ingest",
             ingest,
@@ -215,6 +217,7 @@ def _rollouts(run: PipelineRun, reference: Reference, rollouts_from: str | None)
             "seed": cfg.rollout.seed,
             "store_root": run.root,
         }
+        tracker.open_stage("rollout")
         calls = sharded_calls("rollout-shard", problems, cfg.rollout.shard_size, rollout_base, common)
         shards = stages.map("rollout", rollout_shard, calls)
         rollouts = stages.run(
@@ -237,6 +240,7 @@ def _rollouts(run: PipelineRun, reference: Reference, rollouts_from: str | None)
 
 def _weights(run: PipelineRun, rollouts: Manifest) -> Manifest:
     """2. Importance weights within each prompt's group of K."""
+    run.tracker.open_stage("weights")
     weighted = run.stages.run(
         "weights",
         compute_weights,
@@ -252,6 +256,7 @@ def _weights(run: PipelineRun, rollouts: Manifest) -> Manifest:
 def _train(run: PipelineRun, weighted: Manifest, reference: Reference) -> tuple[Manifest, Reference]:
     """3. Weighted SFT of the base model on the terminal (or every) assistant turn."""
     cfg = run.cfg
+    run.tracker.open_stage("train")
     release_engines()  # the rollout model must not hold (GPU) memory while training runs
     if cfg.train_model == cfg.reference_model:
         base = reference
@@ -328,6 +333,7 @@ def _evaluate(
     for ev in suite:
         for name, (path, fp, model_cfg) in systems.items():
             label = eval_label(name, ev, suite)
+            run.tracker.open_stage(label)
             manifest = evaluate_stage(cfg, stages, ev, label, name, path, fp, model_cfg)
             params = {"system": name, "model_fingerprint": fp}  # the reference as of now
             track_eval(run.tracker, stages, label, ev, manifest, f"{ev.name}.{name}", params)
@@ -385,6 +391,7 @@ def _evaluate_for_gate(
     """The gate's baseline evaluated on the suite's first benchmark (cached like any evaluation)."""
     ev = suite[0]
     label = eval_label(system, ev, suite)
+    run.tracker.open_stage(label)
     manifest = evaluate_stage(run.cfg, run.stages, ev, label, system, path, fp, model_cfg)
     params = {"system": system, "model_fingerprint": fp}
     track_eval(run.tracker, run.stages, label, ev, manifest, f"{ev.name}.{system}", params)

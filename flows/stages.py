@@ -300,8 +300,9 @@ def track_stage(
     eval_metrics: bool = False,
     parent_prefix: str | None = None,
 ) -> None:
-    """A nested MLflow run for stage ``name``; its scalar metrics also go on the parent run, named
-    ``<parent_prefix>.<metric>`` (default prefix: the stage name)."""
+    """A nested MLflow run for stage ``name``. Its metrics carry the same names on the stage run and
+    on the parent run, ``<parent_prefix>.<metric>`` (default prefix: the stage name), so one
+    quantity has one name everywhere; curves (loss by step, metrics by turn) are steps on both."""
     prefix = parent_prefix or name
     run_id = tracker.stage(
         name,
@@ -314,8 +315,7 @@ def track_stage(
         scalars["rows"] = manifest.rows
     scalars["stage_seconds"] = stages.timings.get(name, 0.0)
     # one write per run: every metric write is a database transaction
-    stage_rows = [(k, v, 0) for k, v in scalars.items()]
-    parent_rows = [(f"{prefix}.{k}", v, 0) for k, v in scalars.items()]
+    stage_rows = [(f"{prefix}.{k}", v, 0) for k, v in scalars.items()]
     if histogram and "histogram" in meta:
         from tasks.plots import plot_file, plot_weight_histogram
 
@@ -326,15 +326,14 @@ def track_stage(
             tracker.log_file(tracker.run_id, png)
     if loss_history:
         for step, loss, lr in meta.get("loss_history", []):
-            stage_rows += [("loss", loss, int(step)), ("lr", lr, int(step))]
+            stage_rows += [(f"{prefix}.loss", loss, int(step)), (f"{prefix}.lr", lr, int(step))]
     if eval_metrics:
         for key in ("multi_at", "accuracy_at_turn", "correction_rate"):
             for t, value in enumerate(meta.get(key, []), start=1):
                 if value is not None:
-                    stage_rows.append((key, value, t))
-                    parent_rows.append((f"{prefix}.{key}_t{t}", value, 0))
+                    stage_rows += [(f"{prefix}.{key}", value, t), (f"{prefix}.{key}_t{t}", value, 0)]
     tracker.log_metric_steps(run_id, stage_rows)
-    tracker.log_metric_steps(tracker.run_id, parent_rows)
+    tracker.log_metric_steps(tracker.run_id, stage_rows)
     if eval_metrics:
         for file in ("metrics.json", "multi_at.png"):
             path = Path(stages.store.dir_for(manifest.stage, manifest.key)) / file

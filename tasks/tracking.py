@@ -80,14 +80,20 @@ class Tracker:
             if self.uri.startswith("sqlite:"):  # keep artifacts beside the local database
                 artifact_location = (Path(self.uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
             experiment_id = self.client.create_experiment(
-                cfg.run.experiment, artifact_location=artifact_location
+                cfg.run.experiment,
+                artifact_location=artifact_location,
+                tags={EXPERIMENT_KIND: "custom_model_development"},  # MLflow 3's UI: open on runs
             )
         else:
             experiment_id = experiment.experiment_id
+            if EXPERIMENT_KIND not in experiment.tags:  # made before drift set it
+                self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, "custom_model_development")
         self.experiment_id = experiment_id
         self.closed_orphans = close_orphaned_runs(self.client, experiment_id)
         run = self.client.create_run(
-            experiment_id, run_name=run_name or cfg.run.name, tags={**(tags or {}), **_owner_tags()}
+            experiment_id,
+            run_name=run_name or cfg.run.name,
+            tags={**(tags or {}), **_owner_tags(), **source_tags()},
         )
         self.run_id = run.info.run_id
         self.stage_runs: dict[str, str] = {}
@@ -133,22 +139,26 @@ class Tracker:
 
     # ---------------------------------------------------------------- drift's layout
 
-    def stage(self, name: str, params: dict[str, Any] | None = None, cached: bool = False) -> str:
-        """Open the nested run of one stage (tagged with whether it was served from cache)."""
+    def open_stage(self, name: str) -> str:
+        """Open the nested run of one stage when the stage starts, so its duration is the stage's."""
+        if name in self.stage_runs:
+            return self.stage_runs[name]
         run = self.client.create_run(
             self.experiment_id,
             run_name=name,
-            tags={
-                "mlflow.parentRunId": self.run_id,
-                "drift.stage": name,
-                "drift.cached": str(cached).lower(),
-                **_owner_tags(),
-            },
+            tags={"mlflow.parentRunId": self.run_id, "drift.stage": name, **_owner_tags(), **source_tags()},
         )
         self.stage_runs[name] = run.info.run_id
-        if params:
-            self.log_params(run.info.run_id, {k: redact(k, v) for k, v in params.items()})
         return run.info.run_id
+
+    def stage(self, name: str, params: dict[str, Any] | None = None, cached: bool = False) -> str:
+        """The nested run of one stage (opened now unless ``open_stage`` did at its start), tagged
+        with whether it was served from cache."""
+        run_id = self.open_stage(name)
+        self.client.set_tag(run_id, "drift.cached", str(cached).lower())
+        if params:
+            self.log_params(run_id, {k: redact(k, v) for k, v in params.items()})
+        return run_id
 
     def run_url(self, run_id: str | None = None) -> str | None:
         """The run's page in the MLflow web UI, when the tracking URI is a server (http/https)."""
@@ -167,6 +177,39 @@ class Tracker:
             if run.info.status == "RUNNING":
                 self.client.set_terminated(run_id, status=status)
         self.client.set_terminated(self.run_id, status=status)
+
+
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
+def source_tags() -> dict[str, str]:
+    """The code version a run ran: the git commit of drift's checkout (MLflow's source version),
+    marked dirty when the checkout has uncommitted changes; empty outside a git checkout."""
+    global _SOURCE_TAGS
+    if _SOURCE_TAGS is None:
+        import subprocess
+
+        root = Path(__file__).resolve().parents[1]
+        tags = {"mlflow.source.name": str(root), "mlflow.source.type": "LOCAL"}
+        try:
+            git = ["git", "-C", str(root)]
+            commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+            if commit.returncode == 0:
+                tags["mlflow.source.git.commit"] = commit.stdout.strip()
+                dirty = subprocess.run(
+                    [*git, "status", "--porcelain", "--untracked-files=no"],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                )
+                tags["drift.git_dirty"] = str(bool(dirty.stdout.strip())).lower()
+        except (OSError, subprocess.SubprocessError):
+            pass
+        _SOURCE_TAGS = tags
+    return dict(_SOURCE_TAGS)
+
+
+_SOURCE_TAGS: dict[str, str] | None = None
 
 
 def _owner_tags() -> dict[str, str]:

@@ -66,9 +66,19 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
         "evaluate-reference",
         "evaluate-trained",
     }
-    assert "ess_overall" in by_stage["weights"].data.metrics
-    assert len(client.get_metric_history(by_stage["train"].info.run_id, "loss")) == 2  # max_steps: 2
-    assert len(client.get_metric_history(by_stage["evaluate-trained"].info.run_id, "multi_at")) == 2
+    # one name per quantity: a stage run's metrics are named as on the parent run
+    assert (
+        "weights.ess_overall" in by_stage["weights"].data.metrics
+        and "weights.ess_overall" in parent.data.metrics
+    )
+    for run_id in (by_stage["train"].info.run_id, run1):
+        assert len(client.get_metric_history(run_id, "train.loss")) == 2  # max_steps: 2, by step
+    for run_id in (by_stage["evaluate-trained"].info.run_id, run1):
+        assert len(client.get_metric_history(run_id, "arith.trained.multi_at")) == 2  # by turn
+        assert "arith.trained.multi_at_t2" in client.get_run(run_id).data.metrics
+    assert parent.info.run_name.startswith("tiny-") and by_stage["train"].info.run_name == "train"
+    commit = parent.data.tags.get("mlflow.source.git.commit")  # absent outside a git checkout
+    assert commit == by_stage["train"].data.tags.get("mlflow.source.git.commit")
     artifacts = {a.path for a in client.list_artifacts(run1)}
     assert {"config.json", "summary.json", "multi_at.png", "weights.png"} <= artifacts
 

@@ -637,7 +637,7 @@ def test_skipped_rows_are_counted_in_the_manifest_and_mlflow(resumed):
         [parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{resumed['run_id']}' and tags.`drift.stage` = 'ingest'",
     )
-    assert ingest_run.data.metrics["rows_skipped"] == 2
+    assert ingest_run.data.metrics["ingest.rows_skipped"] == 2  # the parent's name for it
 
 
 @pytest.mark.slow
