@@ -5,7 +5,8 @@ open trajectory with n=1 after the feedback message. Generation (engine) and gra
 alternate turn by turn, because the protocol needs each verdict before it can send feedback.
 
 Work is split into shards of prompts; each shard is its own cached Prefect task run writing its
-own artifact, so a crash loses at most the shard in flight, and shards can run on several workers.
+own artifact, so a crash loses only the shards in flight (one with ``run.max_workers: 1``, the
+default), and shards can run on several workers.
 ``collect_rollouts`` joins the shards into the trajectories table the weights stage reads.
 """
 
