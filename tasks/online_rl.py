@@ -134,6 +134,38 @@ def _stop_criteria(tokenizer, stop: list[str], start: int):
     return StoppingCriteriaList([StopOnText()])
 
 
+def _logprob_recorder(temperature: float):
+    """A logits processor that records log p(sampled token) under softmax(logits / temperature)
+    while holding one step's [batch, vocab] at a time (``output_logits`` would keep every step's):
+    the token sampled at step k is the last column of ``input_ids`` when step k+1 is processed, and
+    ``finish`` takes the last step's from the returned sequences. It sees the logits after the
+    model's own default processors and before temperature/top-p, which it applies itself (the
+    temperature) or leaves out (top-p), as TRL does when it scores the same tokens."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class RecordSampledLogprobs(LogitsProcessor):
+        def __init__(self):
+            self.previous = None
+            self.steps: list = []
+
+        def __call__(self, input_ids, scores):
+            if self.previous is not None:
+                self.steps.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+            self.previous = torch.log_softmax(scores.float() / temperature, dim=-1)
+            return scores
+
+        def finish(self, sequences):
+            if self.previous is not None:
+                self.steps.append(self.previous.gather(-1, sequences[:, -1:]).squeeze(-1))
+                self.previous = None
+            return (
+                torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros((sequences.shape[0], 0))
+            )
+
+    return RecordSampledLogprobs()
+
+
 def sample_turn(
     model,
     tokenizer,
@@ -147,6 +179,7 @@ def sample_turn(
     log-probabilities under the sampling distribution (softmax of logits / temperature), in the
     order of ``contexts``. Batches by length with left padding, like the rollout engine."""
     import torch
+    from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
@@ -169,6 +202,7 @@ def sample_turn(
                 [[0] * (width - len(contexts[i])) + [1] * len(contexts[i]) for i in idx], device=device
             )
             torch.manual_seed(seed * 7919 + b)
+            recorder = _logprob_recorder(sampling.temperature)
             generated = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention,
@@ -179,12 +213,14 @@ def sample_turn(
                 max_new_tokens=sampling.max_new_tokens,
                 pad_token_id=pad,
                 stopping_criteria=_stop_criteria(tokenizer, stop, width) if stop else None,
-                return_dict_in_generate=True,
-                output_logits=True,
+                logits_processor=LogitsProcessorList([recorder]),
             )
-            new = generated.sequences[:, width:]
-            logits = torch.stack(generated.logits, dim=1).float() / sampling.temperature
-            logps = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            new = generated[:, width:]
+            logps = recorder.finish(generated)
+            if logps.shape != new.shape:
+                raise RuntimeError(
+                    f"recorded {tuple(logps.shape)} log-probabilities for {tuple(new.shape)} tokens"
+                )
             for row, i in enumerate(idx):
                 ids = new[row].tolist()
                 n = kept_length(ids, eos, stop, decode)
@@ -383,6 +419,7 @@ class ProtocolRollout:
                 prompt_ids=tok.prompt_ids,
                 completion_ids=tok.completion_ids,
                 env_mask=tok.env_mask,
+                logprobs=tok.logprobs,
             )
             lines.append(json.dumps(record))
         _atomic_write(self.log_dir / f"step-{step:06d}.jsonl", "\n".join(lines) + "\n")

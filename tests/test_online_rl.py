@@ -128,14 +128,31 @@ def _independent_returns(rows: list[dict], golds: dict[str, str], cfg, tmp: Path
     return pl.read_parquet(tmp / "weighted.parquet")["return"].to_list()
 
 
+def _check_logprobs(rows: list[dict], model, temperature: float) -> None:
+    """The log-probabilities handed to TRL are those of the sampled tokens under the policy that
+    sampled them (softmax of logits / temperature), recomputed here with one plain forward pass."""
+    import torch
+
+    for rec in rows:
+        ids = torch.tensor([rec["prompt_ids"] + rec["completion_ids"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].float() / temperature
+        start = len(rec["prompt_ids"])
+        logps = torch.log_softmax(logits[start - 1 : -1], dim=-1)
+        expected = logps.gather(-1, ids[0, start:].unsqueeze(-1)).squeeze(-1).tolist()
+        for k, m in enumerate(rec["env_mask"]):
+            assert rec["logprobs"][k] == (pytest.approx(expected[k], abs=1e-3) if m else 0.0)
+
+
 def test_online_grpo_smoke(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from tasks.ingest import load_problems
-    from tasks.models import load_model, load_tokenizer
+    from tasks.models import load_model, load_tokenizer, resolve_model
     from tasks.online_rl import train_online
 
     cfg = _config(tmp_path)
+    initial = load_model(resolve_model(cfg.train_model))  # the policy that sampled step 1
     result = train_online(cfg, base_dir=ROOT)
     out = Path(result.output_dir)
     assert result.optimizer_steps == 2 and not result.cached and result.resumed_from is None
@@ -151,6 +168,7 @@ def test_online_grpo_smoke(tmp_path):
     exact = [_check_tokens(rec, tokenizer, cfg) for rows in steps.values() for rec in rows]
     assert sum(exact) >= len(exact) // 2
     assert result.generated_tokens == sum(sum(r["env_mask"]) for rows in steps.values() for r in rows)
+    _check_logprobs(steps[1], initial, cfg.rollout.sampling.temperature)
     assert any(r["n_turns"] > 1 for rows in steps.values() for r in rows), "no multi-turn episode sampled"
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
