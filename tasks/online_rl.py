@@ -565,7 +565,8 @@ def _train(cfg, model_cfg, model_path, fingerprint, out, started, base_dir, call
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from tasks.grade import get_grader
+    from tasks.golds import check_golds
+    from tasks.grade import Grader
     from tasks.ingest import load_problems
     from tasks.models import load_model, load_tokenizer, pick_device
     from tasks.tracking import Tracker
@@ -574,7 +575,9 @@ def _train(cfg, model_cfg, model_path, fingerprint, out, started, base_dir, call
     if cfg.rollout.sampling.temperature <= 0:
         raise ValueError("online RL samples its trajectories: rollout.sampling.temperature must be > 0")
     max_turns = online.max_turns or protocol.max_turns
-    df, _ = load_problems(cfg.data, Path(base_dir) if base_dir is not None else Path.cwd())
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    df, _ = load_problems(cfg.data, base)
+    verifier = check_golds(df.select("prompt_id", "gold"), cfg.data, cfg.verifier, "", base)  # resolves auto
     problems = [Problem(r["prompt_id"], r["question"], r["gold"]) for r in df.iter_rows(named=True)]
     index = problem_index(problems, protocol)
     dataset = Dataset.from_list(
@@ -621,6 +624,7 @@ def _train(cfg, model_cfg, model_path, fingerprint, out, started, base_dir, call
         dataloader_num_workers=0,
         **({"gradient_checkpointing": True} if online.gradient_checkpointing else {}),
     )
+    grader = Grader(protocol, verifier)  # its processes end with the run (the `with` below)
     rollout = ProtocolRollout(
         tokenizer,
         index,
@@ -629,7 +633,7 @@ def _train(cfg, model_cfg, model_path, fingerprint, out, started, base_dir, call
         cfg.weights,
         max_turns,
         online.num_generations,
-        get_grader(protocol, cfg.verifier),
+        grader,
         cfg.engine.batch_size,
         online.seed,
         log_dir=out / ROLLOUTS_DIR,
@@ -651,16 +655,17 @@ def _train(cfg, model_cfg, model_path, fingerprint, out, started, base_dir, call
     )
     status = "FAILED"
     try:
-        trainer = GRPOTrainer(
-            model=model,
-            reward_funcs=[drift_return],
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=[_callback(tracker, costs), *callbacks],
-            rollout_func=rollout,
-        )
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with grader:
+            trainer = GRPOTrainer(
+                model=model,
+                reward_funcs=[drift_return],
+                args=args,
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                callbacks=[_callback(tracker, costs), *callbacks],
+                rollout_func=rollout,
+            )
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         target = out / MODEL_DIR
         _save_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, target)
         result = OnlineResult(

@@ -109,10 +109,12 @@ def _check_tokens(rec: dict, tokenizer, cfg) -> bool:
 def _independent_returns(rows: list[dict], golds: dict[str, str], cfg, tmp: Path) -> list[float]:
     """Re-grade every stored assistant message against the dataset's gold and compute the returns
     the way the DRIFT pipeline does: a trajectories parquet through the weights stage's reader."""
+    from tasks.golds import check_golds
     from tasks.rollout import records_to_frame
     from tasks.weights_io import weigh_parquet
 
-    verifier = make_verifier(cfg.verifier)
+    table = pl.DataFrame({"prompt_id": list(golds), "gold": list(golds.values())})
+    verifier = make_verifier(check_golds(table, cfg.data, cfg.verifier, ""))  # the run's verifier kind
     episodes = []
     for rec in rows:
         episode = Episode.start(rec["prompt_id"], 0, "-", golds[rec["prompt_id"]], cfg.protocol)
