@@ -535,7 +535,9 @@ def resumed(tmp_path_factory, prefect_server):
     from tasks.store import ArtifactStore, Manifest
 
     s = ArtifactStore(str(store))
-    order = pl.read_parquet(next(store.glob("ingest/*/data.parquet")))["prompt_id"].to_list()
+    # the training problems' ingest (the store also holds the eval set's): the one with our prompt ids
+    tables = [pl.read_parquet(p)["prompt_id"].to_list() for p in sorted(store.glob("ingest/*/data.parquet"))]
+    (order,) = [ids for ids in tables if ids and ids[0].startswith("problems-")]
     finished = set()
     for key_dir in store.glob("rollout-shard/*"):
         files = {p.name for p in key_dir.iterdir() if not p.name.startswith(".")}
