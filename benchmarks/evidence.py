@@ -43,7 +43,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from quality import per_problem_solved, problem_parts  # noqa: E402 - shared per-problem helpers
+from quality import VARIANTS, per_problem_solved, problem_parts  # noqa: E402 - shared with quality.py
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = RESULTS / "evidence_runs.jsonl"
@@ -56,12 +56,7 @@ COMMON = [
     f"run.artifact_store={STORE}/artifacts",
     f"run.tracking_uri=sqlite:///{STORE}/mlflow.db",
 ]
-PIPELINE_SYSTEMS = {
-    "drift": ["weights.mode=drift", "train.target=terminal"],
-    "drift_all_turns": ["weights.mode=drift", "train.target=all_turns"],
-    "uniform": ["weights.mode=uniform", "train.target=terminal"],
-    "success_only": ["weights.mode=success_only", "train.target=terminal"],
-}
+PIPELINE_SYSTEMS = VARIANTS  # drift, drift_all_turns, uniform, success_only: the same settings as v1
 SYSTEMS = ["reference", *PIPELINE_SYSTEMS, "online_rl", "rounds"]
 _RUN_ID = re.compile(r"MLflow run id: ([0-9a-f]{32})")
 
