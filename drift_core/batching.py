@@ -46,6 +46,7 @@ __all__ = [
     "Target",
     "TokenizedExample",
     "collate",
+    "collate_packed",
     "length_grouped_batches",
     "tokenize_trajectory",
     "training_pairs",
@@ -257,5 +258,35 @@ def collate(
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
+        "weights": torch.tensor([float(w) for w in weights], dtype=torch.float32),
+    }
+
+
+def collate_packed(examples: Sequence[TokenizedExample], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Padding-free batch: the examples concatenated into one row ``[1, sum of lengths]``.
+
+    ``position_ids`` restart at 0 for every example, and there is no ``attention_mask``: from the
+    restarts transformers builds block-diagonal causal attention (flash-attention's variable-length
+    kernel on a GPU, a block mask for SDPA), so no token attends across examples and no compute is
+    spent on padding. ``sample_index`` names the example of every token (the loss averages per
+    example), and the first token of each example is never supervised (nothing before it in its own
+    sequence predicts it), so no target crosses a boundary. Same loss as ``collate``'s padded batch."""
+    if len(examples) != len(weights):
+        raise ValueError(f"{len(examples)} examples but {len(weights)} weights")
+    if not examples:
+        raise ValueError("collate_packed needs at least one example")
+    ids, labels, positions, owner = [], [], [], []
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids.extend(e.input_ids)
+        labels.append(IGNORE_INDEX)
+        labels.extend(e.labels[1:])
+        positions.extend(range(n))
+        owner.extend([i] * n)
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "sample_index": torch.tensor([owner], dtype=torch.long),
         "weights": torch.tensor([float(w) for w in weights], dtype=torch.float32),
     }

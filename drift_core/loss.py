@@ -20,7 +20,17 @@ wasted time and most of the memory. Two ways to get those rows, same result:
   silently skip the gradient all-reduce, so a DDP-wrapped model is rejected on this path. It also
   skips any logit post-processing that a model does in its own ``forward``.
 
+* ``method="liger"``: the decoder path, with Liger's fused linear cross-entropy
+  (``liger-kernel``, Triton, CUDA only) applied to the supervised hidden states: the output head and
+  the cross-entropy run chunk by chunk, so not even the ``[N, V]`` logits exist at once. Same
+  caveats as ``decoder`` (called on the bare model, as drift's trainer does inside its own
+  DDP-wrapped loss module).
+
 Cross-entropy is computed in float32 (the selected logits are upcast).
+
+A *packed* batch (``batching.collate_packed``: one row of concatenated examples, ``position_ids``
+restarting per example, ``sample_index`` naming each token's example, no attention mask) gives the
+same loss as the padded batch of the same examples.
 
 Distributed note: DDP averages gradients over ranks. With ``"mean"`` and equal local batch sizes that
 is the mean over the global batch. With ``"weight_sum"``, pass ``global_weight_sum`` = the all-reduced
@@ -40,10 +50,10 @@ from torch import nn
 
 from drift_core.batching import IGNORE_INDEX
 
-__all__ = ["LossOutput", "full_logits_loss", "unwrap_model", "weighted_sft_loss"]
+__all__ = ["LossOutput", "full_logits_loss", "liger_available", "unwrap_model", "weighted_sft_loss"]
 
 Normalize = Literal["mean", "weight_sum"]
-Method = Literal["auto", "logits_to_keep", "decoder"]
+Method = Literal["auto", "logits_to_keep", "decoder", "liger"]
 
 
 @dataclass
@@ -79,8 +89,15 @@ def _shifted(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = sup
     targets = nxt[sup]
-    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(nxt)[sup]
+    if "sample_index" in batch:  # packed: a row holds several examples
+        rows = batch["sample_index"][:, 1:].to(labels.device)[sup]
+    else:
+        rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(nxt)[sup]
     return keep, targets, rows
+
+
+def _n_samples(batch: dict[str, torch.Tensor]) -> int:
+    return batch["weights"].shape[0] if "sample_index" in batch else batch["labels"].shape[0]
 
 
 def _combine(
@@ -92,7 +109,7 @@ def _combine(
     anchor: torch.Tensor,
 ) -> LossOutput:
     """Per-sample mean of the token CEs, then the weighted batch reduction."""
-    b = batch["labels"].shape[0]
+    b = _n_samples(batch)
     device = token_ce.device
     counts = torch.zeros(b, dtype=torch.long, device=device).index_add_(0, rows, torch.ones_like(rows))
     sums = torch.zeros(b, dtype=torch.float32, device=device).index_add(0, rows, token_ce)
@@ -156,10 +173,12 @@ def weighted_sft_loss(
     if method == "auto":
         method = "logits_to_keep" if _accepts_logits_to_keep(base) else "decoder"
     keep, targets, rows = _shifted(batch)
-    input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    if "position_ids" in batch:  # packed: positions restart per example
+        inputs["position_ids"] = batch["position_ids"]
 
     if method == "logits_to_keep":
-        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False)
+        out = model(**inputs, logits_to_keep=keep, use_cache=False)
         logits = out.logits if hasattr(out, "logits") else out[0]
         if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:
             raise RuntimeError(
@@ -167,24 +186,50 @@ def weighted_sft_loss(
                 f"mask with {targets.shape[0]} positions; this model/transformers version does not "
                 "support it: use method='decoder'"
             )
-    elif method == "decoder":
+    elif method in ("decoder", "liger"):
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise ValueError(
-                "method='decoder' bypasses DistributedDataParallel.forward, so gradients would not be "
+                f"method={method!r} bypasses DistributedDataParallel.forward, so gradients would not be "
                 "all-reduced; use method='logits_to_keep' (transformers >= 5) for a DDP model"
             )
         decoder = base.get_decoder()
         head = base.get_output_embeddings()
         if decoder is base or head is None:
             raise ValueError(f"{type(base).__name__}: cannot find the decoder and output head of a causal LM")
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = decoder(**inputs, use_cache=False)
         hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+        if method == "liger":
+            token_ce = _liger_token_ce(head, hidden[keep], targets)
+            anchor = hidden if token_ce.numel() else torch.stack([hidden.sum(), head.weight.sum()])
+            return _combine(token_ce, rows, batch, normalize, global_weight_sum, anchor=anchor)
         logits = head(hidden[keep])  # [N, V]: only the supervised rows reach the output head
     else:
-        raise ValueError(f"method={method!r}: expected 'auto', 'logits_to_keep' or 'decoder'")
+        raise ValueError(f"method={method!r}: expected 'auto', 'logits_to_keep', 'decoder' or 'liger'")
 
     token_ce = F.cross_entropy(logits.float(), targets, reduction="none")
     return _combine(token_ce, rows, batch, normalize, global_weight_sum, anchor=logits)
+
+
+def liger_available() -> str | None:
+    """None when Liger's fused linear cross-entropy can run here, else why not."""
+    if not torch.cuda.is_available():
+        return "Liger's kernels are Triton kernels for CUDA and there is no CUDA device"
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError as exc:
+        return f"liger-kernel is not installed ({exc}); pip install liger-kernel"
+    return None
+
+
+def _liger_token_ce(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy of ``head(hidden)`` against ``targets``, fused: Liger computes the
+    output head and the loss chunk by chunk (and their gradients), never the ``[N, V]`` logits."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    if targets.numel() == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    fused = LigerFusedLinearCrossEntropyLoss(reduction="none")
+    return fused(head.weight, hidden, targets, getattr(head, "bias", None)).float()
 
 
 def full_logits_loss(

@@ -194,6 +194,15 @@ class EngineConfig(StrictModel):
     gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)
     enable_prefix_caching: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    decoding: Literal["standard", "static", "continuous"] = Field(
+        default="standard",
+        description="transformers engine: 'standard' generate (dynamic KV cache); 'static' KV cache, "
+        "whose decoding step generate compiles (torch.compile) on a GPU; 'continuous' batching "
+        "(generate_batch, paged attention) for greedy decoding, sampling falls back to 'standard'",
+    )
+    pad_multiple: int = Field(
+        default=64, ge=1, description="static decoding: prompt widths rounded up, so compiled shapes repeat"
+    )
 
 
 class RolloutConfig(StrictModel):
@@ -236,6 +245,17 @@ class TrainConfig(StrictModel):
     max_grad_norm: float = Field(default=1.0, gt=0.0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
+    packing: bool = Field(
+        default=False,
+        description="padding-free micro-batches: sequences concatenated, position ids restarting per "
+        "sequence (flash-attention varlen / block-diagonal attention through transformers)",
+    )
+    loss_kernel: Literal["torch", "liger"] = Field(
+        default="torch",
+        description="liger: Liger's fused linear cross-entropy (liger-kernel, CUDA only; no logits "
+        "tensor at all); without CUDA or liger-kernel the trainer says so and uses torch",
+    )
+    compile: bool = Field(default=False, description="torch.compile each decoder layer (regional)")
     checkpoint_every: int = Field(default=50, ge=1, description="optimizer steps between checkpoints")
     seed: int = 0
     lora: LoraConfig = Field(default_factory=LoraConfig)

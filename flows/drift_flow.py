@@ -30,6 +30,7 @@ from flows.stages import (
     EvalSet,
     StageRunner,
     default_run_name,
+    engine_identity,
     eval_label,
     evaluate_stage,
     format_promotion,
@@ -203,7 +204,7 @@ def _rollouts(run: PipelineRun, reference: Reference, rollouts_from: str | None)
             protocol=cfg.protocol,
             verifier=result_fields(verifier),
             rollout=result_fields(cfg.rollout),
-            engine=cfg.engine.kind,
+            engine=engine_identity(cfg.engine),
         )
         common = {
             "model_path": reference.path,

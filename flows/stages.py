@@ -14,7 +14,7 @@ from prefect.futures import wait
 from prefect.task_runners import TaskRunner
 
 from drift_core.protocol import CHOICE_INSTRUCTION
-from drift_core.schemas import DriftConfig, EvalEntry, ProtocolConfig, VerifierConfig
+from drift_core.schemas import DriftConfig, EngineConfig, EvalEntry, ProtocolConfig, VerifierConfig
 from tasks.caching import key_from_parameters, stage_key
 from tasks.evaluate import greedy, summarize_eval
 from tasks.golds import checked_verifier
@@ -27,6 +27,7 @@ __all__ = [
     "EvalSet",
     "StageRunner",
     "eval_label",
+    "engine_identity",
     "evaluate_stage",
     "log_suite_params",
     "prepare_eval_suite",
@@ -122,12 +123,29 @@ def result_fields(model) -> dict:
     return {k: v for k, v in model.model_dump(mode="json").items() if k not in drop}
 
 
+def engine_identity(engine: EngineConfig) -> str:
+    """What of the engine settings goes into rollout and evaluation keys: its kind, and its decoding
+    path unless standard (compiled kernels and paged attention may change the last bits of the
+    logits, hence sampled tokens), so keys made before decoding paths existed stay valid."""
+    return engine.kind if engine.decoding == "standard" else f"{engine.kind}/{engine.decoding}"
+
+
 # Per section: the settings that change where or how fast a stage runs, never what it produces.
 # (train.batch_size is NOT here: it changes the optimisation; the engine's batch_size is not keyed.)
 _SPEED_ONLY: dict[str, set[str]] = {
     "VerifierConfig": {"workers"},
     "RolloutConfig": {"shard_size"},
-    "TrainConfig": {"work_pool", "checkpoint_every", "num_processes", "accelerate_config"},
+    # packing, loss_kernel and compile compute the same objective with other kernels (equal loss
+    # within bf16 tolerance, tests/test_fast_paths.py): speed settings, like the process count
+    "TrainConfig": {
+        "work_pool",
+        "checkpoint_every",
+        "num_processes",
+        "accelerate_config",
+        "packing",
+        "loss_kernel",
+        "compile",
+    },
 }
 
 
@@ -203,7 +221,7 @@ def evaluate_stage(
         protocol=ev.protocol,
         verifier=result_fields(ev.verifier),
         max_new_tokens=ev.max_new_tokens,
-        engine=cfg.engine.kind,
+        engine=engine_identity(cfg.engine),
     )
     run_name = label.replace("evaluate-", "eval-", 1)  # eval-trained-0, eval-trained-math500-0
     shard_task = rollout_shard.with_options(name="eval-shard", task_run_name=f"{run_name}-{{shard}}")

@@ -80,8 +80,14 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from drift_core.batching import TokenizedExample, collate, length_grouped_batches, tokenize_trajectory
-from drift_core.loss import weighted_sft_loss
+from drift_core.batching import (
+    TokenizedExample,
+    collate,
+    collate_packed,
+    length_grouped_batches,
+    tokenize_trajectory,
+)
+from drift_core.loss import liger_available, weighted_sft_loss
 from drift_core.schemas import ModelConfig, TrainConfig
 from tasks.models import load_model, load_tokenizer, pick_device, resolve_model, torch_dtype
 
@@ -241,24 +247,31 @@ class _LossModule(torch.nn.Module):
     """The model with the loss inside ``forward``, so DDP (and accelerate's autocast) wrap the whole
     loss computation, whichever submodules ``weighted_sft_loss`` calls."""
 
-    def __init__(self, model: torch.nn.Module, normalize: str):
+    def __init__(self, model: torch.nn.Module, normalize: str, method: str = "auto"):
         super().__init__()
         self.model = model
         self.normalize = normalize
+        self.method = method  # weighted_sft_loss's method: "auto", or "liger" (resolve_loss_method)
         # FSDP's auto-wrap policy reads the transformer block classes from here (the root module)
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     def forward(self, batch: dict[str, torch.Tensor], global_weight_sum: torch.Tensor | None = None):
         out = weighted_sft_loss(
-            self.model, batch, normalize=self.normalize, global_weight_sum=global_weight_sum
+            self.model,
+            batch,
+            normalize=self.normalize,
+            global_weight_sum=global_weight_sum,
+            method=self.method,
         )
         return out.loss, out.n_tokens
 
 
-def _build_model(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig):
+def _build_model(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, compile_layers: bool = True):
     # fp32 master weights; bf16 compute comes from the accelerator's autocast.
     model = load_model(model_path, model_cfg.model_copy(update={"dtype": "float32"}), device="cpu")
     model.config.use_cache = False
+    if cfg.compile and compile_layers:
+        _compile_layers(model)
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -279,6 +292,19 @@ def _build_model(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig):
             ),
         )
     return model
+
+
+def _compile_layers(model: torch.nn.Module) -> None:
+    """``torch.compile`` every decoder layer in place (regional compilation: one graph per layer
+    shape, compiled once and reused by all layers; parameter names, checkpoints and the saved model
+    are unchanged). A model without a ``layers`` list is compiled whole, also in place."""
+    layers = getattr(model.get_decoder(), "layers", None) if hasattr(model, "get_decoder") else None
+    if layers is None:
+        log.info("train.compile: no decoder layer list found; compiling the whole model")
+        model.compile()
+        return
+    for layer in layers:
+        layer.compile()
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -370,73 +396,43 @@ def train_weighted_sft(
     Writes the trained model (safetensors), tokenizer and ``training_log.json`` to ``output_dir`` and
     checkpoints to ``checkpoint_dir``; resumes from a checkpoint of the same run. ``on_step(step,
     loss, lr)`` is called on every process after each optimizer step (and its checkpoint)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     output_dir, checkpoint_dir = Path(output_dir), Path(checkpoint_dir)
 
-    # 1. seed, accelerator --------------------------------------------------------------------
+    # 1. seed, accelerator
     set_seed(cfg.seed)
-    on_gpu = pick_device("auto") != "cpu"
-    bf16 = on_gpu and cfg.precision in ("auto", "bf16")
-    if cfg.precision == "bf16" and not on_gpu:
-        log.info("precision=bf16 requested without a GPU: training in fp32 on the CPU")
-    accelerator = Accelerator(cpu=not on_gpu, mixed_precision="bf16" if bf16 else "no")
-    rank, world = accelerator.process_index, accelerator.num_processes
-    strategy = accelerator.distributed_type.value  # "NO", "MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED"
-    if strategy == "DEEPSPEED":
-        _configure_deepspeed(accelerator, cfg)
-    requested = "FSDP" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else None
-    if requested and strategy != requested and accelerator.is_main_process:
-        log.warning(
-            "the accelerate config asks for %s, but accelerate applies it to GPU process groups only: "
-            "training with %s on %d process(es) instead",
-            requested,
-            strategy,
-            world,
-        )
-    if strategy in ("FSDP", "DEEPSPEED") and accelerator.is_main_process:
-        log.info("training with %s on %d process(es)", strategy, world)
+    accelerator, strategy, bf16 = _make_accelerator(cfg)
+    world = accelerator.num_processes
 
-    # 2. data -----------------------------------------------------------------------------------
+    # 2. data
     tokenizer = load_tokenizer(model_path, model_cfg)
     examples, weights, drop_stats = prepare_examples(data, tokenizer, cfg)
     lengths = [len(e) for e in examples]
 
-    # 3. the plan: every step's global micro-batches, identical on every rank --------------------
+    # 3. the plan: every step's global micro-batches, identical on every rank
     plan = plan_steps(lengths, cfg)
     n_steps = len(plan)
     plan_digest = hashlib.sha256(json.dumps(plan).encode()).hexdigest()
     fingerprint = run_fingerprint(examples, weights, model_path, model_cfg, cfg, world)
 
-    # 4. model, optimizer, schedule ---------------------------------------------------------------
+    # 4. model, optimizer, schedule
     model = _build_model(model_path, model_cfg, cfg)
     optimizer = _optimizer(model, cfg)
-    warmup = math.ceil(cfg.warmup_ratio * n_steps)
-    scheduler = linear_schedule(optimizer, warmup, n_steps)
+    scheduler = linear_schedule(optimizer, math.ceil(cfg.warmup_ratio * n_steps), n_steps)
     # The scheduler is stepped once per optimizer step by us (a prepared scheduler would step W
     # times), and registered so that save_state/load_state carry it.
-    loss_module, optimizer = accelerator.prepare(_LossModule(model, cfg.normalize), optimizer)
+    method = resolve_loss_method(cfg, accelerator.is_main_process)
+    loss_module, optimizer = accelerator.prepare(_LossModule(model, cfg.normalize, method), optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
-    # 5. resume -----------------------------------------------------------------------------------
-    start_step, history, resumed_from = 0, [], None
-    found = _find_checkpoint(checkpoint_dir, fingerprint) if checkpoint_dir.exists() else None
-    if found is not None:
-        path, info = found
-        accelerator.load_state(str(path))
-        start_step, history, resumed_from = (
-            info["step"],
-            [tuple(h) for h in info["loss_history"]],
-            info["step"],
-        )
-        if accelerator.is_main_process:
-            log.info("resuming from %s (step %d of %d)", path, start_step, n_steps)
-    accelerator.wait_for_everyone()
+    # 5. resume
+    start_step, history = _resume(accelerator, checkpoint_dir, fingerprint, n_steps)
+    resumed_from = start_step or None
 
-    # 6. the loop -----------------------------------------------------------------------------------
-    device = accelerator.device
+    # 6. the loop
+    step_fn = _StepRunner(accelerator, loss_module, strategy, cfg, examples, weights, tokenizer.pad_token_id)
     log_every = max(1, n_steps // 20)
     bar = tqdm(
         total=n_steps,
@@ -448,64 +444,28 @@ def train_weighted_sft(
     tokens_this_run = 0
     t0 = time.perf_counter()
     for step in range(start_step, n_steps):
-        micro_batches = plan[step]
         lr = scheduler.get_last_lr()[0]
-        step_loss = torch.zeros((), device=device)
-        for j, global_batch in enumerate(micro_batches):
-            local, real = shard(global_batch, rank, world)
-            batch = collate(
-                [examples[i] for i in local],
-                [weights[i] if r else 0.0 for i, r in zip(local, real, strict=True)],
-                tokenizer.pad_token_id,
-            )
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if cfg.normalize == "weight_sum":
-                global_weight_sum = accelerator.reduce(batch["weights"].sum(), reduction="sum")
-                scale = world
-            else:
-                global_weight_sum = None
-                scale = len(local) * world / len(global_batch)
-            last = j == len(micro_batches) - 1
-            if strategy == "DEEPSPEED":  # DeepSpeed steps inside backward() at the boundary only
-                accelerator.gradient_state._set_sync_gradients(last)
-            with contextlib.nullcontext() if last else accelerator.no_sync(loss_module):
-                loss, _ = loss_module(batch, global_weight_sum)
-                loss = loss * (scale / len(micro_batches))
-                accelerator.backward(loss)
-            step_loss += loss.detach().float()
-            tokens_this_run += sum(lengths[i] for i in global_batch)
+        loss_value = step_fn(plan[step])
+        tokens_this_run += sum(lengths[i] for b in plan[step] for i in b)
         accelerator.clip_grad_norm_(loss_module.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-
-        # the ranks' scaled losses average to the global objective (see the module docstring)
-        loss_value = accelerator.reduce(step_loss, reduction="mean").item()
         history.append((step + 1, loss_value, lr))
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         if bar.disable and accelerator.is_main_process and (step + 1) % log_every == 0:
             log.info("step %d/%d loss %.4f lr %.3g", step + 1, n_steps, loss_value, lr)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < n_steps:
-            _save_checkpoint(
-                accelerator,
-                checkpoint_dir,
-                step + 1,
-                {
-                    "step": step + 1,
-                    "n_steps": n_steps,
-                    "seed": cfg.seed,
-                    "fingerprint": fingerprint,
-                    "plan_sha256": plan_digest,
-                    "loss_history": history,
-                },
-            )
+            info = {"step": step + 1, "n_steps": n_steps, "seed": cfg.seed, "fingerprint": fingerprint}
+            info.update(plan_sha256=plan_digest, loss_history=history)
+            _save_checkpoint(accelerator, checkpoint_dir, step + 1, info)
         if on_step is not None:
             on_step(step + 1, loss_value, lr)
     bar.close()
     seconds = time.perf_counter() - t0
 
-    # 7. save ---------------------------------------------------------------------------------------
+    # 7. save
     result = TrainResult(
         steps=n_steps,
         samples=sum(len(b) for s in plan for b in s),
@@ -518,6 +478,110 @@ def train_weighted_sft(
         examples=len(examples),
         **drop_stats,
     )
+    _save_model(
+        accelerator, loss_module, strategy, bf16, model_path, model_cfg, cfg, tokenizer, output_dir, result
+    )
+    return result
+
+
+def _make_accelerator(cfg: TrainConfig):
+    """The ``Accelerator`` (bf16 autocast on a GPU unless fp32 is asked for), its strategy name
+    ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED") and whether it computes in bf16."""
+    from accelerate import Accelerator
+
+    on_gpu = pick_device("auto") != "cpu"
+    bf16 = on_gpu and cfg.precision in ("auto", "bf16")
+    if cfg.precision == "bf16" and not on_gpu:
+        log.info("precision=bf16 requested without a GPU: training in fp32 on the CPU")
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision="bf16" if bf16 else "no")
+    strategy = accelerator.distributed_type.value
+    if strategy == "DEEPSPEED":
+        _configure_deepspeed(accelerator, cfg)
+    requested = "FSDP" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else None
+    if requested and strategy != requested and accelerator.is_main_process:
+        log.warning(
+            "the accelerate config asks for %s, but accelerate applies it to GPU process groups only: "
+            "training with %s on %d process(es) instead",
+            requested,
+            strategy,
+            accelerator.num_processes,
+        )
+    if strategy in ("FSDP", "DEEPSPEED") and accelerator.is_main_process:
+        log.info("training with %s on %d process(es)", strategy, accelerator.num_processes)
+    return accelerator, strategy, bf16
+
+
+def resolve_loss_method(cfg: TrainConfig, say: bool = True) -> str:
+    """The loss path for ``cfg.loss_kernel``: ``liger`` where it can run, else the default (and why)."""
+    if cfg.loss_kernel == "liger":
+        why_not = liger_available()
+        if why_not is None:
+            return "liger"
+        if say:
+            log.warning(
+                "train.loss_kernel=liger: %s; using the torch loss (logits at supervised rows)", why_not
+            )
+    return "auto"
+
+
+def _resume(accelerator, checkpoint_dir: Path, fingerprint: str, n_steps: int) -> tuple[int, list]:
+    """Load the newest checkpoint of this run, if any: (steps already done, their loss history)."""
+    found = _find_checkpoint(checkpoint_dir, fingerprint) if checkpoint_dir.exists() else None
+    start_step, history = 0, []
+    if found is not None:
+        path, info = found
+        accelerator.load_state(str(path))
+        start_step, history = info["step"], [tuple(h) for h in info["loss_history"]]
+        if accelerator.is_main_process:
+            log.info("resuming from %s (step %d of %d)", path, start_step, n_steps)
+    accelerator.wait_for_everyone()
+    return start_step, history
+
+
+class _StepRunner:
+    """Forward and backward of one optimizer step's micro-batches on this rank (see the module
+    docstring for the per-rank scaling); returns the step's loss averaged over the ranks."""
+
+    def __init__(self, accelerator, loss_module, strategy: str, cfg: TrainConfig, examples, weights, pad_id):
+        self.accelerator, self.loss_module, self.strategy, self.cfg = accelerator, loss_module, strategy, cfg
+        self.examples, self.weights, self.pad_id = examples, weights, pad_id
+
+    def batch(self, global_batch: list[int]) -> tuple[dict[str, torch.Tensor], int]:
+        """This rank's slice of a global micro-batch, collated (padded or packed), on the device."""
+        acc = self.accelerator
+        local, real = shard(global_batch, acc.process_index, acc.num_processes)
+        chosen = [self.examples[i] for i in local]
+        weights = [self.weights[i] if r else 0.0 for i, r in zip(local, real, strict=True)]
+        batch = collate_packed(chosen, weights) if self.cfg.packing else collate(chosen, weights, self.pad_id)
+        return {k: v.to(acc.device) for k, v in batch.items()}, len(local)
+
+    def __call__(self, micro_batches: list[list[int]]) -> float:
+        acc, world = self.accelerator, self.accelerator.num_processes
+        step_loss = torch.zeros((), device=acc.device)
+        for j, global_batch in enumerate(micro_batches):
+            batch, n_local = self.batch(global_batch)
+            if self.cfg.normalize == "weight_sum":
+                global_weight_sum = acc.reduce(batch["weights"].sum(), reduction="sum")
+                scale = world
+            else:
+                global_weight_sum = None
+                scale = n_local * world / len(global_batch)
+            last = j == len(micro_batches) - 1
+            if self.strategy == "DEEPSPEED":  # DeepSpeed steps inside backward() at the boundary only
+                acc.gradient_state._set_sync_gradients(last)
+            with contextlib.nullcontext() if last else acc.no_sync(self.loss_module):
+                loss, _ = self.loss_module(batch, global_weight_sum)
+                loss = loss * (scale / len(micro_batches))
+                acc.backward(loss)
+            step_loss += loss.detach().float()
+        # the ranks' scaled losses average to the global objective (see the module docstring)
+        return acc.reduce(step_loss, reduction="mean").item()
+
+
+def _save_model(
+    accelerator, loss_module, strategy, bf16, model_path, model_cfg, cfg, tokenizer, output_dir, result
+) -> None:
+    """A plain model directory (safetensors, LoRA merged), the tokenizer and ``training_log.json``."""
     accelerator.wait_for_everyone()
     # FSDP / ZeRO-3 shard the parameters: gather the full state dict (a collective: every rank).
     full_state = accelerator.get_state_dict(loss_module) if strategy in ("FSDP", "DEEPSPEED") else None
@@ -525,7 +589,7 @@ def train_weighted_sft(
         if full_state is None:
             trained = accelerator.unwrap_model(loss_module).model
         else:
-            trained = _build_model(model_path, model_cfg, cfg)
+            trained = _build_model(model_path, model_cfg, cfg, compile_layers=False)
             prefix = "model."
             trained.load_state_dict(
                 {k[len(prefix) :]: v for k, v in full_state.items() if k.startswith(prefix)}
@@ -542,12 +606,11 @@ def train_weighted_sft(
         log_doc = {
             **result.model_dump(mode="json"),
             "config": cfg.model_dump(mode="json"),
-            "processes": world,
+            "processes": accelerator.num_processes,
         }
         (output_dir / TRAINING_LOG).write_text(json.dumps(log_doc, indent=2))
     accelerator.wait_for_everyone()
     accelerator.free_memory()
-    return result
 
 
 # ---------------------------------------------------------------------------------------- CLI

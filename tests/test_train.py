@@ -350,6 +350,9 @@ def test_train_cache_key_follows_results_not_placement():
         {"accelerate_config": "configs/accelerate/fsdp.yaml"},
         {"work_pool": "drift-gpu"},
         {"checkpoint_every": 7},
+        {"packing": True},  # the same objective with other kernels (tests/test_fast_paths.py)
+        {"loss_kernel": "liger"},
+        {"compile": True},
     ):
         assert result_fields(cfg_for(**placement)) == base, placement
 

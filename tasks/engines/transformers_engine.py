@@ -4,10 +4,27 @@ Throughput comes from batching: the n copies of every prompt are expanded, sorte
 generated in batches with left padding, so a batch wastes little compute on padding. Generation
 stops per sequence at a stop string (``</answer>``) or the end-of-turn token, under inference mode,
 in bf16 on a GPU. Seeds are set per batch, so a shard is reproducible for a fixed batch size.
+
+``engine.decoding`` picks how each batch is decoded (transformers' own tools, nothing vendored):
+
+* ``standard``: ``generate`` with the dynamic KV cache (one kernel launch per op per step: on a GPU a
+  small model is launch-bound, see docs/benchmarks.md);
+* ``static``: ``generate(cache_implementation="static")``. With a fixed-shape cache ``generate``
+  compiles the decoding step (``torch.compile``, CUDA graphs) on a GPU; prompt widths are rounded up
+  to ``engine.pad_multiple`` so batches repeat a few shapes instead of recompiling. Stop strings and
+  per-batch seeds work as in ``standard``. On a CPU transformers does not compile: the static cache
+  runs eagerly (same completions, no speed-up), and the engine says so;
+* ``continuous``: ``generate_batch``, continuous batching with paged attention: finished sequences
+  leave the batch at every step and waiting ones join. For greedy decoding only: sampled tokens would
+  depend on which sequences share a step, so a shard would not be reproducible, and sampling falls
+  back to ``standard`` (said once per engine). It has no stop strings: sequences run to end of turn
+  or ``max_new_tokens`` and are cut at the stop string afterwards (the same completions, more
+  tokens generated).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import torch
@@ -15,6 +32,8 @@ import torch
 from drift_core.schemas import EngineConfig, ModelConfig
 from tasks.engines.base import Completion, Engine, SamplingParams, cut_at_stop
 from tasks.models import load_model, load_tokenizer, pick_device
+
+log = logging.getLogger(__name__)
 
 
 class TransformersEngine(Engine):
@@ -29,34 +48,71 @@ class TransformersEngine(Engine):
         self.model.eval()
         self.model.generation_config.pad_token_id = self.tokenizer.pad_token_id
         self._lock = threading.Lock()  # one generate at a time per loaded model
+        self._said: set[str] = set()
 
     def close(self) -> None:
         self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def decoding_for(self, params: SamplingParams) -> str:
+        """The decoding path these sampling settings get: ``engine.decoding`` unless it cannot keep
+        drift's guarantees for them, in which case ``standard`` (and the reason, logged once)."""
+        wanted = self.cfg.decoding
+        if wanted == "continuous":
+            if params.temperature > 0:
+                self._say(
+                    "engine.decoding=continuous: sampled tokens would depend on which sequences share a "
+                    "step, so a shard would not be reproducible; sampling uses standard decoding"
+                )
+                return "standard"
+            if not hasattr(self.model, "generate_batch"):
+                self._say(
+                    "engine.decoding=continuous: this transformers has no generate_batch; using standard"
+                )
+                return "standard"
+            if params.stop:
+                self._say(
+                    "engine.decoding=continuous: generate_batch has no stop strings; sequences run to the "
+                    "end of turn or max_new_tokens and are cut at the stop string afterwards"
+                )
+        if wanted == "static" and str(self.device) == "cpu":
+            self._say(
+                "engine.decoding=static on the CPU: transformers compiles only on a GPU; the static cache runs eagerly"
+            )
+        return wanted
+
     @torch.inference_mode()
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
         expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(params.n)]
         encoded = self.tokenizer([p for _, p in expanded], add_special_tokens=False)["input_ids"]
-        order = sorted(range(len(expanded)), key=lambda j: len(encoded[j]), reverse=True)
+        decoding = self.decoding_for(params)
         results: list[Completion | None] = [None] * len(expanded)
         with self._lock:
-            for b, start in enumerate(range(0, len(order), self.cfg.batch_size)):
-                idx = order[start : start + self.cfg.batch_size]
-                batch = [encoded[j] for j in idx]
-                for j, completion in zip(
-                    idx, self._generate_batch(batch, params, seed=params.seed + b), strict=False
-                ):
-                    results[j] = completion
+            if decoding == "continuous":
+                results = list(self._generate_continuous(encoded, params))
+            else:
+                order = sorted(range(len(expanded)), key=lambda j: len(encoded[j]), reverse=True)
+                for b, start in enumerate(range(0, len(order), self.cfg.batch_size)):
+                    idx = order[start : start + self.cfg.batch_size]
+                    batch = [encoded[j] for j in idx]
+                    completions = self._generate_batch(
+                        batch, params, seed=params.seed + b, static=decoding == "static"
+                    )
+                    for j, completion in zip(idx, completions, strict=True):
+                        results[j] = completion
         out: list[list[Completion]] = [[] for _ in prompts]
-        for (i, _), completion in zip(expanded, results, strict=False):
+        for (i, _), completion in zip(expanded, results, strict=True):
             out[i].append(completion)
         return out
 
-    def _generate_batch(self, batch: list[list[int]], params: SamplingParams, seed: int) -> list[Completion]:
+    def _generate_batch(
+        self, batch: list[list[int]], params: SamplingParams, seed: int, static: bool = False
+    ) -> list[Completion]:
         pad = self.tokenizer.pad_token_id
         width = max(len(ids) for ids in batch)
+        if static:  # a few repeated shapes, so the compiled step is reused across batches
+            width = -(-width // self.cfg.pad_multiple) * self.cfg.pad_multiple
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=self.device)
         attention = torch.tensor(
             [[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=self.device
@@ -69,26 +125,58 @@ class TransformersEngine(Engine):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if params.stop:
             kwargs.update(stop_strings=params.stop, tokenizer=self.tokenizer)
+        if static:
+            kwargs["cache_implementation"] = "static"
         torch.manual_seed(seed)
         generated = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
-        new_tokens = generated[:, width:].tolist()
+        return [self._completion(row, params) for row in generated[:, width:].tolist()]
+
+    def _generate_continuous(self, encoded: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Greedy decoding of every sequence through ``generate_batch`` (continuous batching)."""
+        from transformers import GenerationConfig
+        from transformers.generation import ContinuousBatchingConfig
+
+        gen = GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(_eos_ids(self.model, self.tokenizer)),
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        cb = ContinuousBatchingConfig(max_requests_per_batch=self.cfg.batch_size)
+        outputs = list(
+            self.model.generate_batch(
+                inputs=encoded, generation_config=gen, continuous_batching_config=cb, progress_bar=False
+            ).values()
+        )
+        failed = [o for o in outputs if o.error]
+        if len(outputs) != len(encoded) or failed:
+            raise RuntimeError(
+                f"generate_batch returned {len(outputs)} of {len(encoded)} sequences"
+                + (f"; first error: {failed[0].error}" if failed else "")
+            )
+        return [self._completion(list(o.generated_tokens), params) for o in outputs]
+
+    def _completion(self, row: list[int], params: SamplingParams) -> Completion:
+        """Text up to end of turn or the first stop string, and how many tokens that took."""
         eos_ids = _eos_ids(self.model, self.tokenizer)
-        completions = []
-        for row in new_tokens:
-            n = len(row)
-            for k, tok in enumerate(row):  # tokens after a finished sequence are padding
-                if tok in eos_ids:
-                    n = k
-                    break
-            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
-            text, stopped = cut_at_stop(text, params.stop)
-            hit_eos = n < len(row)
-            n_tokens = n + (1 if hit_eos else 0)
-            if stopped:  # count tokens only up to the stop string
-                n_tokens = min(n_tokens, len(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
-            finish = "stop" if (stopped or hit_eos) else "length"
-            completions.append(Completion(text=text, n_tokens=n_tokens, finish_reason=finish))
-        return completions
+        n = len(row)
+        for k, tok in enumerate(row):  # tokens after a finished sequence are padding
+            if tok in eos_ids:
+                n = k
+                break
+        text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+        text, stopped = cut_at_stop(text, params.stop)
+        hit_eos = n < len(row)
+        n_tokens = n + (1 if hit_eos else 0)
+        if stopped:  # count tokens only up to the stop string
+            n_tokens = min(n_tokens, len(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        finish = "stop" if (stopped or hit_eos) else "length"
+        return Completion(text=text, n_tokens=n_tokens, finish_reason=finish)
+
+    def _say(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            log.warning(message)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

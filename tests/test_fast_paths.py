@@ -1,0 +1,163 @@
+"""The speed paths, on the CPU: the engine's decoding paths (static KV cache, continuous batching)
+give the current path's greedy completions and fall back where they cannot keep drift's guarantees;
+padding-free packing gives the padded batch's loss and gradients; Liger falls back clearly where it
+cannot run; regional compilation leaves the model's parameter names alone."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from drift_core.batching import collate, collate_packed, tokenize_trajectory
+from drift_core.loss import liger_available, weighted_sft_loss
+from drift_core.schemas import EngineConfig, ModelConfig, TrainConfig
+from tasks.engines.base import SamplingParams
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+PROMPTS = [f"What is {a} + {b}?" for a, b in [(2, 3), (7, 1), (4, 4), (9, 0), (1, 8), (6, 2)]]
+
+
+def rendered(tokenizer, question: str) -> str:
+    """The protocol's own first-turn prompt, as the rollout stage renders it."""
+    from drift_core.protocol import generation_prefill, initial_messages
+    from drift_core.schemas import ProtocolConfig
+
+    protocol = ProtocolConfig()
+    msgs = initial_messages(question, protocol)
+    return tokenizer.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True
+    ) + generation_prefill(protocol)
+
+
+def engine_for(model_dir, decoding: str, batch_size: int = 4):
+    from tasks.engines.transformers_engine import TransformersEngine
+
+    cfg = EngineConfig(device="cpu", batch_size=batch_size, decoding=decoding, pad_multiple=16)
+    return TransformersEngine(str(model_dir), ModelConfig(path=str(model_dir)), cfg)
+
+
+@pytest.fixture(scope="module")
+def standard(tiny_answering_dir):
+    return engine_for(tiny_answering_dir, "standard")
+
+
+@pytest.fixture(scope="module")
+def prompts(standard):
+    return [rendered(standard.tokenizer, q) for q in PROMPTS]
+
+
+GREEDY = SamplingParams(n=1, temperature=0.0, max_new_tokens=16, stop=["</answer>"])
+
+
+def test_static_cache_gives_the_standard_greedy_completions(tiny_answering_dir, standard, prompts, caplog):
+    static = engine_for(tiny_answering_dir, "static")
+    with caplog.at_level(logging.WARNING, logger="tasks.engines.transformers_engine"):
+        got = static.generate(prompts, GREEDY)
+    assert got == standard.generate(prompts, GREEDY)
+    assert any(c.finish_reason == "stop" for row in got for c in row)  # stop strings were exercised
+    assert "runs eagerly" in caplog.text  # on a CPU transformers does not compile, and we say so
+
+
+def test_static_cache_sampling_is_reproducible_per_shard(tiny_answering_dir, prompts):
+    static = engine_for(tiny_answering_dir, "static")
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, stop=["</answer>"], seed=5)
+    assert static.generate(prompts, params) == static.generate(prompts, params)
+
+
+@pytest.mark.slow  # continuous batching's manager starts a thread and sizes a paged cache: slow on a CPU
+def test_continuous_batching_gives_the_standard_greedy_completions(tiny_answering_dir, standard, prompts):
+    continuous = engine_for(tiny_answering_dir, "continuous")
+    assert continuous.generate(prompts, GREEDY) == standard.generate(prompts, GREEDY)
+
+
+def test_continuous_batching_falls_back_to_standard_for_sampling(tiny_answering_dir, caplog):
+    continuous = engine_for(tiny_answering_dir, "continuous")
+    sampled = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, stop=["</answer>"], seed=1)
+    with caplog.at_level(logging.WARNING, logger="tasks.engines.transformers_engine"):
+        assert continuous.decoding_for(sampled) == "standard"
+        assert continuous.decoding_for(sampled) == "standard"
+        assert continuous.decoding_for(GREEDY) == "continuous"
+    assert caplog.text.count("would not be reproducible") == 1  # said once per engine
+    assert "no stop strings" in caplog.text
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+def trajectories(tokenizer, n: int = 5):
+    examples = []
+    for i in range(n):
+        msgs = [SYSTEM, {"role": "user", "content": f"What is {i} + {2 * i + 1}?" + " more words" * i}]
+        if i % 2:
+            msgs += [
+                {"role": "assistant", "content": "<answer>0</answer>"},
+                {"role": "user", "content": "Incorrect."},
+            ]
+        msgs.append({"role": "assistant", "content": f"<answer>{3 * i + 1}</answer>"})
+        examples.append(tokenize_trajectory(tokenizer, msgs, "all_turns" if i == 3 else "terminal", 512))
+    return examples
+
+
+@pytest.mark.parametrize("normalize", ["mean", "weight_sum"])
+def test_packed_batch_gives_the_padded_loss_and_gradients(tiny_model, smol_tokenizer, normalize):
+    """Five sequences of different lengths (one all-turns): one packed row against the right-padded
+    batch, same loss, per-sample losses and gradients to fp32 tolerance."""
+    examples = trajectories(smol_tokenizer)
+    assert len({len(e.input_ids) for e in examples}) == len(examples)
+    weights = [0.5, 1.0, 2.0, 0.25, 1.25]
+    model = tiny_model.float()
+
+    def loss_and_grads(batch):
+        model.zero_grad(set_to_none=True)
+        out = weighted_sft_loss(model, batch, normalize=normalize)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    padded, g_padded = loss_and_grads(collate(examples, weights, smol_tokenizer.pad_token_id))
+    packed_batch = collate_packed(examples, weights)
+    assert packed_batch["input_ids"].shape == (1, sum(len(e.input_ids) for e in examples))
+    packed, g_packed = loss_and_grads(packed_batch)
+    assert packed.n_tokens == padded.n_tokens
+    torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed.per_sample_loss, padded.per_sample_loss, rtol=1e-5, atol=1e-6)
+    assert g_packed.keys() == g_padded.keys()
+    for name in g_padded:
+        torch.testing.assert_close(g_packed[name], g_padded[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trainer_with_packing_matches_the_padded_run(tiny_model_dir, tmp_path):
+    from tests.test_train import cfg_for, make_data, run
+
+    data = make_data(8)
+    padded = run(tiny_model_dir, data, cfg_for(max_steps=3), tmp_path / "a", tmp_path / "ca")
+    packed = run(tiny_model_dir, data, cfg_for(max_steps=3, packing=True), tmp_path / "b", tmp_path / "cb")
+    assert [h[0] for h in packed.loss_history] == [h[0] for h in padded.loss_history]
+    for (_, lp, _), (_, lq, _) in zip(packed.loss_history, padded.loss_history, strict=True):
+        assert lp == pytest.approx(lq, rel=1e-4)
+
+
+def test_liger_falls_back_clearly_without_cuda_or_the_package(caplog):
+    from tasks.trainer import resolve_loss_method
+
+    reason = liger_available()
+    if reason is None:
+        pytest.skip("CUDA and liger-kernel are both here: the fallback does not apply")
+    with caplog.at_level(logging.WARNING, logger="tasks.trainer"):
+        assert resolve_loss_method(TrainConfig(loss_kernel="liger")) == "auto"
+    assert "train.loss_kernel=liger" in caplog.text and reason in caplog.text
+    assert resolve_loss_method(TrainConfig()) == "auto"
+
+
+def test_regional_compile_keeps_parameter_names(tiny_model_dir):
+    from tasks.trainer import _build_model
+
+    cfg = TrainConfig(compile=True)
+    plain = _build_model(
+        str(tiny_model_dir), ModelConfig(path=str(tiny_model_dir)), cfg, compile_layers=False
+    )
+    compiled = _build_model(str(tiny_model_dir), ModelConfig(path=str(tiny_model_dir)), cfg)
+    assert list(compiled.state_dict()) == list(plain.state_dict())  # checkpoints and saves unchanged
+    layers = compiled.get_decoder().layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
