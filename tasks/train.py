@@ -224,6 +224,7 @@ def train(
             "loss_history": [list(h) for h in result.loss_history],
             "resumed_from_step": result.resumed_from_step,
             "processes": processes,
+            "ranks": [list(r) for r in result.ranks],
             "launcher": "accelerate"
             if cfg.accelerate_config
             else ("torchrun" if processes > 1 else "in-process"),

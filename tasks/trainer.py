@@ -119,6 +119,10 @@ class TrainResult(BaseModel):
     examples: int = 0  # training sequences after dropping zero-weight / over-long rows
     dropped_zero_weight: int = 0
     dropped_too_long: int = 0
+    # (rank, pid, its parent's command: "-m torch.distributed.run", "-m accelerate.commands.launch")
+    # of every process that trained, gathered over the process group itself: what ran, not what was
+    # asked for
+    ranks: list[tuple[int, int, str]] = []
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -467,6 +471,7 @@ def train_weighted_sft(
 
     # 7. save
     result = TrainResult(
+        ranks=_members(),
         steps=n_steps,
         samples=sum(len(b) for s in plan for b in s),
         tokens=sum(lengths[i] for s in plan for b in s for i in b),
@@ -482,6 +487,25 @@ def train_weighted_sft(
         accelerator, loss_module, strategy, bf16, model_path, model_cfg, cfg, tokenizer, output_dir, result
     )
     return result
+
+
+def _members() -> list[tuple[int, int, str]]:
+    """(rank, pid, the command that started it) of every process in the process group, gathered
+    through the group itself (a collective: every rank calls it): which ranks ran and under which
+    launcher, as opposed to what the launch asked for."""
+    import psutil
+    import torch.distributed as dist
+
+    try:
+        parent = " ".join(psutil.Process(os.getppid()).cmdline()[1:3])
+    except psutil.Error:
+        parent = ""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [(0, os.getpid(), parent)]
+    me = (dist.get_rank(), os.getpid(), parent)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, me)
+    return [(int(r), int(p), str(c)) for r, p, c in gathered]
 
 
 def _make_accelerator(cfg: TrainConfig):

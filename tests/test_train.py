@@ -217,6 +217,20 @@ def test_train_task_publishes_and_reuses(tiny_model_dir, tmp_path, monkeypatch):
     assert train_mod.train.fn(weighted, model_cfg, cfg, store.url, "t1") == manifest
 
 
+#: multi-process vs single-process weights differ by float summation order only; measured largest
+#: |diff| 2.7e-7 (normalize: mean), 8.2e-7 (weight_sum). The bound docs/operations.md states.
+DDP_ATOL = 2e-6
+
+
+def assert_two_ranks_ran(ranks: list[list], launcher_module: str) -> None:
+    """Ranks 0 and 1 joined the process group (each reported its rank and pid through it), as two
+    processes other than this one, both started by ``launcher_module``."""
+    assert sorted(r for r, _, _ in ranks) == [0, 1], ranks
+    pids = {p for _, p, _ in ranks}
+    assert len(pids) == 2 and os.getpid() not in pids, ranks
+    assert all(parent == f"-m {launcher_module}" for _, _, parent in ranks), ranks
+
+
 @pytest.mark.slow  # ~17-25 s each (two fresh interpreters importing torch + transformers)
 @pytest.mark.parametrize("normalize", ["weight_sum", "mean"])
 def test_two_process_torchrun_matches_single_process(tiny_model_dir, tmp_path, normalize):
@@ -233,14 +247,13 @@ def test_two_process_torchrun_matches_single_process(tiny_model_dir, tmp_path, n
     weighted = store.write_parquet(data, "weights", "w")
     cfg = cfg_for(max_steps=4, batch_size=5, grad_accum=2, normalize=normalize)
     ddp = train.fn(weighted, ModelConfig(path=str(tiny_model_dir)), cfg, store.url, "ddp", num_processes=2)
-    assert ddp.meta["processes"] == 2
+    assert_two_ranks_ran(ddp.meta["ranks"], "torch.distributed.run")
 
     single = run(tiny_model_dir, data, cfg, tmp_path / "single", tmp_path / "ck1")
     assert ddp.meta["steps"] == single.steps == 4
     for a, b in zip(ddp.meta["loss_history"], single.loss_history, strict=True):
         assert a[1] == pytest.approx(b[1], rel=1e-5)
-    # measured: max |diff| 5e-7 (mean), 2e-7 (weight_sum): float summation order only
-    assert_same_weights(Path(ddp.uri), tmp_path / "single", atol=1e-5)
+    assert_same_weights(Path(ddp.uri), tmp_path / "single", atol=DDP_ATOL)
 
 
 @pytest.mark.slow  # ~20 s: `accelerate launch` starting two interpreters
@@ -259,7 +272,7 @@ def test_accelerate_config_launches_through_accelerate(tiny_model_dir, tmp_path)
     launched = train.fn(
         weighted, ModelConfig(path=str(tiny_model_dir)), cfg, store.url, "acc", num_processes=2
     )
-    assert launched.meta["launcher"] == "accelerate" and launched.meta["processes"] == 2
+    assert_two_ranks_ran(launched.meta["ranks"], "accelerate.commands.launch")
     assert launched.meta["accelerate_config"] == "fsdp.yaml"
 
     single = run(
@@ -271,7 +284,7 @@ def test_accelerate_config_launches_through_accelerate(tiny_model_dir, tmp_path)
     )
     for a, b in zip(launched.meta["loss_history"], single.loss_history, strict=True):
         assert a[1] == pytest.approx(b[1], rel=1e-5)
-    assert_same_weights(Path(launched.uri), tmp_path / "s", atol=1e-5)
+    assert_same_weights(Path(launched.uri), tmp_path / "s", atol=DDP_ATOL)
 
 
 def test_launch_command_per_setting(tmp_path):
