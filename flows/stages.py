@@ -64,6 +64,8 @@ class StageRunner:
     def run(self, label: str, task, /, **params) -> Manifest:
         """Run (or serve from cache) one task and verify its artifact."""
         start = time.perf_counter()
+        if task.task_run_name is None:  # a task that names its own runs (train-on-<pool>) keeps it
+            task = task.with_options(task_run_name=task_run_name(label, task.name))
         state = self.options(task)(**params, return_state=True)
         manifest = state.result()
         if not self.store.verify(manifest):  # cached manifest, but the artifact is gone or corrupt
@@ -101,6 +103,17 @@ class StageRunner:
 
     def cached(self, label: str) -> bool:
         return bool(self.states.get(label)) and all(s == "Cached" for s in self.states[label])
+
+
+def task_run_name(label: str, task_name: str) -> str:
+    """The name a stage's task run shows in the Prefect UI: what it is, which data or model it is
+    for (``ingest-train``, ``ingest-eval``, ``rollout-collect``, ``evaluate-trained-summary``)."""
+    if label == "ingest":
+        return "ingest-train"
+    if task_name == label or label.startswith("ingest-"):
+        return label
+    step = {"collect-rollouts": "collect", "summarize-eval": "summary"}.get(task_name, task_name)
+    return f"{label}-{step}"
 
 
 def sharded_calls(label: str, problems: Manifest, shard_size: int, base_key: str, common: dict) -> list[dict]:
@@ -223,8 +236,8 @@ def evaluate_stage(
         max_new_tokens=ev.max_new_tokens,
         engine=engine_identity(cfg.engine),
     )
-    run_name = label.replace("evaluate-", "eval-", 1)  # eval-trained-0, eval-trained-math500-0
-    shard_task = rollout_shard.with_options(name="eval-shard", task_run_name=f"{run_name}-{{shard}}")
+    # task runs evaluate-trained-shard-0, evaluate-reference-math500-shard-0, ...
+    shard_task = rollout_shard.with_options(name="eval-shard", task_run_name=f"{label}-shard-{{shard}}")
     shards = stages.map(
         label,
         shard_task,

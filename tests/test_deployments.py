@@ -222,8 +222,8 @@ def test_retrain_reuses_rollouts_and_fails_clearly_without_them(stack, first_run
     proc, flow_run_id = run_deployment_cli(stack, "drift/retrain", params)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{stack.log_tail()}"
     states = task_states(stack.env, flow_run_id)
-    assert "rollout-shard" not in states and "collect-rollouts" not in states, states
-    assert {"weights", "summarize-eval"} <= set(states), states
+    assert "rollout-shard" not in states and "rollout-collect" not in states, states
+    assert {"weights", "evaluate-trained-summary"} <= set(states), states
     _, parent = mlflow_parent(stack, flow_run_id)
     assert parent.data.tags["drift.rollouts_from"] == first_run["run_id"]
     assert (

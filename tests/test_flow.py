@@ -38,14 +38,18 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     assert "multi@2" in first.stdout and "trained model:" in first.stdout
     run1 = mlflow_run_id(first.stdout)
     states = task_states(env, tracking, run1)
-    assert set(states) >= {
-        "ingest",
+    assert set(states) >= {  # task runs named for what they are (docs/operations.md)
+        "ingest-train",
+        "ingest-eval",
         "rollout-shard",
-        "collect-rollouts",
+        "rollout-collect",
         "weights",
         "train",
-        "summarize-eval",
-    }
+        "evaluate-reference-shard",
+        "evaluate-reference-summary",
+        "evaluate-trained-shard",
+        "evaluate-trained-summary",
+    }, states
     assert all(s == "Completed" for ss in states.values() for s in ss), states
     assert len(states["rollout-shard"]) == 2  # 8 prompts in shards of 4
 
@@ -109,11 +113,17 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     # 3. New beta: weights, train and the trained model's evaluation re-run; nothing upstream does.
     third = drift_cli(["run", str(TINY), "--set", ref, "--set", "weights.beta=0.5"], workdir, env, check=True)
     states = task_states(env, tracking, mlflow_run_id(third.stdout))
-    for name in ("ingest", "rollout-shard", "collect-rollouts", "eval-reference"):
+    for name in (
+        "ingest-train",
+        "ingest-eval",
+        "rollout-shard",
+        "rollout-collect",
+        "evaluate-reference-shard",
+        "evaluate-reference-summary",
+    ):
         assert set(states[name]) == {"Cached"}, (name, states)
-    for name in ("weights", "train", "eval-trained"):
+    for name in ("weights", "train", "evaluate-trained-shard", "evaluate-trained-summary"):
         assert set(states[name]) == {"Completed"}, (name, states)
-    assert sorted(states["summarize-eval"]) == ["Cached", "Completed"]
 
     # 4. Reference model changed on disk: everything from rollout on re-runs; ingest does not.
     from safetensors.torch import load_file, save_file
@@ -125,8 +135,15 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     save_file(tensors, weights_file, metadata={"format": "pt"})
     fourth = drift_cli(["run", str(TINY), "--set", ref], workdir, env, check=True)
     states = task_states(env, tracking, mlflow_run_id(fourth.stdout))
-    assert set(states["ingest"]) == {"Cached"}, states
-    for name in ("rollout-shard", "collect-rollouts", "weights", "train", "eval-reference", "eval-trained"):
+    assert set(states["ingest-train"]) == set(states["ingest-eval"]) == {"Cached"}, states
+    for name in (
+        "rollout-shard",
+        "rollout-collect",
+        "weights",
+        "train",
+        "evaluate-reference-shard",
+        "evaluate-trained-shard",
+    ):
         assert set(states[name]) == {"Completed"}, (name, states)
     run4 = mlflow_run_id(fourth.stdout)
     made_fp = parent.data.tags["drift.reference_fingerprint"]

@@ -702,7 +702,7 @@ def test_corrupt_cached_artifacts_are_recomputed_not_used(resumed):
     states = task_runs(resumed["env"], resumed["tracking"], mlflow_run_id(third.stdout))
     print("after corrupting two artifacts:", states)
     # Prefect's record: the cached run of each corrupt task, then its recompute
-    assert by_task(states, "ingest").count("Completed") == 1, states
+    assert by_task(states, "ingest-train").count("Completed") == 1, states
     assert by_task(states, "rollout-shard") == ["Cached"] * 4 + ["Completed"], states
     assert set(by_task(states, "train")) == {"Cached"}  # same content, same hashes downstream
     assert "cached artifact" in third.stderr and "failed its hash check; recomputing" in third.stderr
