@@ -111,12 +111,25 @@ def materialize_tiny(cache_root: Path | None = None, seed: int = 0) -> Path:
         return atomic_dir(target, build)
 
 
-def materialize_tiny_answering(cache_root: Path | None = None, seed: int = 0, steps: int = 120) -> Path:
+def materialize_tiny_answering(
+    cache_root: Path | None = None,
+    seed: int = 0,
+    steps: int = 120,
+    problems: list[tuple[str, str]] | None = None,
+) -> Path:
     """``builtin:tiny-smollm2``: the tiny random model after a few seconds of training on
     single-digit arithmetic conversations in drift's protocol format, so that it answers in
     ``<answer>N</answer>`` and is right some of the time. Rollouts then have varied returns, and a
-    smoke run exercises non-trivial weights, training and metrics, not a wall of format errors."""
-    target = (cache_root or default_cache_root()) / f"tiny-smollm2-answering-seed{seed}-steps{steps}"
+    smoke run exercises non-trivial weights, training and metrics, not a wall of format errors.
+
+    ``problems`` (question, answer) replaces the random sums: the model then learns those by heart
+    (tests that need a model known to solve a given set, e.g. a challenger the promotion gate must
+    promote)."""
+    name = f"tiny-smollm2-answering-seed{seed}-steps{steps}"
+    if problems is not None:
+        digest = hashlib.sha256(json.dumps(problems).encode()).hexdigest()[:12]
+        name += f"-problems-{digest}"
+    target = (cache_root or default_cache_root()) / name
 
     def build(tmp: Path) -> None:
         import random
@@ -133,11 +146,14 @@ def materialize_tiny_answering(cache_root: Path | None = None, seed: int = 0, st
         rng = random.Random(seed)
         protocol = ProtocolConfig()
         texts = []
-        for _ in range(2048):
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            op = rng.choice("+-")
-            question = f"What is {a} {op} {b}?"
-            answer = a + b if op == "+" else a - b
+        for i in range(2048):
+            if problems is not None:
+                question, answer = problems[i % len(problems)]
+            else:
+                a, b = rng.randint(0, 9), rng.randint(0, 9)
+                op = rng.choice("+-")
+                question = f"What is {a} {op} {b}?"
+                answer = a + b if op == "+" else a - b
             messages = [
                 *initial_messages(question, protocol),
                 {"role": "assistant", "content": f"<answer>{answer}</answer>"},

@@ -4,13 +4,16 @@ server`` (tracking and model registry through its REST API), the ``drift-iterate
 
 The registry starts with a weak champion (version 1: the tiny *random* model, which never answers
 in format). ``drift-iterate/iterate`` with 3 rounds on the tiny config, reference
-``models:/NAME@champion`` and base model the tiny *answering* model:
+``models:/NAME@champion`` and base model a tiny model that learned the 32 eval problems by heart
+(``oracle_dir``: a challenger known to be better, so the gate's first decision is not left to what
+two SFT steps of a 2-layer model happen to learn); training at a learning rate of 1e-6, so each
+round's model differs in its bytes (a new version) but not in its greedy answers:
 
-* round 1 rolls out from version 1, trains the answering model, registers version 2, and the gate
-  promotes it (it solves problems the champion cannot: the paired interval is above 0);
+* round 1 rolls out from version 1, trains the oracle, registers version 2, and the gate promotes
+  it (it solves problems the champion cannot: the paired interval is above 0);
 * round 2 rolls out from and trains version 2 (pinned ``models:/NAME/2``), registers version 3,
-  which two small SFT steps leave as good as version 2: not promoted, so the loop stops there
-  (``iterate.stop_on_no_promotion``) and round 3 never runs.
+  as good as version 2: not promoted, so the loop stops there (``iterate.stop_on_no_promotion``)
+  and round 3 never runs.
 
 Then the watcher, configured on ``models:/NAME@champion``, sees that the champion moved since the
 last rollout from that alias and starts ``drift/full-pipeline`` (left queued: no worker by then),
@@ -68,8 +71,23 @@ def seed_champion(client, name: str, model_dir: Path) -> None:
     client.set_registered_model_alias(name, "champion", "1")
 
 
+EVAL_N = 32
+
+
 @pytest.fixture(scope="module")
-def loop(prefect_server, mlflow_server, tmp_path_factory, tiny_model_dir, tiny_answering_dir):
+def oracle_dir() -> Path:
+    """The tiny model trained on the tiny config's eval problems (eval.data.arith.n = EVAL_N): it
+    solves about a quarter of them within two turns (measured: 9 of 32), the random model none."""
+    from drift_core.schemas import ArithConfig
+    from tasks.ingest import generate_arith
+    from tasks.models import materialize_tiny_answering
+
+    problems = generate_arith(ArithConfig(n=EVAL_N, digits=1, seed=0), "test", "eval.data")
+    return materialize_tiny_answering(problems=[tuple(p) for p in problems])
+
+
+@pytest.fixture(scope="module")
+def loop(prefect_server, mlflow_server, tmp_path_factory, tiny_model_dir, oracle_dir):
     """Deployments, a worker on drift-cpu, and one ``drift-iterate/iterate`` run of 3 rounds."""
     from mlflow.tracking import MlflowClient
 
@@ -86,9 +104,10 @@ def loop(prefect_server, mlflow_server, tmp_path_factory, tiny_model_dir, tiny_a
         f"run.tracking_uri={mlflow_server}",
         f"run.registered_model={name}",
         f"reference_model.path=models:/{name}@champion",
-        f"base_model.path={tiny_answering_dir}",
-        "eval.data.arith.n=32",  # enough problems for the gate to tell the two models apart
-        "eval.shard_size=32",
+        f"base_model.path={oracle_dir}",
+        "train.learning_rate=1e-6",
+        f"eval.data.arith.n={EVAL_N}",  # the problems the oracle learned
+        f"eval.shard_size={EVAL_N}",
     ]
     log = work / "worker.log"
     with log.open("w") as f:
@@ -140,6 +159,7 @@ def loop(prefect_server, mlflow_server, tmp_path_factory, tiny_model_dir, tiny_a
         "registry": registry,
         "flow_run_id": match.group(1),
         "overrides": overrides,
+        "oracle_dir": oracle_dir,
     }
 
 
@@ -191,7 +211,7 @@ def test_two_rounds_register_promote_and_stop(loop):
                 f"tags.mlflow.parentRunId = '{run.info.run_id}' and tags.`drift.stage` = 'train'",
             )
         }
-    assert versions["2"].tags["drift.base_model"].endswith("tiny-smollm2-answering-seed0-steps120")
+    assert versions["2"].tags["drift.base_model"].endswith(loop["oracle_dir"].name)
     round2 = registry.get_run(versions["3"].tags["drift.mlflow_parent_run_id"])
     assert round2.data.params["reference_model.path"] == f"models:/{name}/2"
 
