@@ -608,3 +608,44 @@ def test_results_table_has_one_row_per_benchmark_and_systems_side_by_side():
     ]
     assert lines[3].split() == ["math", "4", "math", "|", "25.0", "50.0", "33.3", "|", "50.0", "75.0", "50.0"]
     assert lines[4].split() == ["gpqa", "4", "choice", "|", "0.0", "25.0", "25.0", "|", "25.0", "25.0", "0.0"]
+
+
+@pytest.mark.slow
+def test_drift_run_evaluates_reference_and_trained_on_every_benchmark(tmp_path, prefect_server):
+    """``drift run`` on a suite of two: both models on both benchmarks, one table row per benchmark
+    with the two models side by side, ``<benchmark>.<model>.*`` metrics on the parent run and one
+    nested evaluate run per (model, benchmark)."""
+    from helpers import drift_cli, mlflow_run_id
+    from mlflow.tracking import MlflowClient
+
+    config = suite_dir(tmp_path)
+    tiny = ["data.arith.n=4", "data.arith.digits=1", "rollout.k=2", "rollout.shard_size=4"]
+    tiny += ["rollout.sampling.max_new_tokens=6", "train.max_steps=1", "train.batch_size=4"]
+    tiny += ["run.register_model=false"]
+    out = drift_cli(["run", str(config), *[a for s in tiny for a in ("--set", s)]], tmp_path, prefect_server)
+    assert out.returncode == 0, out.stderr[-3000:]
+    header = next(line for line in out.stdout.splitlines() if line.startswith("benchmark "))
+    assert header.count("multi@1") == 2 and header.count("corr@2") == 2, header  # reference | trained
+    rows = {
+        line.split()[0]: line.split()
+        for line in out.stdout.splitlines()
+        if line.startswith(("math ", "gpqa ")) and "|" in line
+    }
+    assert rows["math"][1:3] == ["2", "math"] and rows["gpqa"][1:3] == ["3", "choice"], rows
+    assert all(row.count("|") == 2 for row in rows.values()), rows  # two model columns a row
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(mlflow_run_id(out.stdout))
+    for name, n in (("math", 2), ("gpqa", 3)):
+        for model in ("reference", "trained"):
+            assert run.data.metrics[f"{name}.{model}.n_problems"] == n, (name, model)
+            multi = run.data.metrics[f"{name}.{model}.multi_at_t2"]
+            assert 0.0 <= multi <= 1.0 and multi * n == round(multi * n), (name, model, multi)
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    evaluate_runs = sorted(c.info.run_name for c in children if c.info.run_name.startswith("evaluate-"))
+    assert evaluate_runs == [
+        "evaluate-reference-gpqa",
+        "evaluate-reference-math",
+        "evaluate-trained-gpqa",
+        "evaluate-trained-math",
+    ]
