@@ -28,6 +28,20 @@ def workdir(tmp_path_factory, tiny_answering_dir):
     return d
 
 
+#: the stage tasks of one tiny run (task-run names, shard numbers merged): rollout and evaluation
+#: shards, their summaries, and the single-task stages
+STAGE_TASKS = {
+    "ingest",
+    "rollout-shard",
+    "collect-rollouts",
+    "weights",
+    "train",
+    "eval-reference",
+    "eval-trained",
+    "summarize-eval",
+}
+
+
 def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     env = prefect_server
     ref = f"reference_model.path={workdir / 'reference'}"
@@ -106,6 +120,7 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     second = drift_cli(["run", str(TINY), "--set", ref], workdir, env, check=True)
     states = task_states(env, tracking, mlflow_run_id(second.stdout))
     stage_states = {k: v for k, v in states.items() if k not in ("register-model", "promote")}
+    assert set(stage_states) == STAGE_TASKS, states  # all() over no states would pass
     assert all(s == "Cached" for ss in stage_states.values() for s in ss), states
     assert "models:/drift-tiny/1 (already registered)" in second.stdout
     assert len(registry.search_model_versions("name = 'drift-tiny'")) == 1
@@ -210,7 +225,20 @@ def test_drift_eval_evaluates_any_model_directory(workdir, prefect_server):
         check=True,
     )
     assert "| model" in out.stdout and "multi@2" in out.stdout
+    import polars as pl
     from mlflow.tracking import MlflowClient
 
-    run = MlflowClient(f"sqlite:///{workdir / '.drift' / 'mlflow.db'}").get_run(mlflow_run_id(out.stdout))
+    client = MlflowClient(f"sqlite:///{workdir / '.drift' / 'mlflow.db'}")
+    run = client.get_run(mlflow_run_id(out.stdout))
     assert run.data.tags["drift.flow"] == "drift-eval"
+    [stage] = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+    )
+    assert stage.data.tags["drift.stage"] == "evaluate-model" and stage.info.status == "FINISHED"
+    # multi@t from the stage's per-problem records, by hand: problems solved within t turns / all
+    records = pl.read_parquet(stage.data.params["artifact"])
+    assert records.height == 3
+    for t in (1, 2):
+        solved = sum(any(c[:t]) for c in records["turn_correct"].to_list()) / records.height
+        for r in (run, stage):
+            assert r.data.metrics[f"arith.multi_at_t{t}"] == pytest.approx(solved), (t, r.data.metrics)

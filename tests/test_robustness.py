@@ -30,16 +30,17 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
-from helpers import drift_cli, flow_run_of, mlflow_run_id, raw_task_states
+from helpers import drift_cli, flow_run_of, mlflow_run_id, raw_task_states, states_by_task
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 pytestmark = pytest.mark.timeout(900)
 
-# sentinel secrets: they must never reach a tracked run
-HF_SECRET = "hf_SENTINEL_hf_token_4b1d"
-MLFLOW_SECRET = "SENTINEL_mlflow_token_77c2"
+# sentinel secrets, in values drift reads (a URL's password in the config file, and in a `--set`
+# override): they must never reach a tracked run
 URL_PASSWORD = "SENTINEL_url_password_9e0a"
+SET_PASSWORD = "SENTINEL_set_password_31f7"
+SET_DASK_ADDRESS = f"run.dask_address=tcp://drift:{SET_PASSWORD}@127.0.0.1:8787"
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -473,7 +474,7 @@ def resumed(tmp_path_factory, prefect_server):
 
     Data: 16 arithmetic problems in a JSONL file with two bad records (skipped, on_bad_rows=skip),
     K=2, shards of 4 prompts run one at a time (Prefect's thread pool set to one worker). The
-    environment holds sentinel HF and MLflow tokens, the config a URL with a password.
+    config holds a URL with a sentinel password; the second run overrides it with `--set` (another).
     """
     from drift_core.schemas import ArithConfig
     from tasks.ingest import generate_arith
@@ -500,8 +501,6 @@ def resumed(tmp_path_factory, prefect_server):
     env = {
         **prefect_server,
         "PYTHONPATH": str(ROOT),
-        "HF_TOKEN": HF_SECRET,
-        "MLFLOW_TRACKING_TOKEN": MLFLOW_SECRET,
         "PREFECT_TASK_RUNNER_THREAD_POOL_MAX_WORKERS": "1",
     }
 
@@ -549,8 +548,8 @@ def resumed(tmp_path_factory, prefect_server):
             finished.add(order.index(first) // SHARD)
     assert 1 <= len(finished) < N_PROMPTS // SHARD, f"kill came too late to test resuming: {finished}"
 
-    # run 2: the same command again
-    second = drift_cli(["run", str(config_path)], d, env)
+    # run 2: the same command again, with a `--set` (which only changes an unused address)
+    second = drift_cli(["run", str(config_path), "--set", SET_DASK_ADDRESS], d, env)
     assert second.returncode == 0, second.stderr[-5000:]
     run_id = mlflow_run_id(second.stdout)
     return {
@@ -616,8 +615,10 @@ def test_the_killed_run_is_marked_crashed_by_the_next_one(resumed, prefect_serve
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "KILLED", parent.info
     assert parent.data.tags["drift.closed_reason"].startswith(f"process {pid} on")
-    # stages that ended before the kill stay FINISHED; the one it interrupted is KILLED too
-    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}
+    # the stage that ended before the kill (ingest) stays FINISHED; the one it interrupted
+    # (rollout: killed after its first shard) is KILLED too; no later stage had started
+    stages = {r.data.tags["drift.stage"]: r.info.status for r in runs if r is not parent}
+    assert stages == {"ingest": "FINISHED", "rollout": "KILLED"}, stages
     assert client.get_run(resumed["run_id"]).info.status == "FINISHED"
 
 
@@ -657,13 +658,21 @@ def test_prefect_results_are_json_not_pickles(resumed):
 
 @pytest.mark.slow
 def test_no_secret_reaches_mlflow_or_prefect(resumed, tmp_path):
+    """A password in a config URL reaches neither MLflow nor Prefect; one given with `--set`
+    reaches no MLflow run but is a Prefect flow-run parameter as typed (docs/reliability.md)."""
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
 
-    secrets = (HF_SECRET, MLFLOW_SECRET, URL_PASSWORD)
+    secrets = (URL_PASSWORD, SET_PASSWORD)
     client = MlflowClient(resumed["tracking"])
     parent = client.get_run(resumed["run_id"])
-    assert parent.data.params["run.dask_address"] == "tcp://***@127.0.0.1:8786"  # logged, masked
+    killed = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`drift.pid` = '{resumed['killed_pid']}'"
+    )
+    # both were read: the run's address is the --set one, the killed run's the file's; logged masked
+    assert parent.data.params["run.dask_address"] == "tcp://***@127.0.0.1:8787"
+    (killed_parent,) = [r for r in killed if "mlflow.parentRunId" not in r.data.tags]
+    assert killed_parent.data.params["run.dask_address"] == "tcp://***@127.0.0.1:8786"
     runs = client.search_runs([parent.info.experiment_id])  # the killed run and the resumed one
     assert len(runs) >= 2 + 6
     n_files = 0
@@ -678,8 +687,21 @@ def test_no_secret_reaches_mlflow_or_prefect(resumed, tmp_path):
     print(f"checked {len(runs)} MLflow runs, {n_files} artifact files")
     flow_run_id = parent.data.tags["prefect.flow_run_id"]
     with prefect_api(resumed["env"]), get_client(sync_client=True) as prefect:
-        parameters = json.dumps(prefect.read_flow_run(flow_run_id).parameters)
-    assert not any(s in parameters for s in secrets)
+        parameters = prefect.read_flow_run(flow_run_id).parameters
+    assert URL_PASSWORD not in json.dumps(parameters)  # the file's content is no parameter
+    assert parameters["overrides"] == [SET_DASK_ADDRESS]  # `--set` strings are, as given
+
+
+#: the stage tasks after ingest and the rollout shards (register-model and promote talk to the
+#: registry: never cached)
+DOWNSTREAM_OF_ROLLOUT_SHARDS = (
+    "collect-rollouts",
+    "weights",
+    "train",
+    "eval-reference",
+    "eval-trained",
+    "summarize-eval",
+)
 
 
 @pytest.mark.slow
@@ -704,7 +726,11 @@ def test_corrupt_cached_artifacts_are_recomputed_not_used(resumed):
     # Prefect's record: the cached run of each corrupt task, then its recompute
     assert by_task(states, "ingest-train").count("Completed") == 1, states
     assert by_task(states, "rollout-shard") == ["Cached"] * 4 + ["Completed"], states
-    assert set(by_task(states, "train")) == {"Cached"}  # same content, same hashes downstream
+    # same content, same hashes downstream: every later stage is served from the cache
+    for name in DOWNSTREAM_OF_ROLLOUT_SHARDS:
+        assert by_task(states, name) and set(by_task(states, name)) == {"Cached"}, (name, states)
+    tasks = set(states_by_task(states)) - {"register-model", "promote"}
+    assert tasks == {"ingest", "rollout-shard", *DOWNSTREAM_OF_ROLLOUT_SHARDS}, states  # no other
     assert "cached artifact" in third.stderr and "failed its hash check; recomputing" in third.stderr
     s = ArtifactStore(str(store))
     for manifest_file in store.glob("*/*/manifest.json"):
