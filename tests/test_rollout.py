@@ -131,7 +131,7 @@ def test_real_smollm2_answers_in_the_protocol_format(smollm2_dir, grader):
         seed=0,
     )
     assert len(records) == 6
-    valid = [v for r in records for v in r.turn_valid]
-    assert any(valid), valid  # some turns close the tag (the 135M model often rambles past 16 tokens)
-    for r in records:  # a turn is valid exactly when an answer was parsed from it
-        assert [a is not None for a in r.answers] == r.turn_valid
+    # An answer is read from a turn only when the model closed the pre-filled tag within 16 tokens.
+    # Measured (seed 0, CPU): 3 of the 12 turns; the 135M model often rambles past 16 tokens.
+    answered = [a for r in records for a in r.answers if a is not None]
+    assert len(answered) >= 2, [r.answers for r in records]
