@@ -31,14 +31,16 @@ def workdir(tmp_path_factory, tiny_answering_dir):
 #: the stage tasks of one tiny run (task-run names, shard numbers merged): rollout and evaluation
 #: shards, their summaries, and the single-task stages
 STAGE_TASKS = {
-    "ingest",
+    "ingest-train",
+    "ingest-eval",
     "rollout-shard",
-    "collect-rollouts",
+    "rollout-collect",
     "weights",
     "train",
-    "eval-reference",
-    "eval-trained",
-    "summarize-eval",
+    "evaluate-reference-shard",
+    "evaluate-reference-summary",
+    "evaluate-trained-shard",
+    "evaluate-trained-summary",
 }
 
 

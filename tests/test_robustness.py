@@ -695,12 +695,13 @@ def test_no_secret_reaches_mlflow_or_prefect(resumed, tmp_path):
 #: the stage tasks after ingest and the rollout shards (register-model and promote talk to the
 #: registry: never cached)
 DOWNSTREAM_OF_ROLLOUT_SHARDS = (
-    "collect-rollouts",
+    "rollout-collect",
     "weights",
     "train",
-    "eval-reference",
-    "eval-trained",
-    "summarize-eval",
+    "evaluate-reference-shard",
+    "evaluate-reference-summary",
+    "evaluate-trained-shard",
+    "evaluate-trained-summary",
 )
 
 
@@ -729,8 +730,9 @@ def test_corrupt_cached_artifacts_are_recomputed_not_used(resumed):
     # same content, same hashes downstream: every later stage is served from the cache
     for name in DOWNSTREAM_OF_ROLLOUT_SHARDS:
         assert by_task(states, name) and set(by_task(states, name)) == {"Cached"}, (name, states)
+    assert by_task(states, "ingest-eval") == ["Cached"], states  # the eval problems were not touched
     tasks = set(states_by_task(states)) - {"register-model", "promote"}
-    assert tasks == {"ingest", "rollout-shard", *DOWNSTREAM_OF_ROLLOUT_SHARDS}, states  # no other
+    assert tasks == {"ingest-train", "ingest-eval", "rollout-shard", *DOWNSTREAM_OF_ROLLOUT_SHARDS}, states
     assert "cached artifact" in third.stderr and "failed its hash check; recomputing" in third.stderr
     s = ArtifactStore(str(store))
     for manifest_file in store.glob("*/*/manifest.json"):
