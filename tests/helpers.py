@@ -11,6 +11,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: the stage tasks of one tiny run (task-run names, shard numbers merged): rollout and evaluation
+#: shards, their summaries, and the single-task stages (register-model and promote not included)
+STAGE_TASKS = {
+    "ingest-train",
+    "ingest-eval",
+    "rollout-shard",
+    "rollout-collect",
+    "weights",
+    "train",
+    "evaluate-reference-shard",
+    "evaluate-reference-summary",
+    "evaluate-trained-shard",
+    "evaluate-trained-summary",
+}
+
 _RUN_SUFFIX = re.compile(r"-(\d+|[0-9a-f]{3,})$")  # rollout-shard-0, ingest-7f3 -> task name
 
 

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import drift_cli, flow_run_of, mlflow_run_id, raw_task_states, states_by_task
+from helpers import STAGE_TASKS, drift_cli, flow_run_of, mlflow_run_id, raw_task_states, states_by_task
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -28,22 +28,6 @@ def workdir(tmp_path_factory, tiny_answering_dir):
     return d
 
 
-#: the stage tasks of one tiny run (task-run names, shard numbers merged): rollout and evaluation
-#: shards, their summaries, and the single-task stages
-STAGE_TASKS = {
-    "ingest-train",
-    "ingest-eval",
-    "rollout-shard",
-    "rollout-collect",
-    "weights",
-    "train",
-    "evaluate-reference-shard",
-    "evaluate-reference-summary",
-    "evaluate-trained-shard",
-    "evaluate-trained-summary",
-}
-
-
 def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     env = prefect_server
     ref = f"reference_model.path={workdir / 'reference'}"
@@ -54,18 +38,7 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     assert "multi@2" in first.stdout and "trained model:" in first.stdout
     run1 = mlflow_run_id(first.stdout)
     states = task_states(env, tracking, run1)
-    assert set(states) >= {  # task runs named for what they are (docs/operations.md)
-        "ingest-train",
-        "ingest-eval",
-        "rollout-shard",
-        "rollout-collect",
-        "weights",
-        "train",
-        "evaluate-reference-shard",
-        "evaluate-reference-summary",
-        "evaluate-trained-shard",
-        "evaluate-trained-summary",
-    }, states
+    assert set(states) >= STAGE_TASKS, states  # task runs named for what they are (docs/operations.md)
     assert all(s == "Completed" for ss in states.values() for s in ss), states
     assert len(states["rollout-shard"]) == 2  # 8 prompts in shards of 4
 

@@ -30,7 +30,7 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
-from helpers import drift_cli, flow_run_of, mlflow_run_id, raw_task_states, states_by_task
+from helpers import STAGE_TASKS, drift_cli, flow_run_of, mlflow_run_id, raw_task_states, states_by_task
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -694,15 +694,7 @@ def test_no_secret_reaches_mlflow_or_prefect(resumed, tmp_path):
 
 #: the stage tasks after ingest and the rollout shards (register-model and promote talk to the
 #: registry: never cached)
-DOWNSTREAM_OF_ROLLOUT_SHARDS = (
-    "rollout-collect",
-    "weights",
-    "train",
-    "evaluate-reference-shard",
-    "evaluate-reference-summary",
-    "evaluate-trained-shard",
-    "evaluate-trained-summary",
-)
+DOWNSTREAM_OF_ROLLOUT_SHARDS = sorted(STAGE_TASKS - {"ingest-train", "ingest-eval", "rollout-shard"})
 
 
 @pytest.mark.slow
