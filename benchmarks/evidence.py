@@ -17,7 +17,12 @@ every system produced by drift itself:
   reference and base model), one chain per training seed.
 
 Every finished run is appended to ``benchmarks/results/evidence_runs.jsonl`` at once, so a killed
-sweep continues where it stopped (finished tags are skipped). The report is a markdown table
+sweep continues where it stopped (finished tags are skipped), and its per-problem evaluation (prompt
+id, answers, correctness per turn) and cost are copied out of the store into
+``benchmarks/results/evidence_frames/<tag>/`` (a few KB, committed): the report reads only those, so
+it survives the loss of ``.drift-evidence/`` (3.6 GB, not committed). Two sweeps may run side by side
+(``--only online_rl`` next to the pipeline systems): the runs file is appended under a lock and the
+report is rebuilt from the whole file. The report is a markdown table
 (``evidence_table.md``) and the machine-readable ``quality_summary.json``; both are rewritten after
 every run, from whatever has finished.
 
@@ -30,6 +35,7 @@ every system that trains on them: each would have had to pay for them alone.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -47,6 +53,8 @@ from quality import VARIANTS, per_problem_solved, problem_parts  # noqa: E402 - 
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = RESULTS / "evidence_runs.jsonl"
+FRAMES = RESULTS / "evidence_frames"
+FRAME_COLUMNS = ["prompt_id", "answers", "normalized_answers", "turn_correct"]
 SUMMARY = RESULTS / "quality_summary.json"
 TABLE = RESULTS / "evidence_table.md"
 STORE = ROOT / ".drift-evidence"
@@ -196,25 +204,70 @@ def _cost(manifests: dict) -> dict:
     }
 
 
-def collect(records: list[dict]) -> tuple[dict, dict, object]:
-    """Per system: a list (one per seed) of (eval frame, cost); and the reference's frame."""
+def _save_frame(df, tag: str, name: str) -> str:
+    """Copy the columns the report needs out of the store (atomically); return the relative path."""
+    path = FRAMES / tag / f"{name}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".parquet.tmp")
+    df.select(FRAME_COLUMNS).sort("prompt_id").write_parquet(tmp)
+    tmp.replace(path)
+    return str(path.relative_to(RESULTS))
+
+
+def snapshot(rec: dict) -> dict:
+    """Add the run's per-problem evaluation frames (saved under FRAMES) and its cost to ``rec``."""
+    tag = rec["tag"]
+    if rec["system"] in PIPELINE_SYSTEMS:
+        m = stage_manifests(rec["run_id"])
+        rec["frames"] = {
+            "reference": _save_frame(_eval_frame(m, "reference"), tag, "reference"),
+            "trained": _save_frame(_eval_frame(m, "trained"), tag, "trained"),
+        }
+        rec["cost"] = _cost(m)
+        rollout = m.get("rollout")
+        if rollout is not None:
+            rec["rollout_solved_by_turn_1"] = float(rollout.meta.get("solved_by_turn_1", 0.0))
+    elif rec["system"] == "online_rl":
+        m = stage_manifests(rec["eval_run_id"])
+        rec["frames"] = {"trained": _save_frame(_eval_frame(m, ""), tag, "trained")}
+        rec["cost"] = {k: rec[k] for k in ("generated_tokens", "optimizer_steps")} | {
+            "wall_s": rec["train_wall_s"]
+        }
+    elif rec["system"] == "rounds":
+        total = {"generated_tokens": 0, "optimizer_steps": 0, "wall_s": 0.0}
+        rec["frames"], rec["cost"] = {}, {}
+        for i, run_id in enumerate(rec["round_run_ids"], start=1):
+            m = stage_manifests(run_id)
+            total = {k: total[k] + v for k, v in _cost(m).items()}
+            rec["frames"][f"round_{i}"] = _save_frame(_eval_frame(m, "trained"), tag, f"round_{i}")
+            rec["cost"][f"round_{i}"] = dict(total)
+    return rec
+
+
+def _read_frame(relative: str):
+    import polars as pl
+
+    return pl.read_parquet(RESULTS / relative)
+
+
+def collect(records: list[dict]) -> tuple[dict, object]:
+    """Per system: a list (one per seed) of (eval frame, cost); and the reference's frame. Read from
+    the snapshots only; a record without one (its store lost before snapshots existed) is skipped."""
     frames: dict[str, list] = {}
     reference = None
     for r in records:
+        if "frames" not in r:
+            continue
         if r["system"] in PIPELINE_SYSTEMS:
-            m = stage_manifests(r["run_id"])
-            reference = reference if reference is not None else _eval_frame(m, "reference")
-            frames.setdefault(r["system"], []).append((_eval_frame(m, "trained"), _cost(m)))
+            if reference is None:
+                reference = _read_frame(r["frames"]["reference"])
+            frames.setdefault(r["system"], []).append((_read_frame(r["frames"]["trained"]), r["cost"]))
         elif r["system"] == "online_rl":
-            m = stage_manifests(r["eval_run_id"])
-            cost = {k: r[k] for k in ("generated_tokens", "optimizer_steps")} | {"wall_s": r["train_wall_s"]}
-            frames.setdefault("online_rl", []).append((_eval_frame(m, ""), cost))
+            frames.setdefault("online_rl", []).append((_read_frame(r["frames"]["trained"]), r["cost"]))
         elif r["system"] == "rounds":
-            total = {"generated_tokens": 0, "optimizer_steps": 0, "wall_s": 0.0}
-            for i, run_id in enumerate(r["round_run_ids"], start=1):
-                m = stage_manifests(run_id)
-                total = {k: total[k] + v for k, v in _cost(m).items()}
-                frames.setdefault(f"drift_round_{i}", []).append((_eval_frame(m, "trained"), dict(total)))
+            for key, rel in r["frames"].items():
+                i = key.split("_")[-1]
+                frames.setdefault(f"drift_round_{i}", []).append((_read_frame(rel), r["cost"][key]))
     return frames, reference
 
 
@@ -260,11 +313,9 @@ def report(records: list[dict], n_boot: int = 2000) -> tuple[str, dict]:
     golds = _golds(reference)
     ceiling, best = blind_ceiling(golds, T)
     rollout_acc = None
-    first = next((r for r in records if r["system"] in PIPELINE_SYSTEMS), None)
+    first = next((r for r in records if "rollout_solved_by_turn_1" in r), None)
     if first is not None:
-        rollout = stage_manifests(first["run_id"]).get("rollout")
-        if rollout is not None:
-            rollout_acc = 100 * float(rollout.meta.get("solved_by_turn_1", 0.0))
+        rollout_acc = 100 * float(first["rollout_solved_by_turn_1"])
     systems = {"reference": [(reference, {"generated_tokens": 0, "optimizer_steps": 0, "wall_s": 0.0})]}
     systems.update(frames)
     order = ["reference", *PIPELINE_SYSTEMS, "online_rl"]
@@ -360,6 +411,10 @@ def write_report(records: list[dict]) -> None:
         _write_atomic(SUMMARY, json.dumps(summary, indent=2) + "\n")
 
 
+def read_runs() -> list[dict]:
+    return [json.loads(line) for line in RUNS.read_text().splitlines() if line] if RUNS.exists() else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -369,27 +424,33 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    done = [json.loads(line) for line in RUNS.read_text().splitlines()] if RUNS.exists() else []
-    tags = {r["tag"] for r in done}
 
     def record(rec: dict) -> None:
-        done.append(rec)
-        with RUNS.open("a") as f:
+        snapshot(rec)
+        with RUNS.open("a") as f:  # a sweep running beside this one appends to the same file
+            fcntl.flock(f, fcntl.LOCK_EX)
             f.write(json.dumps(rec) + "\n")
-        write_report(done)
+            f.flush()
+            fcntl.flock(f, fcntl.LOCK_UN)
+        write_report(read_runs())
+
+    def pending(tag: str) -> bool:
+        return tag not in {r["tag"] for r in read_runs()}
 
     if not args.report_only:
-        for seed in args.seeds:  # seed-major: a cut-short sweep still has every system at seed 0
+        # The cheap systems first (they share one set of rollouts), every seed; then the slow ones.
+        for seed in args.seeds:
             for name in PIPELINE_SYSTEMS:
-                if (
-                    name in args.only or "reference" in args.only and name == "drift"
-                ) and f"{name}-s{seed}" not in tags:
+                wanted = name in args.only or ("reference" in args.only and name == "drift")
+                if wanted and pending(f"{name}-s{seed}"):
                     record(run_pipeline_system(name, seed))
-            if "online_rl" in args.only and f"online_rl-s{seed}" not in tags:
+        for seed in args.seeds:
+            if "online_rl" in args.only and pending(f"online_rl-s{seed}"):
                 record(run_online(seed, args.online_steps))
-            if "rounds" in args.only and f"rounds-s{seed}" not in tags:
+        for seed in args.seeds:
+            if "rounds" in args.only and pending(f"rounds-s{seed}"):
                 record(run_rounds(seed, args.rounds))
-    write_report(done)
+    write_report(read_runs())
 
 
 if __name__ == "__main__":
