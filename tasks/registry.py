@@ -5,9 +5,13 @@ version in an MLflow model registry. Versions are immutable, so
 
 * the fingerprint is ``mlflow:<name>/<version>``: the rollout cache (and the reference watcher,
   which uses the same function) sees a new version when an alias moves, and re-rolls;
-* a version's files are downloaded once into ``<cache root>/mlflow/<server>/<name>/<version>``, a
-  flat transformers directory that ``from_pretrained`` loads (``<server>`` is a digest of the
-  registry URI, so two registries with a model of the same name never share a cache entry).
+* a version's files are downloaded once into
+  ``<cache root>/mlflow/<server>/<name>/<version>-<identity>``, a flat transformers directory that
+  ``from_pretrained`` loads. ``<server>`` is a digest of the registry URI, so two registries with a
+  model of the same name never share a cache entry; ``<identity>`` is a digest of what the registry
+  says the version is (its source, run id and creation time), so a registry recreated at the same
+  address (a test server on a reused port, a wiped database) cannot serve another model's files
+  under the same version number.
 
 Which registry: ``ModelConfig.registry_uri``, else ``$MLFLOW_REGISTRY_URI``, else the run's
 ``run.tracking_uri`` (flows and the watcher pass it), else ``$MLFLOW_TRACKING_URI``, MLflow's own
@@ -142,18 +146,28 @@ def _server_dir(registry_uri: str) -> str:
     return hashlib.sha256(redact("registry_uri", registry_uri).encode()).hexdigest()[:12]
 
 
+def _version_identity(registry_uri: str, name: str, version: str) -> str:
+    """A digest of the registry's record of one version: equal only for the same registered files."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = _client(registry_uri).get_model_version(name, version)
+    except MlflowException as exc:
+        raise ModelError(
+            f"models:/{name}/{version}: not found in the MLflow registry "
+            f"{redact('registry_uri', registry_uri)}: {redact('message', exc.message)}"
+        ) from exc
+    record = f"{mv.source}\n{mv.run_id}\n{mv.creation_timestamp}"
+    return hashlib.sha256(record.encode()).hexdigest()[:12]
+
+
 def materialize_registered(uri: str, registry_uri: str, cache_root: Path | None = None) -> Path:
     """The local transformers directory of the version ``uri`` points at, downloaded once."""
     ref = parse_registry_uri(uri)
-
-    def target_of(version: str) -> Path:
-        root = (cache_root or default_cache_root()) / "mlflow" / _server_dir(registry_uri)
-        return root / quote(ref.name, safe="") / version
-
-    if ref.version and ref.version.isdigit() and target_of(ref.version).exists():
-        return target_of(ref.version)  # a pinned version already here: no registry round trip
     name, version = resolve_version(uri, registry_uri)
-    target = target_of(version)
+    identity = _version_identity(registry_uri, name, version)  # one more small call, never stale
+    root = (cache_root or default_cache_root()) / "mlflow" / _server_dir(registry_uri)
+    target = root / quote(ref.name, safe="") / f"{version}-{identity}"
 
     def build(tmp: Path) -> None:
         import mlflow.artifacts

@@ -8,7 +8,9 @@ One module, in order, sharing one tiny pipeline run:
 2. `drift/retrain` from that run's rollouts: no rollout task runs; it fails clearly when the run id
    has no rollouts or none is given;
 3. the watcher: no run while the reference is unchanged, one run (not two) once it changes, and
-   none after that run has rolled out with the new reference.
+   none after that run has rolled out with the new reference;
+4. after those runs (three pipelines and a failed retrain on the same workers), no process that a
+   worker started is left: the workers end with the processes they started with.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers import raw_task_states, states_by_task
+from procs import MARK, describe, run_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -36,6 +41,8 @@ class Stack:
     work: Path
     tracking_uri: str
     logs: list[Path]
+    workers: list[subprocess.Popen]
+    mark: str  # carried by the workers and every process they start (tests/procs.py)
 
     @property
     def overrides(self) -> list[str]:
@@ -133,6 +140,8 @@ def stack(prefect_server, tmp_path_factory, tiny_model_dir):
     prefect(["work-pool", "create", "drift-cpu", "--type", "process"], env)
     prefect(["work-pool", "create", "drift-gpu", "--type", "process"], env)  # no GPU here
     prefect(["--no-prompt", "deploy", "--all"], env)  # what they hold: the next test
+    mark = uuid.uuid4().hex
+    env = {**env, MARK: mark}  # only the workers (and what they start) carry it
     workers, logs = [], []
     # The pipelines' queue only: the watcher's hourly schedule (its own queue, configs/demo.yaml)
     # must not start demo runs during the tests.
@@ -143,7 +152,14 @@ def stack(prefect_server, tmp_path_factory, tiny_model_dir):
             cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, *extra]
             workers.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
     try:
-        yield Stack(env=env, work=work, tracking_uri=f"sqlite:///{work / 'mlflow.db'}", logs=logs)
+        yield Stack(
+            env=env,
+            work=work,
+            tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
+            logs=logs,
+            workers=workers,
+            mark=mark,
+        )
     finally:
         for proc in workers:
             proc.terminate()
@@ -308,6 +324,57 @@ def test_watcher_starts_a_run_only_when_the_reference_changes(stack, first_run, 
     after = watch()
     assert after["decision"] == "unchanged" and after["fingerprint"] == started["fingerprint"], after
     assert len(pipeline_runs()) == before + 1
+
+
+def pool_flow_runs(env: dict, pool: str) -> list:
+    """The flow runs that reached a final state on a work pool, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
+        runs = client.read_flow_runs(work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])))
+    return sorted((r for r in runs if r.state and r.state.is_final()), key=lambda r: r.created)
+
+
+@pytest.mark.slow
+def test_workers_end_with_the_processes_they_started_with(stack, first_run):
+    """Issue 16: every flow run a worker starts (its process, the rollout's grading pools, the
+    train stage's flow run on drift-gpu) is gone once the run is over; the workers themselves are
+    the only processes carrying the mark. Run after the tests above, the drift-cpu worker has run
+    three pipelines (first run, retrain, the watcher's run) and a failed retrain; run alone, this
+    test first runs pipelines until it has three, each rolling out anew (a new rollout seed)."""
+    pipelines = [r for r in pool_flow_runs(stack.env, "drift-cpu") if r.state.is_completed()]
+    for seed in range(len(pipelines), 3):
+        params = {
+            "config_path": "configs/tiny.yaml",
+            "overrides": [*stack.overrides, f"rollout.seed={100 + seed}", "train.work_pool=drift-gpu"],
+        }
+        proc, _ = run_deployment_cli(stack, "drift/full-pipeline", params)
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{stack.log_tail()}"
+    finished = pool_flow_runs(stack.env, "drift-cpu")
+    rolled_out = [r for r in finished if "rollout-shard" in task_states(stack.env, str(r.id))]
+    assert len([r for r in finished if r.state.is_completed()]) >= 3, [r.state.name for r in finished]
+    assert len(rolled_out) >= 2, "the runs must have started grading pools for the check to mean anything"
+    assert pool_flow_runs(stack.env, "drift-gpu"), "the train stage ran on drift-gpu"
+
+    workers = {p.pid for p in stack.workers}
+    assert all(p.poll() is None for p in stack.workers), stack.log_tail()
+    # A flow run reports its final state before its process has finished exiting: wait for that
+    # exit (bounded), then require exactly the workers.
+    deadline = time.time() + 60
+    while {p.pid for p in run_processes(stack.mark)} != workers and time.time() < deadline:
+        time.sleep(1)
+    left = [p for p in run_processes(stack.mark) if p.pid not in workers]
+    assert not left, f"processes left after {len(finished)} flow runs:\n{describe(left)}"
+    for pid in workers:
+        alive = [
+            c for c in psutil.Process(pid).children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE
+        ]
+        assert not alive, describe(alive)
 
 
 # ------------------------------------------------------------------ fingerprints, no server needed

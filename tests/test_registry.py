@@ -110,6 +110,28 @@ def test_alias_resolves_to_a_loadable_version_and_follows_the_alias(registry, ti
     assert pin_registered(ModelConfig(path=str(tiny_model_dir)), registry.uri).registry_uri is None
 
 
+def test_a_version_number_reused_by_the_registry_never_serves_the_old_files(
+    registry, tiny_model_dir, tmp_path
+):
+    """Version numbers restart when a registered model is deleted and registered again (or its
+    registry recreated at the same address: a wiped database, a test server on a reused port):
+    version 1 is then another model, and the download cache must not hand back the first one's
+    files."""
+    cache = tmp_path / "cache"
+    cfg = ModelConfig(path="models:/recreated/1", registry_uri=registry.uri)
+
+    assert str(registry.register("recreated", tiny_model_dir)) == "1"
+    first = resolve_model(cfg, cache)
+    assert _loads_with_weights_of(first, tiny_model_dir)
+    assert resolve_model(cfg, cache) == first  # downloaded once
+
+    registry.client.delete_registered_model("recreated")
+    other = _perturbed_copy(tiny_model_dir, tmp_path / "other")
+    assert str(registry.register("recreated", other)) == "1"  # the same name and number, other files
+    second = resolve_model(cfg, cache)
+    assert second != first and _loads_with_weights_of(second, other)
+
+
 def test_registry_comes_from_the_environment_when_not_configured(registry, tiny_model_dir, monkeypatch):
     registry.register("from-env", tiny_model_dir)
     cfg = ModelConfig(path="models:/from-env/latest")
