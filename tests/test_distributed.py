@@ -27,6 +27,24 @@ TINY = ROOT / "configs" / "tiny.yaml"
 pytestmark = pytest.mark.timeout(600)
 
 
+def live_children_of_this_process() -> list[str]:
+    """Run on a Dask worker: its live child processes, except the interpreter's one multiprocessing
+    resource tracker (it lives as long as the worker and ends with it)."""
+    import psutil
+
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmd = " ".join(child.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "resource_tracker" not in cmd:
+            out.append(f"pid {child.pid}: {cmd[:160]}")
+    return out
+
+
 @flow(name="drift-shards-test", persist_result=False)
 def rollout_shards(overrides: list[str]) -> dict:
     """Ingest + the rollout shards of the tiny config under the runner its ``run`` section names."""
@@ -60,11 +78,15 @@ def rollout_shards(overrides: list[str]) -> dict:
         calls = sharded_calls("rollout-shard", problems, cfg.rollout.shard_size, "shards-test", common)
         dask_workers: set[str] = set()
         worker_pids: dict[str, int] = {}
+        worker_children: dict[str, list[str]] = {}
         if cfg.run.task_runner == "dask":
             with get_task_stream(client=runner.client) as stream:
                 manifests = stages.map("rollout", rollout_shard, calls)
             dask_workers = {record["worker"] for record in stream.data}
             worker_pids = runner.client.run(os.getpid)  # asked of each worker process itself
+            # While the workers still live (a long-lived worker runs shard after shard): each
+            # shard's grading pool has already ended with the shard, not with the worker.
+            worker_children = runner.client.run(live_children_of_this_process)
         else:
             manifests = stages.map("rollout", rollout_shard, calls)
     frames = [store.read_parquet(m).drop("gen_seconds") for m in manifests]
@@ -74,6 +96,7 @@ def rollout_shards(overrides: list[str]) -> dict:
         "table": pl.concat(frames).to_dicts(),
         "dask_workers": sorted(dask_workers),
         "worker_pids": worker_pids,
+        "worker_children": worker_children,
     }
 
 
@@ -140,5 +163,7 @@ def test_dask_shards_match_thread_shards(tmp_path, tiny_model_dir, prefect_api, 
     pids = dask["worker_pids"]
     assert len(set(pids.values())) == 2 and os.getpid() not in pids.values(), pids
     assert dask["dask_workers"] == sorted(pids), (dask["dask_workers"], pids)
+    # after the shards and before the cluster closed: no grading pool left on either worker
+    assert dask["worker_children"] == {w: [] for w in pids}, dask["worker_children"]
     assert len(threads["table"]) == 8 * 2  # 8 prompts x K=2
     assert dask["table"] == threads["table"]  # same trajectories, turn by turn
