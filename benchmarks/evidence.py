@@ -233,6 +233,7 @@ def snapshot(rec: dict) -> dict:
         rec["cost"] = {k: rec[k] for k in ("generated_tokens", "optimizer_steps")} | {
             "wall_s": rec["train_wall_s"]
         }
+        rec["steps"] = online_steps(rec["run_id"])
     elif rec["system"] == "rounds":
         total = {"generated_tokens": 0, "optimizer_steps": 0, "wall_s": 0.0}
         rec["frames"], rec["cost"] = {}, {}
@@ -242,6 +243,25 @@ def snapshot(rec: dict) -> dict:
             rec["frames"][f"round_{i}"] = _save_frame(_eval_frame(m, "trained"), tag, f"round_{i}")
             rec["cost"][f"round_{i}"] = dict(total)
     return rec
+
+
+ONLINE_STEP_METRICS = {
+    "return": "rewards/drift_return/mean",
+    "solved": "episode/solved",
+    "entropy": "entropy",
+    "turns": "episode/turns",
+}
+
+
+def online_steps(run_id: str) -> list[dict]:
+    """The online run's training curve, step by step, from its MLflow metrics (what GRPO optimised
+    and whether its own episodes got solved more often)."""
+    client = _client()
+    by_step: dict[int, dict] = {}
+    for name, key in ONLINE_STEP_METRICS.items():
+        for m in client.get_metric_history(run_id, key):
+            by_step.setdefault(m.step, {"step": m.step})[name] = round(m.value, 4)
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def _read_frame(relative: str):
