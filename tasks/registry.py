@@ -90,28 +90,34 @@ def _client(registry_uri: str):
     return MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
 
 
-def resolve_version(uri: str, registry_uri: str) -> tuple[str, str]:
-    """``(name, version)`` that ``uri``'s alias, number or ``latest`` points at right now."""
+def _model_version(uri: str, registry_uri: str):
+    """The registry's record (an MLflow ``ModelVersion``) of the version ``uri``'s alias, number
+    or ``latest`` points at right now."""
     from mlflow.exceptions import MlflowException
 
     ref = parse_registry_uri(uri)
     client = _client(registry_uri)
     try:
         if ref.alias:
-            return ref.name, str(client.get_model_version_by_alias(ref.name, ref.alias).version)
+            return client.get_model_version_by_alias(ref.name, ref.alias)
         if ref.version == "latest":  # get_latest_versions is stage-based and deprecated
             found = client.search_model_versions(
                 f"name = '{ref.name}'", max_results=1, order_by=["version_number DESC"]
             )
             if not found:
                 raise ModelError(f"{uri!r}: registered model {ref.name!r} has no versions")
-            return ref.name, str(found[0].version)
-        return ref.name, str(client.get_model_version(ref.name, ref.version).version)
+            return found[0]
+        return client.get_model_version(ref.name, ref.version)
     except MlflowException as exc:
         raise ModelError(
             f"{uri!r}: not found in the MLflow registry {redact('registry_uri', registry_uri)}: "
             f"{redact('message', exc.message)} (check the model name, alias or version, and registry_uri)"
         ) from exc
+
+
+def resolve_version(uri: str, registry_uri: str) -> tuple[str, str]:
+    """``(name, version)`` that ``uri``'s alias, number or ``latest`` points at right now."""
+    return parse_registry_uri(uri).name, str(_model_version(uri, registry_uri).version)
 
 
 def registry_fingerprint(uri: str, tracking_uri: str) -> str:
@@ -146,28 +152,16 @@ def _server_dir(registry_uri: str) -> str:
     return hashlib.sha256(redact("registry_uri", registry_uri).encode()).hexdigest()[:12]
 
 
-def _version_identity(registry_uri: str, name: str, version: str) -> str:
-    """A digest of the registry's record of one version: equal only for the same registered files."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mv = _client(registry_uri).get_model_version(name, version)
-    except MlflowException as exc:
-        raise ModelError(
-            f"models:/{name}/{version}: not found in the MLflow registry "
-            f"{redact('registry_uri', registry_uri)}: {redact('message', exc.message)}"
-        ) from exc
-    record = f"{mv.source}\n{mv.run_id}\n{mv.creation_timestamp}"
-    return hashlib.sha256(record.encode()).hexdigest()[:12]
-
-
 def materialize_registered(uri: str, registry_uri: str, cache_root: Path | None = None) -> Path:
     """The local transformers directory of the version ``uri`` points at, downloaded once."""
     ref = parse_registry_uri(uri)
-    name, version = resolve_version(uri, registry_uri)
-    identity = _version_identity(registry_uri, name, version)  # one more small call, never stale
+    mv = _model_version(uri, registry_uri)
+    name, version = ref.name, str(mv.version)
+    # the registry's record of the version, not only its number: a number reused after the model
+    # was deleted (or its registry recreated at the same address) gets a cache entry of its own
+    identity = hashlib.sha256(f"{mv.source}\n{mv.run_id}\n{mv.creation_timestamp}".encode()).hexdigest()[:12]
     root = (cache_root or default_cache_root()) / "mlflow" / _server_dir(registry_uri)
-    target = root / quote(ref.name, safe="") / f"{version}-{identity}"
+    target = root / quote(name, safe="") / f"{version}-{identity}"
 
     def build(tmp: Path) -> None:
         import mlflow.artifacts
