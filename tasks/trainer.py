@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -686,6 +687,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.result and int(os.environ.get("RANK", "0")) == 0:
         Path(args.result).write_text(result.model_dump_json())
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # The DDP wrapper's C++ Reducer holds the process group: collected after the group is
+        # destroyed, it would destroy it holding the GIL while a gloo thread may need the GIL
+        # (a deadlock, seen in the DDP test of tests/test_loss.py). Collect it while the group lives.
+        gc.collect()
         torch.distributed.destroy_process_group()
     return 0
 

@@ -1,8 +1,10 @@
-"""Helpers shared by the tests that drive real runs: the CLI in a fresh interpreter, MLflow run ids
-from its output, and task-run states from the Prefect API."""
+"""Helpers shared by the tests that drive real runs: the drift and prefect CLIs in a fresh
+interpreter, a Prefect client on a test server, MLflow run ids from the output, and task-run states
+from the Prefect API."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
@@ -49,6 +51,40 @@ def drift_cli(
     return proc
 
 
+def prefect_cli(
+    args: list[str], env: dict, timeout: float = 600, check: bool = False
+) -> subprocess.CompletedProcess:
+    """The ``prefect`` CLI, run from the repository root like a user would; ``check`` asserts
+    success and shows the output's tail when it fails."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefect", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert proc.returncode == 0, (
+            f"prefect {' '.join(args)}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+@contextlib.contextmanager
+def prefect_client(env: dict):
+    """A sync Prefect client on the server at env's ``PREFECT_API_URL`` (the test's server, not
+    this process's profile)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
+        yield client
+
+
 def mlflow_run_id(stdout: str) -> str:
     """The MLflow parent run id that ``drift run``/``drift eval`` prints last."""
     match = re.search(r"MLflow run id: ([0-9a-f]{32})", stdout)
@@ -65,14 +101,9 @@ def flow_run_of(tracking_uri: str, run_id: str) -> str:
 
 def raw_task_states(env: dict, flow_run_id: str) -> dict[str, list[str]]:
     """Task-run states of one flow run, by task-run name, from the server at env's PREFECT_API_URL."""
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with (
-        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
-        get_client(sync_client=True) as client,
-    ):
+    with prefect_client(env) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     states: dict[str, list[str]] = defaultdict(list)
     for tr in runs:

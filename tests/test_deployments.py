@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import raw_task_states, states_by_task
+from helpers import prefect_cli, prefect_client, raw_task_states, states_by_task
 from procs import MARK, describe, run_processes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,31 +56,11 @@ class Stack:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.logs)
 
 
-def prefect(
-    args: list[str], env: dict, check: bool = True, timeout: float = 600
-) -> subprocess.CompletedProcess:
-    """The `prefect` CLI, run from the repository root like a user would."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "prefect", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check:
-        assert proc.returncode == 0, (
-            f"prefect {' '.join(args)}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-        )
-    return proc
-
-
 def run_deployment_cli(stack: Stack, name: str, params: dict) -> tuple[subprocess.CompletedProcess, str]:
     """`prefect deployment run NAME --params JSON --watch`; returns the process and the flow run id."""
-    proc = prefect(
+    proc = prefect_cli(
         ["deployment", "run", name, "--params", json.dumps(params), "--watch", "--watch-timeout", "600"],
         stack.env,
-        check=False,
     )
     match = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout)
     assert match, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -88,13 +68,7 @@ def run_deployment_cli(stack: Stack, name: str, params: dict) -> tuple[subproces
 
 
 def flow_run(env: dict, flow_run_id: str):
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with (
-        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
-        get_client(sync_client=True) as client,
-    ):
+    with prefect_client(env) as client:
         return client.read_flow_run(flow_run_id)
 
 
@@ -104,14 +78,9 @@ def task_states(env: dict, flow_run_id: str) -> dict[str, list[str]]:
 
 
 def deployment_runs(env: dict, name: str) -> list:
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with (
-        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
-        get_client(sync_client=True) as client,
-    ):
+    with prefect_client(env) as client:
         deployment = client.read_deployment_by_name(name)
         return client.read_flow_runs(
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
@@ -137,9 +106,9 @@ def stack(prefect_server, tmp_path_factory, tiny_model_dir):
     work = tmp_path_factory.mktemp("deployments")
     shutil.copytree(tiny_model_dir, work / "reference")  # a local reference model we can change
     env = {**prefect_server, "PREFECT_WORKER_QUERY_SECONDS": "2"}
-    prefect(["work-pool", "create", "drift-cpu", "--type", "process"], env)
-    prefect(["work-pool", "create", "drift-gpu", "--type", "process"], env)  # no GPU here
-    prefect(["--no-prompt", "deploy", "--all"], env)  # what they hold: the next test
+    prefect_cli(["work-pool", "create", "drift-cpu", "--type", "process"], env, check=True)
+    prefect_cli(["work-pool", "create", "drift-gpu", "--type", "process"], env, check=True)  # no GPU here
+    prefect_cli(["--no-prompt", "deploy", "--all"], env, check=True)  # what they hold: the next test
     mark = uuid.uuid4().hex
     env = {**env, MARK: mark}  # only the workers (and what they start) carry it
     workers, logs = [], []
@@ -185,13 +154,7 @@ def first_run(stack) -> dict:
 
 @pytest.mark.slow
 def test_prefect_yaml_declares_pools_and_the_watcher_schedule(stack):
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with (
-        temporary_settings({PREFECT_API_URL: stack.env["PREFECT_API_URL"]}),
-        get_client(sync_client=True) as c,
-    ):
+    with prefect_client(stack.env) as c:
         deployments = {f"{c.read_flow(d.flow_id).name}/{d.name}": d for d in c.read_deployments()}
     assert deployments["drift/full-pipeline"].parameters == {"config_path": "configs/demo.yaml"}
     assert deployments["drift/retrain"].parameters["retrain"] is True
@@ -328,14 +291,9 @@ def test_watcher_starts_a_run_only_when_the_reference_changes(stack, first_run, 
 
 def pool_flow_runs(env: dict, pool: str) -> list:
     """The flow runs that reached a final state on a work pool, oldest first."""
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with (
-        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
-        get_client(sync_client=True) as client,
-    ):
+    with prefect_client(env) as client:
         runs = client.read_flow_runs(work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])))
     return sorted((r for r in runs if r.state and r.state.is_final()), key=lambda r: r.created)
 

@@ -22,7 +22,6 @@ once, however often it ticks.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import subprocess
@@ -31,33 +30,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers import prefect_cli, prefect_client
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
-
-
-def prefect_cli(args: list[str], env: dict, timeout: float = 1800) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "prefect", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-@contextlib.contextmanager
-def prefect_client(env: dict):
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with (
-        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
-        get_client(sync_client=True) as client,
-    ):
-        yield client
 
 
 def seed_champion(client, name: str, model_dir: Path) -> None:
@@ -142,6 +119,7 @@ def loop(prefect_server, mlflow_server, tmp_path_factory, tiny_model_dir, oracle
                 "1800",
             ],
             env,
+            timeout=1800,
         )
     finally:
         worker.terminate()  # the watcher's run below must stay queued

@@ -204,22 +204,36 @@ def test_peft_wrapped_model(tiny_model, smol_tokenizer):
 
 
 def _ddp_worker(rank: int, world: int, port: int, model, batch: dict, out_path: str) -> None:
+    import gc
+
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        half = {k: v[2 * rank : 2 * rank + 2] for k, v in batch.items()}
-        model = DistributedDataParallel(model)
-        with pytest.raises(ValueError, match="DistributedDataParallel"):
-            weighted_sft_loss(model, half, method="decoder")
-        out = weighted_sft_loss(model, half)  # auto -> logits_to_keep, forward through DDP
-        out.loss.backward()
-        if rank == 0:
-            torch.save(_grads(model.module), out_path)
+        _ddp_step(rank, model, batch, out_path)
     finally:
+        # The DDP wrapper's C++ Reducer holds the process group. Freed after destroy_process_group,
+        # it is the group's last owner and destroys it holding the GIL, joining a gloo thread that
+        # waits for the GIL to free its last work: a deadlock (1 run in 12 on a loaded 2-core box,
+        # py-spy: ~ProcessGroupGloo -> thread::join vs ~AsyncWork -> gil_scoped_acquire). So the
+        # wrapper dies first (its frame is gone; gc for cycles), and the group goes through
+        # destroy_process_group, whose binding releases the GIL.
+        gc.collect()
         dist.destroy_process_group()
+
+
+def _ddp_step(rank: int, model, batch: dict, out_path: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    half = {k: v[2 * rank : 2 * rank + 2] for k, v in batch.items()}
+    ddp = DistributedDataParallel(model)
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        weighted_sft_loss(ddp, half, method="decoder")
+    out = weighted_sft_loss(ddp, half)  # auto -> logits_to_keep, forward through DDP
+    out.loss.backward()
+    if rank == 0:
+        torch.save(_grads(ddp.module), out_path)
 
 
 def _free_port() -> int:
@@ -233,19 +247,15 @@ def test_ddp_gradients_are_all_reduced(tiny_model, smol_tokenizer, tmp_path):
 
     out_path = str(tmp_path / "ddp_grads.pt")
     batch = _batch(smol_tokenizer)
-    for _attempt in range(3):  # a gloo rendezvous on a busy 2-core box can stall: kill it and retry
-        ctx = mp.start_processes(
-            _ddp_worker, args=(2, _free_port(), tiny_model, batch, out_path), nprocs=2, join=False
-        )
-        deadline = time.monotonic() + 120
-        while not ctx.join(timeout=5) and time.monotonic() < deadline:
-            pass
-        if all(not p.is_alive() for p in ctx.processes):
-            break
-        for p in ctx.processes:
-            p.kill()
-    else:
-        pytest.fail("two-process gloo run did not finish in 3 attempts of 120 s")
+    ctx = mp.start_processes(
+        _ddp_worker, args=(2, _free_port(), tiny_model, batch, out_path), nprocs=2, join=False
+    )
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two-process gloo run did not finish in 300 s")
     ddp_grads = torch.load(out_path)
 
     expected: dict[str, torch.Tensor] = {}

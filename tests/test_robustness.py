@@ -30,7 +30,15 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
-from helpers import STAGE_TASKS, drift_cli, flow_run_of, mlflow_run_id, raw_task_states, states_by_task
+from helpers import (
+    STAGE_TASKS,
+    drift_cli,
+    flow_run_of,
+    mlflow_run_id,
+    prefect_client,
+    raw_task_states,
+    states_by_task,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -57,15 +65,6 @@ def assert_one_paragraph(stderr: str, *needles: str) -> None:
     text = " ".join(body)
     for needle in needles:
         assert needle in text, (needle, stderr)
-
-
-@contextlib.contextmanager
-def prefect_api(env: dict):
-    """Prefect client calls from this process go to the session's server."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
-        yield
 
 
 def task_runs(env: dict, tracking_uri: str, run_id: str) -> dict[str, list[str]]:
@@ -594,15 +593,10 @@ def test_the_killed_run_is_marked_crashed_by_the_next_one(resumed, prefect_serve
     """SIGKILL leaves the first run's Prefect flow run Running and its MLflow runs RUNNING; the
     second `drift run` on this host marks them Crashed / KILLED (their process is gone)."""
     from mlflow.tracking import MlflowClient
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     pid = resumed["killed_pid"]
-    with (
-        temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}),
-        get_client(sync_client=True) as client,
-    ):
+    with prefect_client(prefect_server) as client:
         (killed,) = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"drift.pid:{pid}"]))
         )
@@ -661,7 +655,6 @@ def test_no_secret_reaches_mlflow_or_prefect(resumed, tmp_path):
     """A password in a config URL reaches neither MLflow nor Prefect; one given with `--set`
     reaches no MLflow run but is a Prefect flow-run parameter as typed (docs/reliability.md)."""
     from mlflow.tracking import MlflowClient
-    from prefect.client.orchestration import get_client
 
     secrets = (URL_PASSWORD, SET_PASSWORD)
     client = MlflowClient(resumed["tracking"])
@@ -686,7 +679,7 @@ def test_no_secret_reaches_mlflow_or_prefect(resumed, tmp_path):
             assert not any(s.encode() in data for s in secrets), (run.info.run_name, file.name)
     print(f"checked {len(runs)} MLflow runs, {n_files} artifact files")
     flow_run_id = parent.data.tags["prefect.flow_run_id"]
-    with prefect_api(resumed["env"]), get_client(sync_client=True) as prefect:
+    with prefect_client(resumed["env"]) as prefect:
         parameters = prefect.read_flow_run(flow_run_id).parameters
     assert URL_PASSWORD not in json.dumps(parameters)  # the file's content is no parameter
     assert parameters["overrides"] == [SET_DASK_ADDRESS]  # `--set` strings are, as given
