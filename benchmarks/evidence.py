@@ -321,39 +321,6 @@ def _diversity(df) -> tuple[float, str]:
     return count / df.height, str(list(top))
 
 
-LEGACY = RESULTS / "evidence_store_lost"  # the first sweep: aggregates only (its store was lost)
-
-
-def legacy_seeds(records: list[dict]) -> dict[str, dict]:
-    """Per system, the first sweep's aggregate row for a seed that this sweep did not re-run (so it
-    has no per-problem frames): it counts as a seed in means and costs, never in intervals."""
-    if not (LEGACY / "quality_summary.json").exists():
-        return {}
-    old_summary = json.loads((LEGACY / "quality_summary.json").read_text())["systems"]
-    old_runs = [
-        json.loads(line) for line in (LEGACY / "evidence_runs.jsonl").read_text().splitlines() if line
-    ]
-    rows = {}  # the old table's multi@1..T, by system
-    for line in (LEGACY / "evidence_table.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) > 5 and cells[0] in old_summary:
-            rows[cells[0]] = cells
-    done = {(r["system"], r["seed"]) for r in records if "frames" in r}
-    out = {}
-    for run in old_runs:
-        if (run["system"], run["seed"]) in done:
-            continue
-        names = (
-            [run["system"]]
-            if run["system"] != "rounds"
-            else [n for n in old_summary if n.startswith("drift_round_")]
-        )
-        for name in names:
-            if name in old_summary and old_summary[name]["seeds"] == 1 and name in rows:
-                out[name] = old_summary[name] | {"seed": run["seed"], "row": rows[name]}
-    return out
-
-
 def report(records: list[dict], n_boot: int = 2000) -> tuple[str, dict]:
     from drift_core.metrics import bootstrap_ratio_ci, eval_metrics, paired_bootstrap_ci
     from flows.config import load_config
@@ -375,7 +342,6 @@ def report(records: list[dict], n_boot: int = 2000) -> tuple[str, dict]:
     order += sorted((s for s in systems if s.startswith("drift_round_")), key=lambda s: int(s.split("_")[-1]))
     ref_ids = reference["prompt_id"].to_list()
     solved, summary_systems = {}, {}
-    legacy = legacy_seeds(records)
     head = (
         "| system | seeds | "
         + " | ".join(f"multi@{t}" for t in range(1, T + 1))
@@ -408,21 +374,6 @@ def report(records: list[dict], n_boot: int = 2000) -> tuple[str, dict]:
         }
         multi_pct, seeds = 100 * r, len(runs) if name != "reference" else 0
         seeds_label = str(seeds) if name != "reference" else "—"
-        old = legacy.get(name)
-        if old is not None:  # one more seed, aggregates only: in the means, not in the interval
-            n = len(runs) + 1
-
-            def mix(new: float, aggregate: float, n: int = n) -> float:
-                return (new * (n - 1) + aggregate) / n
-
-            multi_t = [mix(x, float(old["row"][2 + t]) / 100) for t, x in enumerate(multi_t)]
-            multi_pct, corr_t, repeated = (
-                mix(multi_pct, old["multi_at_T"]),
-                mix(corr_t, old["corr_at_T"]),
-                mix(repeated, old["repeated"]),
-            )
-            cost = {k: mix(v, float(old[k])) for k, v in cost.items()}
-            seeds, seeds_label = n, f"{n} ({len(runs)} + seed {old['seed']} aggregate)"
         summary_systems[name] = {
             "seeds": seeds,
             "multi_at_T": round(multi_pct, 2),
@@ -434,13 +385,6 @@ def report(records: list[dict], n_boot: int = 2000) -> tuple[str, dict]:
             "optimizer_steps": int(cost["optimizer_steps"]),
             "wall_s": round(cost["wall_s"], 1),
         }
-        if old is not None:
-            summary_systems[name]["ci_seeds"] = len(runs)
-            summary_systems[name]["aggregate_only_seed"] = {
-                "seed": old["seed"],
-                "multi_at_T": old["multi_at_T"],
-                "source": "benchmarks/results/evidence_store_lost",
-            }
         lines.append(
             f"| {name} | {seeds_label} | "
             + " | ".join(f"{100 * x:.1f}" for x in multi_t)
@@ -448,13 +392,6 @@ def report(records: list[dict], n_boot: int = 2000) -> tuple[str, dict]:
             f" | {int(cost['optimizer_steps'])} | {cost['wall_s']:.0f} |"
         )
     paired = {}
-    if any(name in legacy for name in systems):
-        lines += [
-            "",
-            "A seed marked 'aggregate' is the first sweep's (its per-problem results were lost with its "
-            "store, benchmarks/results/evidence_store_lost): it counts in the means and costs, not in the "
-            "intervals or the paired differences.",
-        ]
     lines += ["", f"Paired differences in multi@{T} (per problem, seeds averaged), 95% bootstrap CI:"]
     for other in ("reference", "uniform", "success_only", "online_rl", "drift_all_turns"):
         if "drift" in solved and other in solved:
