@@ -25,6 +25,7 @@ from prefect.context import FlowRunContext
 
 from drift_core.schemas import DriftConfig, ModelConfig
 from flows.config import load_config
+from flows.orphans import task_runs_without_owner_tags
 from flows.runners import shard_runner
 from flows.stages import (
     EvalSet,
@@ -91,7 +92,10 @@ def drift(
     status = "FAILED"
     try:
         context = FlowRunContext.get()
-        with shard_runner(cfg, context.task_runner if context else None) as runner:
+        with (
+            task_runs_without_owner_tags(),
+            shard_runner(cfg, context.task_runner if context else None) as runner,
+        ):
             run = PipelineRun(cfg, store, StageRunner(store, runner), tracker, get_run_logger())
             summary = _pipeline(run, rollouts_from)
         status = "FINISHED"

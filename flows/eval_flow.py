@@ -9,6 +9,7 @@ from prefect import flow
 
 from drift_core.schemas import ModelConfig
 from flows.config import load_config
+from flows.orphans import task_runs_without_owner_tags
 from flows.stages import (
     StageRunner,
     eval_label,
@@ -31,6 +32,11 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Evaluate ``model`` (a directory, hub id, builtin or models:/ URI) on every benchmark of the
     config's eval suite (``eval.data`` is a suite of one), with the config's protocol."""
+    with task_runs_without_owner_tags():
+        return _evaluate_model(model, config_path, overrides)
+
+
+def _evaluate_model(model: str, config_path: str, overrides: list[str] | None) -> dict[str, Any]:
     cfg = load_config(config_path, overrides or [])
     store = ArtifactStore(cfg.run.artifact_store)
     stages = StageRunner(store)

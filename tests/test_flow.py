@@ -9,7 +9,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import STAGE_TASKS, drift_cli, flow_run_of, mlflow_run_id, raw_task_states, states_by_task
+from helpers import (
+    STAGE_TASKS,
+    drift_cli,
+    flow_run_of,
+    mlflow_run_id,
+    prefect_client,
+    raw_task_states,
+    states_by_task,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -41,6 +49,20 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     assert set(states) >= STAGE_TASKS, states  # task runs named for what they are (docs/operations.md)
     assert all(s == "Completed" for ss in states.values() for s in ss), states
     assert len(states["rollout-shard"]) == 2  # 8 prompts in shards of 4
+    # The owner tags (host, pid) mark the flow run, where the next run looks for orphans, and no
+    # task run: a tagged task run costs an API call for tag concurrency slots (docs/benchmarks.md).
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with prefect_client(env) as client:
+        flow_run = client.read_flow_run(flow_run_of(tracking, run1))
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
+    assert {t.split(":")[0] for t in flow_run.tags} >= {"drift.host", "drift.pid"}, flow_run.tags
+    assert len(task_runs) >= len(STAGE_TASKS), task_runs
+    assert not [
+        tr.name for tr in task_runs if any(t.startswith(("drift.host:", "drift.pid:")) for t in tr.tags)
+    ]
 
     from mlflow.tracking import MlflowClient
 
