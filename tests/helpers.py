@@ -31,34 +31,14 @@ STAGE_TASKS = {
 _RUN_SUFFIX = re.compile(r"-(\d+|[0-9a-f]{3,})$")  # rollout-shard-0, ingest-7f3 -> task name
 
 
-def drift_cli(
-    args: list[str], cwd: Path, env: dict, timeout: int = 900, check: bool = False
+def _cli(
+    program: str, module: str, args: list[str], cwd: Path, env: dict, timeout: float, check: bool
 ) -> subprocess.CompletedProcess:
-    """The real command line, ``python -m flows.cli ...``, in a fresh interpreter; ``check``
-    asserts success and shows the output's tail when it fails."""
+    """``python -m MODULE ARGS`` in a fresh interpreter; ``check`` asserts success and shows the
+    output's tail when it fails."""
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", module, *args],
         cwd=cwd,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check:
-        assert proc.returncode == 0, (
-            f"drift {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        )
-    return proc
-
-
-def prefect_cli(
-    args: list[str], env: dict, timeout: float = 600, check: bool = False
-) -> subprocess.CompletedProcess:
-    """The ``prefect`` CLI, run from the repository root like a user would; ``check`` asserts
-    success and shows the output's tail when it fails."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "prefect", *args],
-        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
@@ -66,9 +46,23 @@ def prefect_cli(
     )
     if check:
         assert proc.returncode == 0, (
-            f"prefect {' '.join(args)}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+            f"{program} {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         )
     return proc
+
+
+def drift_cli(
+    args: list[str], cwd: Path, env: dict, timeout: int = 900, check: bool = False
+) -> subprocess.CompletedProcess:
+    """The real command line, ``python -m flows.cli ...``, as a user runs it from ``cwd``."""
+    return _cli("drift", "flows.cli", args, cwd, {**env, "PYTHONPATH": str(ROOT)}, timeout, check)
+
+
+def prefect_cli(
+    args: list[str], env: dict, timeout: float = 600, check: bool = False
+) -> subprocess.CompletedProcess:
+    """The ``prefect`` CLI, run from the repository root like a user would."""
+    return _cli("prefect", "prefect", args, ROOT, env, timeout, check)
 
 
 @contextlib.contextmanager
