@@ -65,6 +65,14 @@ COMMON = [
     f"run.tracking_uri=sqlite:///{STORE}/mlflow.db",
 ]
 PIPELINE_SYSTEMS = VARIANTS  # drift, drift_all_turns, uniform, success_only: the same settings as v1
+# Rollout settings (Evidence v2b): the same systems trained on other rollouts of the same reference.
+# "base" is configs/evidence.yaml as it stands (v2, quality_summary.json); every other setting gets
+# its own table and summary (evidence_table_<setting>.md, quality_summary_<setting>.json).
+ROLLOUT_SETTINGS: dict[str, list[str]] = {
+    "base": [],
+    # K = 16 and hotter retries: more groups with a success, and corrections after feedback
+    "k16-retry1.0": ["rollout.k=16", "rollout.sampling.feedback_temperature=1.0"],
+}
 SYSTEMS = ["reference", *PIPELINE_SYSTEMS, "online_rl", "rounds"]
 _RUN_ID = re.compile(r"MLflow run id: ([0-9a-f]{32})")
 
@@ -92,12 +100,21 @@ def drift(args: list[str], sets: list[str], tag: str) -> tuple[str, float]:
     return proc.stdout, wall
 
 
-def run_pipeline_system(name: str, seed: int) -> dict:
-    tag = f"{name}-s{seed}"
-    out, wall = drift(
-        ["run", CONFIG], [*PIPELINE_SYSTEMS[name], f"train.seed={seed}", f"run.name=evidence-{tag}"], tag
-    )
-    return {"tag": tag, "system": name, "seed": seed, "run_id": _RUN_ID.findall(out)[-1], "wall_s": wall}
+def pipeline_tag(name: str, seed: int, rollouts: str = "base") -> str:
+    return f"{name}-s{seed}" if rollouts == "base" else f"{name}@{rollouts}-s{seed}"
+
+
+def run_pipeline_system(name: str, seed: int, rollouts: str = "base") -> dict:
+    tag = pipeline_tag(name, seed, rollouts)
+    sets = [
+        *PIPELINE_SYSTEMS[name],
+        *ROLLOUT_SETTINGS[rollouts],
+        f"train.seed={seed}",
+        f"run.name=evidence-{tag}",
+    ]
+    out, wall = drift(["run", CONFIG], sets, tag)
+    rec = {"tag": tag, "system": name, "seed": seed, "run_id": _RUN_ID.findall(out)[-1], "wall_s": wall}
+    return rec if rollouts == "base" else rec | {"rollouts": rollouts}
 
 
 def run_online(seed: int, steps: int | None) -> dict:
@@ -226,7 +243,9 @@ def snapshot(rec: dict) -> dict:
         rec["cost"] = _cost(m)
         rollout = m.get("rollout")
         if rollout is not None:
-            rec["rollout_solved_by_turn_1"] = float(rollout.meta.get("solved_by_turn_1", 0.0))
+            for key, value in rollout.meta.items():
+                if key.startswith("solved_by_turn_") or key == "format_error_rate":
+                    rec[f"rollout_{key}"] = float(value)
     elif rec["system"] == "online_rl":
         m = stage_manifests(rec["eval_run_id"])
         rec["frames"] = {"trained": _save_frame(_eval_frame(m, ""), tag, "trained")}
@@ -321,11 +340,14 @@ def _diversity(df) -> tuple[float, str]:
     return count / df.height, str(list(top))
 
 
-def report(records: list[dict], n_boot: int = 2000) -> tuple[str, dict]:
+def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> tuple[str, dict]:
+    """The table and summary of the runs trained on one rollout setting (online RL and iterated
+    rounds make their own rollouts: they belong to the base setting)."""
     from drift_core.metrics import bootstrap_ratio_ci, eval_metrics, paired_bootstrap_ci
     from flows.config import load_config
 
-    cfg = load_config(str(ROOT / CONFIG), [])
+    records = [r for r in records if r.get("rollouts", "base") == rollouts]
+    cfg = load_config(str(ROOT / CONFIG), ROLLOUT_SETTINGS[rollouts])
     T = cfg.eval.max_turns or cfg.protocol.max_turns
     frames, reference = collect(records)
     if reference is None:
@@ -404,8 +426,15 @@ def report(records: list[dict], n_boot: int = 2000) -> tuple[str, dict]:
         "(the best constant sequence, chosen on the eval golds).",
     ]
     if rollout_acc is not None:
+        sampling = cfg.rollout.sampling
+        by_turn = [
+            f"turn {t} {100 * first[f'rollout_solved_by_turn_{t}']:.1f}%"
+            for t in range(1, T + 1)
+            if f"rollout_solved_by_turn_{t}" in first  # runs recorded before v2b kept turn 1 only
+        ]
         lines.append(
-            f"Reference turn-1 accuracy in the rollouts (temperature {cfg.rollout.sampling.temperature}): {rollout_acc:.1f}%."
+            f"Reference rollouts (K = {cfg.rollout.k}, temperature {sampling.temperature}, after feedback "
+            f"{sampling.temperature_at(2)}), solved by: " + ", ".join(by_turn) + "."
         )
     summary = {
         "task": cfg.eval.data.source + " " + json.dumps(cfg.eval.data.arith.model_dump(), sort_keys=True),
@@ -426,11 +455,18 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_report(records: list[dict]) -> None:
-    table, summary = report(records)
-    print(table, flush=True)
-    _write_atomic(TABLE, table + "\n")
-    if summary:
-        _write_atomic(SUMMARY, json.dumps(summary, indent=2) + "\n")
+    """One table and summary per rollout setting that has runs; the base one is issue 10's."""
+    settings = ["base"] + sorted({r["rollouts"] for r in records if r.get("rollouts", "base") != "base"})
+    for rollouts in settings:
+        table, summary = report(records, rollouts=rollouts)
+        suffix = "" if rollouts == "base" else f"_{rollouts}"
+        print(f"## rollouts: {rollouts}\n{table}", flush=True)
+        _write_atomic(TABLE.with_name(f"{TABLE.stem}{suffix}.md"), table + "\n")
+        if summary:
+            summary["rollout_overrides"] = ROLLOUT_SETTINGS[rollouts]
+            _write_atomic(
+                SUMMARY.with_name(f"{SUMMARY.stem}{suffix}.json"), json.dumps(summary, indent=2) + "\n"
+            )
 
 
 def read_runs() -> list[dict]:
@@ -443,8 +479,18 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=SYSTEMS, default=SYSTEMS)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--online-steps", type=int, default=None, help="override online.max_steps")
+    parser.add_argument(
+        "--rollouts",
+        choices=ROLLOUT_SETTINGS,
+        default="base",
+        help="train the pipeline systems on another rollout setting (Evidence v2b); base = v2",
+    )
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
+    if args.rollouts != "base" and not args.report_only and {"online_rl", "rounds"} & set(args.only):
+        parser.error(
+            "--rollouts applies to the pipeline systems: online_rl and rounds make their own rollouts"
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     def record(rec: dict) -> None:
@@ -464,8 +510,8 @@ def main() -> None:
         for seed in args.seeds:
             for name in PIPELINE_SYSTEMS:
                 wanted = name in args.only or ("reference" in args.only and name == "drift")
-                if wanted and pending(f"{name}-s{seed}"):
-                    record(run_pipeline_system(name, seed))
+                if wanted and pending(pipeline_tag(name, seed, args.rollouts)):
+                    record(run_pipeline_system(name, seed, args.rollouts))
         for seed in args.seeds:
             if "online_rl" in args.only and pending(f"online_rl-s{seed}"):
                 record(run_online(seed, args.online_steps))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 
 class StrictModel(BaseModel):
@@ -183,8 +183,31 @@ class VerifierConfig(StrictModel):
 
 class SamplingConfig(StrictModel):
     temperature: float = Field(default=1.0, ge=0.0, le=10.0)
+    feedback_temperature: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=10.0,
+        description="temperature of the turns after feedback (turn 2 on); None = temperature. A "
+        "hotter retry puts more 'wrong, feedback, right' trajectories into the rollouts while turn 1 "
+        "keeps the reference's own accuracy (docs/results.md, Evidence v2b)",
+    )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(default=64, ge=1, le=32768)
+
+    def temperature_at(self, turn: int) -> float:
+        """The sampling temperature of protocol turn ``turn`` (1-based)."""
+        if turn > 1 and self.feedback_temperature is not None:
+            return self.feedback_temperature
+        return self.temperature
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset_feedback_temperature(self, handler):
+        """Unset, the field is absent from dumps, so rollout cache keys written before it existed
+        still match (a cached rollout is not re-made because a default was added)."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("feedback_temperature") is None:
+            data.pop("feedback_temperature", None)
+        return data
 
 
 class EngineConfig(StrictModel):

@@ -530,6 +530,20 @@ def _save_model(model, tokenizer, target: Path) -> None:
 # ------------------------------------------------------------------------------------------
 
 
+def check_sampling(sampling: SamplingConfig) -> None:
+    """Online RL samples every turn of an episode at one temperature > 0: TRL scores the completion
+    tokens under ``GRPOConfig.temperature``, so any other sampling would make its ratios wrong."""
+    if sampling.temperature <= 0:
+        raise ValueError("online RL samples its trajectories: rollout.sampling.temperature must be > 0")
+    feedback = sampling.feedback_temperature
+    if feedback is not None and feedback != sampling.temperature:
+        raise ValueError(
+            f"online RL samples every turn at one temperature (TRL scores the completion tokens under "
+            f"GRPOConfig.temperature): rollout.sampling.feedback_temperature={feedback} differs from "
+            f"rollout.sampling.temperature={sampling.temperature}; unset it for `drift online`"
+        )
+
+
 def train_online(
     cfg: DriftConfig, base_dir: str | Path | None = None, callbacks: list | None = None
 ) -> OnlineResult:
@@ -537,6 +551,7 @@ def train_online(
     config from its last complete checkpoint; return the cached result of a finished one.
     ``callbacks``: extra ``transformers.TrainerCallback`` objects (tests interrupt a run with one)."""
     started = time.perf_counter()
+    check_sampling(cfg.rollout.sampling)
     try:
         import trl
     except ImportError as exc:
@@ -572,8 +587,6 @@ def _train(cfg, model_cfg, model_path, fingerprint, out, started, base_dir, call
     from tasks.tracking import Tracker
 
     online, protocol = cfg.online, cfg.protocol
-    if cfg.rollout.sampling.temperature <= 0:
-        raise ValueError("online RL samples its trajectories: rollout.sampling.temperature must be > 0")
     max_turns = online.max_turns or protocol.max_turns
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     df, _ = load_problems(cfg.data, base)

@@ -92,7 +92,7 @@ def run_episodes(
             break
         params = SamplingParams(
             n=n,
-            temperature=sampling.temperature,
+            temperature=sampling.temperature_at(turn),
             top_p=sampling.top_p,
             max_new_tokens=sampling.max_new_tokens,
             stop=stop,

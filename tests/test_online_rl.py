@@ -229,3 +229,17 @@ def test_online_grpo_resumes_after_interruption(tmp_path):
     assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
     assert runs[1].data.params["online.resumed_from"] == result.resumed_from
     assert [m.step for m in client.get_metric_history(runs[1].info.run_id, "loss")] == [2]
+
+
+def test_online_refuses_a_feedback_temperature_it_cannot_score(tmp_path):
+    """TRL scores every completion token under one temperature (GRPOConfig.temperature): a hotter
+    retry temperature would make its importance ratios wrong, so `drift online` stops, naming both
+    keys, before any model is loaded or any directory written."""
+    from tasks.online_rl import train_online
+
+    cfg = _config(tmp_path, "rollout.sampling.temperature=0.7", "rollout.sampling.feedback_temperature=1.2")
+    with pytest.raises(
+        ValueError, match=r"feedback_temperature=1.2 differs from rollout.sampling.temperature=0.7"
+    ):
+        train_online(cfg, base_dir=ROOT)
+    assert not (tmp_path / "online").exists()

@@ -6,7 +6,14 @@ import time
 
 import pytest
 
-from drift_core.schemas import EngineConfig, ModelConfig, ProtocolConfig, SamplingConfig, VerifierConfig
+from drift_core.schemas import (
+    EngineConfig,
+    ModelConfig,
+    ProtocolConfig,
+    RolloutConfig,
+    SamplingConfig,
+    VerifierConfig,
+)
 from tasks.engines import SamplingParams, get_engine
 from tasks.engines.base import cut_at_stop
 from tasks.grade import Grader
@@ -92,6 +99,60 @@ def test_run_episodes_gives_k_trajectories_that_follow_the_protocol(engine, grad
     df = records_to_frame(records)
     stats = rollout_stats(df, 3)
     assert stats["trajectories"] == 6 and stats["generated_tokens"] > 0
+
+
+class _RecordingEngine:
+    """The tiny engine, recording the sampling parameters of each call (one call per turn)."""
+
+    def __init__(self, engine):
+        self.engine, self.tokenizer, self.calls = engine, engine.tokenizer, []
+
+    def generate(self, prompts, params):
+        self.calls.append(params)
+        return self.engine.generate(prompts, params)
+
+
+def test_feedback_temperature_samples_the_turns_after_feedback(engine, grader):
+    recording = _RecordingEngine(engine)
+    sampling = SamplingConfig(temperature=0.5, feedback_temperature=1.5, max_new_tokens=4)
+    records = run_episodes(
+        recording, engine.tokenizer, PROBLEMS, ProtocolConfig(max_turns=3), sampling, 2, 3, grader, seed=0
+    )
+    assert all(r.n_turns == 3 for r in records)  # a random model: every trajectory reaches turn 3
+    assert [(p.n, p.temperature) for p in recording.calls] == [(2, 0.5), (1, 1.5), (1, 1.5)]
+
+    plain = _RecordingEngine(engine)
+    again = run_episodes(
+        plain,
+        engine.tokenizer,
+        PROBLEMS,
+        ProtocolConfig(max_turns=3),
+        SamplingConfig(temperature=0.5, max_new_tokens=4),
+        2,
+        3,
+        grader,
+        seed=0,
+    )
+    assert [p.temperature for p in plain.calls] == [0.5, 0.5, 0.5]
+    # turn 1 is the same draw either way (same temperature, same seed); only the retries differ
+    assert [r.answers[0] for r in again] == [r.answers[0] for r in records]
+
+
+def test_unset_feedback_temperature_keeps_existing_rollout_keys():
+    """A rollout key made before ``feedback_temperature`` existed (sampling dumped as these three
+    fields) still matches, so adding the setting re-made nobody's cached rollouts; setting it changes
+    the key."""
+    from flows.stages import result_fields
+    from tasks.caching import stage_key
+
+    before = {"k": 8, "sampling": {"temperature": 0.5, "top_p": 1.0, "max_new_tokens": 16}, "seed": 0}
+    now = RolloutConfig(k=8, sampling=SamplingConfig(temperature=0.5, max_new_tokens=16))
+    assert stage_key("rollout", rollout=result_fields(now)) == stage_key("rollout", rollout=before)
+    hotter = now.model_copy(
+        update={"sampling": now.sampling.model_copy(update={"feedback_temperature": 1.0})}
+    )
+    assert stage_key("rollout", rollout=result_fields(hotter)) != stage_key("rollout", rollout=before)
+    assert RolloutConfig.model_validate(hotter.model_dump()).sampling.feedback_temperature == 1.0
 
 
 def test_grader_grades_in_order_with_the_gold(grader):
