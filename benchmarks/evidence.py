@@ -101,7 +101,7 @@ def drift(args: list[str], sets: list[str], tag: str) -> tuple[str, float]:
 
 
 def pipeline_tag(name: str, seed: int, rollouts: str = "base") -> str:
-    return f"{name}-s{seed}" if rollouts == "base" else f"{name}@{rollouts}-s{seed}"
+    return f"{name}-s{seed}" if rollouts == "base" else f"{name}-{rollouts}-s{seed}"
 
 
 def run_pipeline_system(name: str, seed: int, rollouts: str = "base") -> dict:
