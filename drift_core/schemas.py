@@ -8,6 +8,7 @@ to a default.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
@@ -418,6 +419,10 @@ class OnlineConfig(StrictModel):
         return self
 
 
+# A registered model name that a ``models:/NAME@alias`` URI can carry: no '/', '@', quotes or spaces.
+REGISTERED_MODEL_NAME = r"^[^/@'\"\s]+$"
+
+
 class RunConfig(StrictModel):
     name: str = "drift"
     artifact_store: str = Field(default=".drift/artifacts", description="local dir or fsspec URL")
@@ -432,7 +437,7 @@ class RunConfig(StrictModel):
     )
     registered_model: str | None = Field(
         default=None,
-        pattern=r"^[^/@'\"\s]+$",
+        pattern=REGISTERED_MODEL_NAME,
         description="MLflow registered model name; default drift-<run.name>",
     )
 
@@ -514,6 +519,13 @@ class DriftConfig(StrictModel):
         if self.iterate.rounds > self.iterate.max_rounds:
             raise ValueError(
                 f"iterate.rounds={self.iterate.rounds} exceeds iterate.max_rounds={self.iterate.max_rounds}"
+            )
+        derived = self.run.register_model and self.run.registered_model is None
+        if derived and not re.match(REGISTERED_MODEL_NAME, self.registered_model):
+            raise ValueError(
+                f"run.name={self.run.name!r} makes the registered model name {self.registered_model!r} "
+                "(default drift-<run.name>), which a models:/NAME@alias URI cannot carry (no '/', '@', "
+                "quotes or spaces): change run.name, set run.registered_model, or run.register_model: false"
             )
         if self.iterate.rounds > 1 and not self.run.register_model:
             raise ValueError(

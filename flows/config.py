@@ -47,8 +47,10 @@ def load_config(
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "<root>"
-            if err["type"] == "extra_forbidden":
+            key = ".".join(str(p) for p in err["loc"])
+            if not key:  # a check across sections: its message names the keys; the input is the whole config
+                problems.append(str(err["msg"]).removeprefix("Value error, "))
+            elif err["type"] == "extra_forbidden":
                 problems.append(f"unknown key {key!r}")
             else:
                 problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")

@@ -122,6 +122,11 @@ def no_compute(monkeypatch, tmp_path):
         ("", ["rollout.sampling.top_p=2"], ["{config}", "rollout.sampling.top_p"]),
         ("", ["rollout.k=eight"], ["{config}", "rollout.k", "valid integer"]),
         ("", ["weights.beta"], ["override 'weights.beta': expected key=value"]),
+        (
+            "",
+            ["run.name=sweep/a"],
+            ["{config}", "run.name='sweep/a'", "'drift-sweep/a'", "run.registered_model"],
+        ),
     ],
 )
 def test_bad_config_is_rejected_before_any_compute(no_compute, capsys, yaml_extra, overrides, needles):
