@@ -10,7 +10,9 @@ pipeline's modules and the MLflow database, and wait for it only when the flow s
 configured nothing is started.
 
 The server lives as long as the process (stopped at exit, like Prefect's own, after Prefect's log
-and event workers have drained); a second CLI call in the same process reuses it.
+and event workers have drained); a second CLI call in the same process reuses it. When the process
+dies without running its exit handlers (SIGKILL, OOM kill), the server notices and stops itself
+(``flows.server_app``).
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ class TemporaryServer:
 
     def start(self) -> None:
         """Launch the subprocess (returns at once; :meth:`wait_ready` waits for it)."""
-        import prefect
         from prefect.settings import get_current_settings
+
+        from flows.server_app import PARENT_PID_ENV
 
         self.port = _free_port()
         env = {
@@ -67,10 +70,11 @@ class TemporaryServer:
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",
             **get_current_settings().to_environment_variables(exclude_unset=True),
+            PARENT_PID_ENV: str(os.getpid()),  # the server stops itself once this process is gone
         }
         cmd = [
-            sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
-            "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+            sys.executable, "-m", "uvicorn", "--app-dir", str(Path(__file__).resolve().parents[1]),
+            "--factory", "flows.server_app:create_app", "--host", "127.0.0.1",
             "--port", str(self.port), "--log-level", "error", "--lifespan", "on",
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, env=env)

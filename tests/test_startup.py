@@ -7,8 +7,13 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
+import time
 import urllib.request
 from pathlib import Path
+
+import psutil
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,6 +96,54 @@ def test_temporary_server_answers_then_stops_and_a_taken_port_is_retried(monkeyp
     finally:
         server.stop()
         taken.close()
+
+
+def test_temporary_server_stops_itself_when_its_process_is_killed(tmp_path):
+    """A SIGKILL (or an OOM kill) skips the CLI's exit handlers, which stop its server: the server
+    sees that it was orphaned and stops itself, so no Prefect server outlives the run."""
+    code = textwrap.dedent(
+        """
+        import time
+        from flows.prefect_server import TemporaryServer
+
+        server = TemporaryServer()
+        server.start()
+        server.wait_ready(timeout=300)
+        print(server.proc.pid, server.api_url, flush=True)
+        time.sleep(600)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect")}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True
+    )
+    server = None
+    try:
+        line = parent.stdout.readline()  # the server answers (or the parent failed: EOF)
+        assert line, f"the parent exited with {parent.wait()} before its server answered"
+        pid, url = line.split()
+        server = psutil.Process(int(pid))
+        assert server.ppid() == parent.pid
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 60  # the watchdog polls every 0.5 s; shutdown takes ~1 s
+        while _alive(server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(server), f"the orphaned server (pid {pid}) is still running"
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+    finally:
+        parent.kill()
+        if server is not None and _alive(server):
+            server.kill()
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE  # a zombie has exited: only its reaping is left
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _os_free_port() -> int:
