@@ -419,8 +419,8 @@ class OnlineConfig(StrictModel):
         return self
 
 
-# A registered model name that a ``models:/NAME@alias`` URI can carry: no '/', '@', quotes or spaces.
-REGISTERED_MODEL_NAME = r"^[^/@'\"\s]+$"
+# A registered model name MLflow accepts (no '/' or ':') and a ``models:/NAME@alias`` URI can carry (no '@', quotes or spaces).
+REGISTERED_MODEL_NAME = r"^[^/:@'\"\s]+$"
 
 
 class RunConfig(StrictModel):
@@ -524,7 +524,7 @@ class DriftConfig(StrictModel):
         if derived and not re.match(REGISTERED_MODEL_NAME, self.registered_model):
             raise ValueError(
                 f"run.name={self.run.name!r} makes the registered model name {self.registered_model!r} "
-                "(default drift-<run.name>), which a models:/NAME@alias URI cannot carry (no '/', '@', "
+                "(default drift-<run.name>), which MLflow or a models:/NAME@alias URI refuses (no '/', ':', '@', "
                 "quotes or spaces): change run.name, set run.registered_model, or run.register_model: false"
             )
         if self.iterate.rounds > 1 and not self.run.register_model:

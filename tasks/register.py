@@ -12,6 +12,7 @@ is not registered again: a cached re-run finds and returns its version.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -58,6 +59,13 @@ def ensure_registered_model(client, name: str) -> None:
         )
 
 
+def logged_model_name(registered: str) -> str:
+    """The logged model's name: the registered model's, with the characters MLflow refuses in a
+    logged model's name (``/ : . % " '``) but allows in a registered model's (Unity Catalog names
+    are ``catalog.schema.model``; a run named ``lr-1.0``) replaced by ``-``."""
+    return re.sub(r"[/:.%\"']", "-", registered)
+
+
 def find_version(client, name: str, sha256: str) -> str | None:
     """The version of ``name`` whose model content hash is ``sha256`` (the oldest), if any."""
     found = client.search_model_versions(
@@ -87,7 +95,11 @@ def register_model(
         return RegisteredVersion(name=name, version=existing, created=False)
     tags = {**lineage, SHA_TAG: sha256}
     logged = client.create_logged_model(
-        experiment_id, name=name, source_run_id=train_run_id, tags=tags, model_type="transformers"
+        experiment_id,
+        name=logged_model_name(name),
+        source_run_id=train_run_id,
+        tags=tags,
+        model_type="transformers",
     )
     client.log_model_artifacts(logged.model_id, model_dir)
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)

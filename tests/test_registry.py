@@ -110,6 +110,33 @@ def test_alias_resolves_to_a_loadable_version_and_follows_the_alias(registry, ti
     assert pin_registered(ModelConfig(path=str(tiny_model_dir)), registry.uri).registry_uri is None
 
 
+def test_a_registered_name_with_dots_registers_and_loads(registry, tiny_model_dir, tmp_path):
+    """MLflow refuses '.', ':', '%' and quotes in a logged model's name but not in a registered
+    model's: the register stage of a run named ``lr-1.0`` (registered model ``drift-lr-1.0``) used to
+    fail after training. It registers now, and the version loads with the trained weights."""
+    from prefect.logging import disable_run_logger
+
+    from tasks.register import register_model
+
+    run = registry.client.create_run(registry.experiment)
+    with disable_run_logger():
+        version = register_model.fn(
+            str(tiny_model_dir),
+            "sha256:dots",
+            "drift-lr-1.0",
+            registry.uri,
+            registry.experiment,
+            run.info.run_id,
+            {},
+        )
+    assert version.created and version.name == "drift-lr-1.0"
+    assert registry.client.get_logged_model(version.model_id).name == "drift-lr-1-0"
+    path = resolve_model(
+        ModelConfig(path=f"models:/drift-lr-1.0/{version.version}", registry_uri=registry.uri), tmp_path
+    )
+    assert _loads_with_weights_of(path, tiny_model_dir)
+
+
 def test_a_version_number_reused_by_the_registry_never_serves_the_old_files(
     registry, tiny_model_dir, tmp_path
 ):
