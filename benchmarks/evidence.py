@@ -72,6 +72,8 @@ ROLLOUT_SETTINGS: dict[str, list[str]] = {
     "base": [],
     # K = 16 and hotter retries: more groups with a success, and corrections after feedback
     "k16-retry1.0": ["rollout.k=16", "rollout.sampling.feedback_temperature=1.0"],
+    # K = 16 alone: separates the two changes of k16-retry1.0
+    "k16": ["rollout.k=16"],
 }
 SYSTEMS = ["reference", *PIPELINE_SYSTEMS, "online_rl", "rounds"]
 _RUN_ID = re.compile(r"MLflow run id: ([0-9a-f]{32})")
