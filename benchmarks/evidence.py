@@ -3,6 +3,8 @@
     OMP_NUM_THREADS=2 nice .venv/bin/python benchmarks/evidence.py                 # everything
     OMP_NUM_THREADS=2 nice .venv/bin/python benchmarks/evidence.py --only drift reference
     .venv/bin/python benchmarks/evidence.py --report-only                          # tables + summary
+    OMP_NUM_THREADS=2 nice .venv/bin/python benchmarks/evidence.py --rollouts k16-retry1.0 \
+        --only drift uniform success_only                                          # v2b: other rollouts
 
 One task (``configs/evidence.yaml``: two-digit a ± b, the task chosen by ``benchmarks/probe_task.py``),
 one artifact store and one MLflow experiment (``.drift-evidence/``, experiment ``drift-evidence``), and

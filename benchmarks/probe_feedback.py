@@ -26,19 +26,21 @@ ROWS = ROOT / "benchmarks" / "results" / "probe_feedback.jsonl"
 
 
 def summarize(records, k: int, max_turns: int) -> dict:
-    """What the rollouts hold for the weights stage, in percent of trajectories / groups."""
+    """What the rollouts hold for the weights stage, in percent of trajectories / groups (accuracy by
+    turn and format errors as the rollout stage reports them, ``tasks.rollout.rollout_stats``)."""
+    from tasks.rollout import records_to_frame, rollout_stats
+
+    stats = rollout_stats(records_to_frame(records), max_turns)
     n = len(records)
     groups: dict[str, list] = {}
     for r in records:
         groups.setdefault(r.prompt_id, []).append(r)
-    by_turn = {
-        f"solved_by_turn_{t}": round(100 * sum(r.solved and r.n_turns <= t for r in records) / n, 1)
-        for t in range(1, max_turns + 1)
-    }
     corrected = [r for r in records if r.solved and r.n_turns > 1]
-    valid = [v for r in records for v in r.turn_valid]
     return {
-        **by_turn,
+        **{
+            f"solved_by_turn_{t}": round(100 * stats[f"solved_by_turn_{t}"], 1)
+            for t in range(1, max_turns + 1)
+        },
         "corrected": len(corrected),
         "corrected_pct": round(100 * len(corrected) / n, 1),
         "groups_with_success_pct": round(
@@ -47,14 +49,14 @@ def summarize(records, k: int, max_turns: int) -> dict:
         "groups_with_correction_pct": round(
             100 * sum(any(r.solved and r.n_turns > 1 for r in g) for g in groups.values()) / len(groups), 1
         ),
-        "format_error_pct": round(100 * (1 - sum(valid) / len(valid)), 1),
+        "format_error_pct": round(100 * stats["format_error_rate"], 1),
         "repeated_answer_pct": round(
             100
             * sum(len(r.normalized_answers) - len(set(r.normalized_answers)) for r in records)
             / max(1, sum(len(r.normalized_answers) for r in records)),
             1,
         ),
-        "generated_tokens": sum(sum(r.gen_tokens) for r in records),
+        "generated_tokens": int(stats["generated_tokens"]),
         "trajectories": n,
         "k": k,
     }
