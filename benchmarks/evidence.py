@@ -5,6 +5,8 @@
     .venv/bin/python benchmarks/evidence.py --report-only                          # tables + summary
     OMP_NUM_THREADS=2 nice .venv/bin/python benchmarks/evidence.py --rollouts k16-retry1.0 \
         --only drift uniform success_only                                          # v2b: other rollouts
+    OMP_NUM_THREADS=2 nice .venv/bin/python benchmarks/evidence.py --seeds 0 --only online_rl \
+        --online-steps 18                                                          # a longer online run
 
 One task (``configs/evidence.yaml``: two-digit a ± b, the task chosen by ``benchmarks/probe_task.py``),
 one artifact store and one MLflow experiment (``.drift-evidence/``, experiment ``drift-evidence``), and
@@ -78,6 +80,9 @@ ROLLOUT_SETTINGS: dict[str, list[str]] = {
     "k16": ["rollout.k=16"],
 }
 SYSTEMS = ["reference", *PIPELINE_SYSTEMS, "online_rl", "rounds"]
+# v2's online rows ran 12 GRPO steps (``--online-steps 12``); a run of any other length is its own
+# system (``online_rl_<N>steps``), so a longer run sits beside them instead of replacing them.
+V2_ONLINE_STEPS = 12
 _RUN_ID = re.compile(r"MLflow run id: ([0-9a-f]{32})")
 
 
@@ -121,11 +126,17 @@ def run_pipeline_system(name: str, seed: int, rollouts: str = "base") -> dict:
     return rec if rollouts == "base" else rec | {"rollouts": rollouts}
 
 
-def run_online(seed: int, steps: int | None) -> dict:
-    tag = f"online_rl-s{seed}"
-    sets = [f"online.seed={seed}", f"run.name=evidence-{tag}"]
-    if steps is not None:
-        sets.append(f"online.max_steps={steps}")
+def online_system(steps: int) -> str:
+    return "online_rl" if steps == V2_ONLINE_STEPS else f"online_rl_{steps}steps"
+
+
+def online_tag(seed: int, steps: int) -> str:
+    return f"online_rl-s{seed}" if steps == V2_ONLINE_STEPS else f"online_rl-{steps}steps-s{seed}"
+
+
+def run_online(seed: int, steps: int) -> dict:
+    tag = online_tag(seed, steps)
+    sets = [f"online.seed={seed}", f"run.name=evidence-{tag}", f"online.max_steps={steps}"]
     out, wall = drift(["online", CONFIG], sets, tag)
     result = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
     eval_out, eval_wall = drift(
@@ -306,7 +317,8 @@ def collect(records: list[dict]) -> tuple[dict, object]:
                 reference = _read_frame(r["frames"]["reference"])
             frames.setdefault(r["system"], []).append((_read_frame(r["frames"]["trained"]), r["cost"]))
         elif r["system"] == "online_rl":
-            frames.setdefault("online_rl", []).append((_read_frame(r["frames"]["trained"]), r["cost"]))
+            name = online_system(int(r["optimizer_steps"]))
+            frames.setdefault(name, []).append((_read_frame(r["frames"]["trained"]), r["cost"]))
         elif r["system"] == "rounds":
             for key, rel in r["frames"].items():
                 i = key.split("_")[-1]
@@ -365,6 +377,7 @@ def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> t
     systems = {"reference": [(reference, {"generated_tokens": 0, "optimizer_steps": 0, "wall_s": 0.0})]}
     systems.update(frames)
     order = ["reference", *PIPELINE_SYSTEMS, "online_rl"]
+    order += sorted((s for s in systems if s.startswith("online_rl_")), key=lambda s: int(s[10:-5]))
     order += sorted((s for s in systems if s.startswith("drift_round_")), key=lambda s: int(s.split("_")[-1]))
     ref_ids = reference["prompt_id"].to_list()
     solved, summary_systems = {}, {}
@@ -419,7 +432,8 @@ def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> t
         )
     paired = {}
     lines += ["", f"Paired differences in multi@{T} (per problem, seeds averaged), 95% bootstrap CI:"]
-    for other in ("reference", "uniform", "success_only", "online_rl", "drift_all_turns"):
+    online_longer = sorted((s for s in solved if s.startswith("online_rl_")), key=lambda s: int(s[10:-5]))
+    for other in ("reference", "uniform", "success_only", "online_rl", *online_longer, "drift_all_turns"):
         if "drift" in solved and other in solved:
             d, lo, hi = paired_bootstrap_ci(solved["drift"], solved[other], n_boot=n_boot)
             paired[f"drift-{other}"] = [round(100 * d, 2), round(100 * lo, 2), round(100 * hi, 2)]
@@ -482,7 +496,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--only", nargs="+", choices=SYSTEMS, default=SYSTEMS)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--online-steps", type=int, default=None, help="override online.max_steps")
+    parser.add_argument(
+        "--online-steps", type=int, default=V2_ONLINE_STEPS, help="online.max_steps of the online runs"
+    )
     parser.add_argument(
         "--rollouts",
         choices=ROLLOUT_SETTINGS,
@@ -517,7 +533,7 @@ def main() -> None:
                 if wanted and pending(pipeline_tag(name, seed, args.rollouts)):
                     record(run_pipeline_system(name, seed, args.rollouts))
         for seed in args.seeds:
-            if "online_rl" in args.only and pending(f"online_rl-s{seed}"):
+            if "online_rl" in args.only and pending(online_tag(seed, args.online_steps)):
                 record(run_online(seed, args.online_steps))
         for seed in args.seeds:
             if "rounds" in args.only and pending(f"rounds-s{seed}"):
