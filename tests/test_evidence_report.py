@@ -1,0 +1,134 @@
+"""The evidence report (benchmarks/evidence.py, issue 10): the machine-readable summary has the keys
+and units the issue fixes, pooled over seeds, with online runs of another length kept apart.
+
+Synthetic per-problem frames on the real eval problems of configs/evidence.yaml, with solved sets
+chosen so every figure is computable by hand."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import polars as pl
+import pytest
+
+from flows.config import load_config
+from tasks.ingest import load_problems
+from tests.helpers import ROOT
+
+T = 3
+
+
+@pytest.fixture(scope="module")
+def evidence():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module("evidence")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(evidence) -> list[str]:
+    cfg = load_config(str(ROOT / evidence.CONFIG), [])
+    df, _ = load_problems(cfg.eval.data)
+    return sorted(df["prompt_id"].to_list())
+
+
+def frame(ids: list[str], solved_at: dict[int, int]) -> pl.DataFrame:
+    """Problem i solved at turn solved_at[i] (1-based), unsolved otherwise; answers '7', '7', '8'
+    on unsolved problems (one repeat), distinct otherwise."""
+    rows = []
+    for i, pid in enumerate(ids):
+        turn = solved_at.get(i)
+        correct = [turn is not None and t + 1 >= turn for t in range(T)][: turn or T]
+        answers = ["7", "7", "8"] if turn is None else [str(j) for j in range(turn)]
+        rows.append(
+            {"prompt_id": pid, "answers": answers, "normalized_answers": answers, "turn_correct": correct}
+        )
+    return pl.DataFrame(rows)
+
+
+def write(evidence, df: pl.DataFrame, tag: str, name: str) -> str:
+    return evidence._save_frame(df, tag, name)
+
+
+def cost(tokens: int, steps: int, wall: float) -> dict:
+    return {"generated_tokens": tokens, "optimizer_steps": steps, "wall_s": wall}
+
+
+def test_summary_pools_seeds_and_keeps_a_longer_online_run_apart(evidence, prompt_ids, tmp_path, monkeypatch):
+    monkeypatch.setattr(evidence, "RESULTS", tmp_path)
+    monkeypatch.setattr(evidence, "FRAMES", tmp_path / "evidence_frames")
+    n = len(prompt_ids)
+    assert n == 300
+    ref = write(evidence, frame(prompt_ids, {i: 1 for i in range(n) if i % 10 == 0}), "drift-s0", "reference")
+    records = [
+        {
+            "tag": "drift-s0", "system": "drift", "seed": 0,
+            "frames": {"reference": ref, "trained": write(
+                evidence, frame(prompt_ids, {i: 2 for i in range(n) if i % 5 == 0}), "drift-s0", "trained")},
+            "cost": cost(9000, 6, 100.0), "rollout_solved_by_turn_1": 0.104,
+        },
+        {
+            "tag": "drift-s1", "system": "drift", "seed": 1,
+            "frames": {"reference": ref, "trained": write(
+                evidence, frame(prompt_ids, {i: 3 for i in range(n) if i % 4 == 0}), "drift-s1", "trained")},
+            "cost": cost(9000, 6, 300.0),
+        },
+        {
+            "tag": "online_rl-s0", "system": "online_rl", "seed": 0, "optimizer_steps": 12,
+            "frames": {"trained": write(
+                evidence, frame(prompt_ids, {i: 1 for i in range(n) if i % 10 == 0}), "online_rl-s0", "trained")},
+            "cost": cost(15000, 12, 3000.0),
+        },
+        {
+            "tag": "online_rl-24steps-s0", "system": "online_rl", "seed": 0, "optimizer_steps": 24,
+            "frames": {"trained": write(
+                evidence, frame(prompt_ids, {i: 1 for i in range(n) if i % 2 == 0}), "online_rl-24steps-s0", "trained")},
+            "cost": cost(30000, 24, 6000.0),
+        },
+    ]  # fmt: skip
+    table, summary = evidence.report(records, n_boot=400)
+
+    assert set(summary) >= {
+        "task",
+        "turns",
+        "n_eval",
+        "question_blind_ceiling",
+        "reference_turn1_rollout_acc",
+    }
+    assert summary["turns"] == T and summary["n_eval"] == 300
+    assert summary["reference_turn1_rollout_acc"] == 10.4
+    systems = summary["systems"]
+    assert set(systems) == {"reference", "drift", "online_rl", "online_rl_24steps"}
+    # percent units, pooled over seeds: (60 + 75) / 600 problems solved
+    assert systems["reference"]["multi_at_T"] == 10.0 and systems["reference"]["seeds"] == 0
+    assert systems["drift"]["multi_at_T"] == 22.5 and systems["drift"]["seeds"] == 2
+    assert systems["online_rl"]["multi_at_T"] == 10.0 and systems["online_rl"]["seeds"] == 1
+    assert systems["online_rl_24steps"]["multi_at_T"] == 50.0
+    lo, hi = systems["drift"]["ci"]
+    assert lo < 22.5 < hi
+    # costs are the mean over seeds; the longer online run keeps its own
+    assert systems["drift"]["wall_s"] == 200.0 and systems["drift"]["generated_tokens"] == 9000
+    assert systems["online_rl_24steps"]["generated_tokens"] == 30000
+    assert systems["online_rl_24steps"]["optimizer_steps"] == 24
+    # unsolved problems answer 7, 7, 8: one repeat among three answers
+    assert systems["reference"]["repeated"] == pytest.approx(100 * 270 / (270 * 3 + 30 * 1), abs=0.01)
+    # paired: per problem, DRIFT's seeds averaged, minus the other system
+    paired = summary["paired"]
+    assert paired["drift-reference"][0] == 12.5
+    assert paired["drift-online_rl"][0] == 12.5
+    assert paired["drift-online_rl_24steps"][0] == -27.5
+    d, lo, hi = paired["drift-online_rl_24steps"]
+    assert lo < d < hi < 0
+    assert "drift-uniform" not in paired  # no uniform run: no invented figure
+    assert "| online_rl_24steps | 1 |" in table
+    assert table.index("| online_rl |") < table.index("| online_rl_24steps |")
+
+
+def test_online_runs_are_named_by_their_length(evidence):
+    assert evidence.online_tag(0, evidence.V2_ONLINE_STEPS) == "online_rl-s0"
+    assert evidence.online_system(evidence.V2_ONLINE_STEPS) == "online_rl"
+    assert evidence.online_tag(1, 24) == "online_rl-24steps-s1"
+    assert evidence.online_system(24) == "online_rl_24steps"
