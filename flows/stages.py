@@ -4,18 +4,21 @@ a stage in MLflow. ``flows/drift_flow.py`` and ``flows/eval_flow.py`` are built 
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.futures import wait
+from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import TaskRunner
 
 from drift_core.protocol import CHOICE_INSTRUCTION
 from drift_core.schemas import DriftConfig, EngineConfig, EvalEntry, ProtocolConfig, VerifierConfig
 from tasks.caching import key_from_parameters, stage_key
+from tasks.engines.base import allow_generation, stop_generation
 from tasks.evaluate import greedy, summarize_eval
 from tasks.golds import checked_verifier
 from tasks.ingest import ingest, ingest_key
@@ -49,6 +52,7 @@ class StageRunner:
         self.plots_dir = Path(store.root) / "plots" if store.is_local else None  # tasks.plots.plot_file
         self.states: dict[str, list[str]] = {}
         self.timings: dict[str, float] = {}
+        allow_generation()  # a new flow run: an earlier interrupted one's stop no longer applies
 
     def options(self, task, **extra):
         opts: dict[str, Any] = {
@@ -85,7 +89,12 @@ class StageRunner:
             futures = [self.options(task).submit(**params) for params in calls]
         else:
             futures = [self.runner.submit(self.options(task), params) for params in calls]
-        wait(futures)
+        try:
+            wait_interruptibly(futures)
+        except BaseException:  # Ctrl-C, or SIGTERM (Prefect's TerminationSignal), while shards run:
+            stop_generation()  # their threads stop at the next token, so the process can end now
+            raise
+        wait(futures)  # all done: Prefect's own bookkeeping of the final states
         manifests = []
         for params, future in zip(calls, futures, strict=False):
             manifest = future.result()
@@ -103,6 +112,32 @@ class StageRunner:
 
     def cached(self, label: str) -> bool:
         return bool(self.states.get(label)) and all(s == "Cached" for s in self.states[label])
+
+
+def wait_interruptibly(futures: Sequence[PrefectFuture], poll_s: float = 0.5) -> None:
+    """Wait until every future is done, waking every ``poll_s`` seconds.
+
+    Python runs a signal's handler (Ctrl-C's KeyboardInterrupt, Prefect's SIGTERM bridge) in the
+    main thread only, and a main thread blocked in an untimed wait runs it only when the kernel
+    happened to deliver the signal to that thread; with shards generating in worker threads it
+    usually did not, and a Ctrl-C took effect when the last shard finished (75 s on a 128-turn tiny
+    shard). A timed wait returns to the interpreter, which then runs the pending handler."""
+    remaining = len(futures)
+    lock, all_done = threading.Lock(), threading.Event()
+
+    def one_done(_future: PrefectFuture) -> None:
+        nonlocal remaining
+        with lock:
+            remaining -= 1
+            if remaining == 0:
+                all_done.set()
+
+    if not futures:
+        return
+    for future in futures:
+        future.add_done_callback(one_done)
+    while not all_done.wait(poll_s):
+        pass
 
 
 def task_run_name(label: str, task_name: str) -> str:

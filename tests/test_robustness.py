@@ -622,6 +622,51 @@ def test_the_killed_run_is_marked_crashed_by_the_next_one(resumed, prefect_serve
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_mid_rollout_stops_generation_at_once(tmp_path, prefect_server, sig):
+    """Ctrl-C (SIGINT) or SIGTERM (a Prefect worker's cancel, a pod's stop, ``kill``) while a rollout
+    shard generates in a worker thread: the run ends within seconds, before that shard's first turn
+    is done, and leaves no shard artifact. Before, the main thread's untimed wait only saw the signal
+    once the shard had finished all its turns (65 s for this shard's smaller twin, 75 s for Ctrl-C)."""
+    config = yaml.safe_load(TINY.read_text())
+    config["rollout"].update(k=16, shard_size=8)  # one shard of 8 prompts x 16 trajectories
+    config["rollout"]["sampling"]["max_new_tokens"] = 600  # turn 1 alone: minutes on a CPU
+    config["protocol"]["max_turns"] = 3
+    store = tmp_path / "store"
+    config["run"].update(artifact_store=str(store), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "run", str(config_path)],
+            cwd=tmp_path,
+            env={**prefect_server, "PYTHONPATH": str(ROOT)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        while "rollout-shard 0:" not in log_path.read_text():  # the shard's progress bar: generating
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.05)
+        time.sleep(1.0)
+        os.kill(proc.pid, sig)
+        sent = time.monotonic()
+        code = proc.wait(timeout=60)  # the old code: still generating (the shard needs minutes)
+        waited = time.monotonic() - sent
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log_path.read_text()
+    print(f"{sig.name}: exit {code} after {waited:.1f} s")
+    # Ctrl-C: the CLI's exit status 130; SIGTERM: Prefect re-raises it with the default handler
+    assert code == (130 if sig == signal.SIGINT else -signal.SIGTERM), text[-3000:]
+    assert "128/128" not in text, "turn 1 of the shard finished after the signal"
+    assert not list(store.glob("rollout-shard/*/manifest.json")), "an interrupted shard was recorded"
+
+
+@pytest.mark.slow
 def test_skipped_rows_are_counted_in_the_manifest_and_mlflow(resumed):
     from mlflow.tracking import MlflowClient
 

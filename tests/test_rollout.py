@@ -15,7 +15,7 @@ from drift_core.schemas import (
     VerifierConfig,
 )
 from tasks.engines import SamplingParams, get_engine
-from tasks.engines.base import cut_at_stop
+from tasks.engines.base import GenerationStopped, allow_generation, cut_at_stop, stop_generation
 from tasks.grade import Grader
 from tasks.rollout import records_to_frame, rollout_stats, run_episodes
 
@@ -50,6 +50,44 @@ def test_engine_returns_n_completions_per_prompt_and_is_seeded(engine):
     assert [len(o) for o in out1] == [3, 3]
     assert [[c.text for c in o] for o in out1] == [[c.text for c in o] for o in out2]
     assert all(1 <= c.n_tokens <= 5 for o in out1 for c in o)
+
+
+@pytest.mark.parametrize("decoding", ["standard", "static"])
+def test_a_stop_request_ends_generate_at_the_next_token(tiny_model_dir, decoding):
+    """``stop_generation`` (the flow's answer to Ctrl-C / SIGTERM while shards generate) ends a
+    running ``generate`` at its next decoding step and raises: the model's forward runs once more,
+    not up to ``max_new_tokens`` times, and no truncated completion is returned as a result."""
+    from tasks.engines.transformers_engine import TransformersEngine
+
+    eng = TransformersEngine(
+        str(tiny_model_dir),
+        ModelConfig(path=str(tiny_model_dir)),
+        EngineConfig(batch_size=4, decoding=decoding),
+    )
+    calls = 0
+    forward = eng.model.forward
+
+    def counting_forward(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            stop_generation()  # as if the signal arrived while the third step ran
+        return forward(*args, **kwargs)
+
+    eng.model.forward = counting_forward
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=200, seed=0)  # no stop strings, no EOS
+    try:
+        with pytest.raises(GenerationStopped):
+            eng.generate(["What is 2 + 3?"], params)
+        assert calls == 3, calls  # the step that saw the request was the last
+        with pytest.raises(GenerationStopped):  # a later call in this process does not start either
+            eng.generate(["x"], params)
+        assert calls == 3
+    finally:
+        allow_generation()
+    eng.model.forward = forward
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=4)
+    assert len(eng.generate(["x"], params)[0]) == 1  # allowed again: generates as before
 
 
 def test_greedy_is_deterministic_across_batch_sizes(tiny_model_dir, engine):

@@ -7,6 +7,7 @@ tag pre-filled), so every engine produces exactly the same conversation format, 
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal
@@ -43,6 +44,41 @@ class Engine(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model (GPU memory) when the engine is no longer needed."""
+
+
+# ------------------------------------------------------------------------------------------
+# Stopping generation when the process is asked to end
+# ------------------------------------------------------------------------------------------
+# Shards generate in worker threads, and a flow run that is interrupted (Ctrl-C, SIGTERM from a
+# worker, a pod or ``kill``) waits for its running threads before the process can exit: without a
+# way in, that was the rest of every running shard (minutes on a GPU). The flow sets this event on
+# its way out (``flows.stages.StageRunner.map``) and engines check it at every decoding step.
+
+_stop = threading.Event()
+
+
+class GenerationStopped(RuntimeError):
+    """Raised by ``generate`` when the process asked generation to stop: the shard is abandoned
+    (nothing written), not finished."""
+
+
+def stop_generation() -> None:
+    """Make every ``generate`` in this process stop at its next decoding step and raise."""
+    _stop.set()
+
+
+def allow_generation() -> None:
+    """Clear a stop request (a new flow run in a process whose previous one was interrupted)."""
+    _stop.clear()
+
+
+def generation_stopped() -> bool:
+    return _stop.is_set()
+
+
+def raise_if_stopped() -> None:
+    if _stop.is_set():
+        raise GenerationStopped("generation stopped: the flow run was interrupted")
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

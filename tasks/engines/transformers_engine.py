@@ -28,9 +28,17 @@ import logging
 import threading
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from drift_core.schemas import EngineConfig, ModelConfig
-from tasks.engines.base import Completion, Engine, SamplingParams, cut_at_stop
+from tasks.engines.base import (
+    Completion,
+    Engine,
+    SamplingParams,
+    cut_at_stop,
+    generation_stopped,
+    raise_if_stopped,
+)
 from tasks.models import load_model, load_tokenizer, pick_device
 
 log = logging.getLogger(__name__)
@@ -89,11 +97,14 @@ class TransformersEngine(Engine):
         decoding = self.decoding_for(params)
         results: list[Completion | None] = [None] * len(expanded)
         with self._lock:
-            if decoding == "continuous":
+            if decoding == "continuous":  # no per-step hook: checked before and after
+                raise_if_stopped()
                 results = list(self._generate_continuous(encoded, params))
+                raise_if_stopped()
             else:
                 order = sorted(range(len(expanded)), key=lambda j: len(encoded[j]), reverse=True)
                 for b, start in enumerate(range(0, len(order), self.cfg.batch_size)):
+                    raise_if_stopped()
                     idx = order[start : start + self.cfg.batch_size]
                     batch = [encoded[j] for j in idx]
                     completions = self._generate_batch(
@@ -128,7 +139,13 @@ class TransformersEngine(Engine):
         if static:
             kwargs["cache_implementation"] = "static"
         torch.manual_seed(seed)
-        generated = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+        generated = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            stopping_criteria=StoppingCriteriaList([StopWhenProcessStops()]),
+            **kwargs,
+        )
+        raise_if_stopped()  # the batch ended early because the process is stopping: not a result
         return [self._completion(row, params) for row in generated[:, width:].tolist()]
 
     def _generate_continuous(self, encoded: list[list[int]], params: SamplingParams) -> list[Completion]:
@@ -188,6 +205,16 @@ class TransformersEngine(Engine):
         if message not in self._said:
             self._said.add(message)
             log.warning(message)
+
+
+class StopWhenProcessStops(StoppingCriteria):
+    """Ends every sequence of the batch once ``stop_generation`` was called; it only reads a flag,
+    so the tokens generated otherwise are the same."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full(
+            (input_ids.shape[0],), generation_stopped(), dtype=torch.bool, device=input_ids.device
+        )
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -12,7 +12,7 @@ to the GPU machine available during development. The transformers engine is the 
 from __future__ import annotations
 
 from drift_core.schemas import EngineConfig, ModelConfig
-from tasks.engines.base import Completion, Engine, SamplingParams, cut_at_stop
+from tasks.engines.base import Completion, Engine, SamplingParams, cut_at_stop, raise_if_stopped
 
 
 class VLLMEngine(Engine):
@@ -53,7 +53,9 @@ class VLLMEngine(Engine):
             )
             for i in range(len(prompts))
         ]
+        raise_if_stopped()  # vLLM has no per-step hook here: checked before and after
         outputs = self.llm.generate(prompts, per_prompt, use_tqdm=False)
+        raise_if_stopped()
         result = []
         for request in outputs:
             completions = []
