@@ -6,7 +6,7 @@
     OMP_NUM_THREADS=2 nice .venv/bin/python benchmarks/evidence.py --rollouts k16-retry1.0 \
         --only drift uniform success_only                                          # v2b: other rollouts
     OMP_NUM_THREADS=2 nice .venv/bin/python benchmarks/evidence.py --seeds 0 --only online_rl \
-        --online-steps 18                                                          # a longer online run
+        --online-steps 24                                                          # a longer online run
 
 One task (``configs/evidence.yaml``: two-digit a ± b, the task chosen by ``benchmarks/probe_task.py``),
 one artifact store and one MLflow experiment (``.drift-evidence/``, experiment ``drift-evidence``), and
