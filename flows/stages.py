@@ -120,8 +120,11 @@ def wait_interruptibly(futures: Sequence[PrefectFuture], poll_s: float = 0.5) ->
     Python runs a signal's handler (Ctrl-C's KeyboardInterrupt, Prefect's SIGTERM bridge) in the
     main thread only, and a main thread blocked in an untimed wait runs it only when the kernel
     happened to deliver the signal to that thread; with shards generating in worker threads it
-    usually did not, and a Ctrl-C took effect when the last shard finished (75 s on a 128-turn tiny
-    shard). A timed wait returns to the interpreter, which then runs the pending handler."""
+    usually did not, and a Ctrl-C took effect when the last shard finished (75 s on a tiny-model
+    shard of 128 three-turn trajectories). A timed wait returns to the interpreter, which then runs
+    the pending handler."""
+    if not futures:
+        return
     remaining = len(futures)
     lock, all_done = threading.Lock(), threading.Event()
 
@@ -132,8 +135,6 @@ def wait_interruptibly(futures: Sequence[PrefectFuture], poll_s: float = 0.5) ->
             if remaining == 0:
                 all_done.set()
 
-    if not futures:
-        return
     for future in futures:
         future.add_done_callback(one_done)
     while not all_done.wait(poll_s):
