@@ -130,6 +130,14 @@ def online_system(steps: int) -> str:
     return "online_rl" if steps == V2_ONLINE_STEPS else f"online_rl_{steps}steps"
 
 
+def longer_online_systems(names) -> list[str]:
+    """The ``online_rl_<N>steps`` systems among ``names``, shortest run first."""
+    return sorted(
+        (n for n in names if n.startswith("online_rl_")),
+        key=lambda n: int(n[len("online_rl_") : -len("steps")]),
+    )
+
+
 def online_tag(seed: int, steps: int) -> str:
     return f"online_rl-s{seed}" if steps == V2_ONLINE_STEPS else f"online_rl-{steps}steps-s{seed}"
 
@@ -377,7 +385,7 @@ def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> t
     systems = {"reference": [(reference, {"generated_tokens": 0, "optimizer_steps": 0, "wall_s": 0.0})]}
     systems.update(frames)
     order = ["reference", *PIPELINE_SYSTEMS, "online_rl"]
-    order += sorted((s for s in systems if s.startswith("online_rl_")), key=lambda s: int(s[10:-5]))
+    order += longer_online_systems(systems)
     order += sorted((s for s in systems if s.startswith("drift_round_")), key=lambda s: int(s.split("_")[-1]))
     ref_ids = reference["prompt_id"].to_list()
     solved, summary_systems = {}, {}
@@ -432,8 +440,14 @@ def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> t
         )
     paired = {}
     lines += ["", f"Paired differences in multi@{T} (per problem, seeds averaged), 95% bootstrap CI:"]
-    online_longer = sorted((s for s in solved if s.startswith("online_rl_")), key=lambda s: int(s[10:-5]))
-    for other in ("reference", "uniform", "success_only", "online_rl", *online_longer, "drift_all_turns"):
+    for other in (
+        "reference",
+        "uniform",
+        "success_only",
+        "online_rl",
+        *longer_online_systems(solved),
+        "drift_all_turns",
+    ):
         if "drift" in solved and other in solved:
             d, lo, hi = paired_bootstrap_ci(solved["drift"], solved[other], n_boot=n_boot)
             paired[f"drift-{other}"] = [round(100 * d, 2), round(100 * lo, 2), round(100 * hi, 2)]
