@@ -575,36 +575,16 @@ def train_online(
     return _train(cfg, model_cfg, model_path, fingerprint, out, started, base_dir, callbacks or [])
 
 
-def _train(cfg, model_cfg, model_path, fingerprint, out, started, base_dir, callbacks) -> OnlineResult:
+def grpo_config(cfg: DriftConfig, out: Path, device: str, max_turns: int):
+    """TRL's settings from drift's: the ``online`` section, plus the sampling of ``rollout.sampling``
+    (TRL scores the completion tokens under this temperature)."""
     import torch
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
-    from tasks.golds import check_golds
-    from tasks.grade import Grader
-    from tasks.ingest import load_problems
-    from tasks.models import load_model, load_tokenizer, pick_device
-    from tasks.tracking import Tracker
-
-    online, protocol = cfg.online, cfg.protocol
-    max_turns = online.max_turns or protocol.max_turns
-    base = Path(base_dir) if base_dir is not None else Path.cwd()
-    df, _ = load_problems(cfg.data, base)
-    verifier = check_golds(df.select("prompt_id", "gold"), cfg.data, cfg.verifier, "", base)  # resolves auto
-    problems = [Problem(r["prompt_id"], r["question"], r["gold"]) for r in df.iter_rows(named=True)]
-    index = problem_index(problems, protocol)
-    dataset = Dataset.from_list(
-        [{"prompt": initial_messages(p.question, protocol), "prompt_id": p.prompt_id} for p in problems]
-    )
-    resume = last_complete_checkpoint(out)
-    prior = json.loads((resume / COSTS_FILE).read_text()) if resume else {}
-
-    device = pick_device(cfg.engine.device)
-    tokenizer = load_tokenizer(model_path, model_cfg)
-    model = load_model(model_path, model_cfg, device="cpu", dtype="float32")
+    online, sampling = cfg.online, cfg.rollout.sampling
     bf16 = device == "cuda" and cfg.train.precision != "fp32" and torch.cuda.is_bf16_supported()
     total = online.prompts_per_step * online.num_generations
-    args = GRPOConfig(
+    return GRPOConfig(
         output_dir=str(out),
         max_steps=online.max_steps,
         per_device_train_batch_size=online.micro_batch_size,
@@ -622,9 +602,9 @@ def _train(cfg, model_cfg, model_path, fingerprint, out, started, base_dir, call
         num_iterations=online.num_iterations,
         loss_type=online.loss_type,
         scale_rewards=online.scale_rewards,
-        temperature=cfg.rollout.sampling.temperature,
-        top_p=cfg.rollout.sampling.top_p,
-        max_completion_length=max_turns * (cfg.rollout.sampling.max_new_tokens + 32),
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_completion_length=max_turns * (sampling.max_new_tokens + 32),
         logging_steps=1,
         save_strategy="steps",
         save_steps=online.save_steps,
@@ -637,10 +617,63 @@ def _train(cfg, model_cfg, model_path, fingerprint, out, started, base_dir, call
         dataloader_num_workers=0,
         **({"gradient_checkpointing": True} if online.gradient_checkpointing else {}),
     )
+
+
+def _training_prompts(cfg: DriftConfig, base: Path):
+    """The training problems (golds checked against the verifier before any generation), the
+    verifier they resolved to, and TRL's dataset of first-turn prompts."""
+    from datasets import Dataset
+
+    from tasks.golds import check_golds
+    from tasks.ingest import load_problems
+
+    df, _ = load_problems(cfg.data, base)
+    verifier = check_golds(df.select("prompt_id", "gold"), cfg.data, cfg.verifier, "", base)  # resolves auto
+    problems = [Problem(r["prompt_id"], r["question"], r["gold"]) for r in df.iter_rows(named=True)]
+    dataset = Dataset.from_list(
+        [{"prompt": initial_messages(p.question, cfg.protocol), "prompt_id": p.prompt_id} for p in problems]
+    )
+    return problems, verifier, dataset
+
+
+def _record_result(tracker, result: OnlineResult, out: Path) -> None:
+    """The finished run's costs, model directory and episode logs to MLflow; ``result.json`` (which
+    marks the run finished) last; then the checkpoints go (the finished model replaces them)."""
+    final = {"generated_tokens": result.generated_tokens, "optimizer_steps": result.optimizer_steps}
+    tracker.log_metrics(tracker.run_id, {**final, "wall_s": result.wall_s}, step=result.optimizer_steps)
+    tracker.client.set_tag(tracker.run_id, "drift.model_dir", result.model_dir)
+    tracker.log_dict(tracker.run_id, result.model_dump(mode="json"), RESULT_FILE)
+    if (out / ROLLOUTS_DIR).is_dir():
+        tracker.client.log_artifacts(tracker.run_id, str(out / ROLLOUTS_DIR), artifact_path=ROLLOUTS_DIR)
+    _atomic_write(out / RESULT_FILE, result.model_dump_json())
+    for checkpoint in out.glob("checkpoint-*"):  # GBs each
+        shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def _train(cfg, model_cfg, model_path, fingerprint, out, started, base_dir, callbacks) -> OnlineResult:
+    import trl
+    from trl import GRPOTrainer
+
+    from tasks.grade import Grader
+    from tasks.models import load_model, load_tokenizer, pick_device
+    from tasks.tracking import Tracker
+
+    online, protocol = cfg.online, cfg.protocol
+    max_turns = online.max_turns or protocol.max_turns
+    problems, verifier, dataset = _training_prompts(
+        cfg, Path(base_dir) if base_dir is not None else Path.cwd()
+    )
+    resume = last_complete_checkpoint(out)
+    prior = json.loads((resume / COSTS_FILE).read_text()) if resume else {}
+
+    device = pick_device(cfg.engine.device)
+    tokenizer = load_tokenizer(model_path, model_cfg)
+    model = load_model(model_path, model_cfg, device="cpu", dtype="float32")
+    args = grpo_config(cfg, out, device, max_turns)
     grader = Grader(protocol, verifier)  # its processes end with the run (the `with` below)
     rollout = ProtocolRollout(
         tokenizer,
-        index,
+        problem_index(problems, protocol),
         protocol,
         cfg.rollout.sampling,
         cfg.weights,
@@ -655,8 +688,6 @@ def _train(cfg, model_cfg, model_path, fingerprint, out, started, base_dir, call
     costs = Costs(rollout, float(prior.get("wall_s", 0.0)), started)
 
     tracker = Tracker(cfg, run_name=f"{cfg.run.name}-online", tags={"drift.flow": "drift-online"})
-    import trl
-
     tracker.log_params(
         tracker.run_id,
         {
@@ -690,15 +721,7 @@ def _train(cfg, model_cfg, model_path, fingerprint, out, started, base_dir, call
             output_dir=str(out),
             resumed_from=str(resume) if resume else None,
         )
-        final = {"generated_tokens": result.generated_tokens, "optimizer_steps": result.optimizer_steps}
-        tracker.log_metrics(tracker.run_id, {**final, "wall_s": result.wall_s}, step=result.optimizer_steps)
-        tracker.client.set_tag(tracker.run_id, "drift.model_dir", result.model_dir)
-        tracker.log_dict(tracker.run_id, result.model_dump(mode="json"), RESULT_FILE)
-        if (out / ROLLOUTS_DIR).is_dir():
-            tracker.client.log_artifacts(tracker.run_id, str(out / ROLLOUTS_DIR), artifact_path=ROLLOUTS_DIR)
-        _atomic_write(out / RESULT_FILE, result.model_dump_json())
-        for checkpoint in out.glob("checkpoint-*"):  # the finished model replaces them (GBs each)
-            shutil.rmtree(checkpoint, ignore_errors=True)
+        _record_result(tracker, result, out)
         status = "FINISHED"
         return result
     finally:
