@@ -524,6 +524,40 @@ def problem_origins(cfg: DataConfig, base_dir: Path | None = None, context: str 
     return _load(cfg, base_dir, context)[2]
 
 
+class _BadRow(ValueError):
+    """A row that cannot be a problem; the message says why."""
+
+
+def _problem(values: dict[str, Any], index: int, cfg: DataConfig, m: _Mapping) -> tuple[str, str, str]:
+    """One row as (prompt id, question, gold); multiple-choice rows get their options rendered
+    under the question and the correct option's letter as gold."""
+    question = _to_text(values.get(m.question))
+    if question is None or not question.strip():
+        raise _BadRow(f"empty question (field {m.question!r})")
+    if m.id:
+        prompt_id = _to_text(values.get(m.id))
+        if prompt_id is None or not prompt_id.strip():
+            raise _BadRow(f"empty prompt id (field {m.id!r})")
+    else:
+        prompt_id = m.default_id(index)
+    if cfg.multiple_choice:
+        try:
+            options, correct = _options(values, cfg, m)
+            question, gold = render_choices(
+                question, options, correct, prompt_id, cfg.choice_seed, cfg.shuffle_choices
+            )
+        except ValueError as exc:
+            raise _BadRow(f"multiple choice: {exc}") from exc
+        return prompt_id, question, gold
+    answer = _to_text(values.get(m.answer))
+    if answer is None or not answer.strip():
+        raise _BadRow(f"empty answer (field {m.answer!r})")
+    try:
+        return prompt_id, question, extract_gold(answer, m.style)
+    except ValueError as exc:
+        raise _BadRow(f"no gold answer in field {m.answer!r}: {exc}") from exc
+
+
 def _load(cfg: DataConfig, base_dir: Path | None, context: str) -> tuple[pl.DataFrame, IngestReport, dict]:
     table, m = _open_source(cfg, Path(base_dir) if base_dir is not None else None, context)
     _check_columns(table, m, cfg, context)
@@ -547,40 +581,14 @@ def _load(cfg: DataConfig, base_dir: Path | None, context: str) -> tuple[pl.Data
         if rec.values is None:
             bad(rec, rec.error or "unreadable record")
             continue
-        values = rec.values
-        if match is not None and not match(_to_text(values.get(cfg.filter_field))):
+        if match is not None and not match(_to_text(rec.values.get(cfg.filter_field))):
             filtered += 1
             continue
-        question = _to_text(values.get(m.question))
-        if question is None or not question.strip():
-            bad(rec, f"empty question (field {m.question!r})")
+        try:
+            prompt_id, question, gold = _problem(rec.values, rec.index, cfg, m)
+        except _BadRow as exc:
+            bad(rec, str(exc))
             continue
-        if m.id:
-            prompt_id = _to_text(values.get(m.id))
-            if prompt_id is None or not prompt_id.strip():
-                bad(rec, f"empty prompt id (field {m.id!r})")
-                continue
-        else:
-            prompt_id = m.default_id(rec.index)
-        if cfg.multiple_choice:
-            try:
-                options, correct = _options(values, cfg, m)
-                question, gold = render_choices(
-                    question, options, correct, prompt_id, cfg.choice_seed, cfg.shuffle_choices
-                )
-            except ValueError as exc:
-                bad(rec, f"multiple choice: {exc}")
-                continue
-        else:
-            answer = _to_text(values.get(m.answer))
-            if answer is None or not answer.strip():
-                bad(rec, f"empty answer (field {m.answer!r})")
-                continue
-            try:
-                gold = extract_gold(answer, m.style)
-            except ValueError as exc:
-                bad(rec, f"no gold answer in field {m.answer!r}: {exc}")
-                continue
         if prompt_id in first_seen:
             if skip:
                 bad(rec, f"duplicate prompt id {prompt_id!r} (first at {first_seen[prompt_id]})")
