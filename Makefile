@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/drift run configs/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
