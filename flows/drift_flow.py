@@ -171,76 +171,89 @@ def _reference(run: PipelineRun) -> Reference:
 def _rollouts(run: PipelineRun, reference: Reference, rollouts_from: str | None) -> tuple[Manifest, str]:
     """1. Reference rollouts: ingest -> K trajectories per prompt, graded turn by turn (or the
     rollouts of an earlier run). Returns them and the fingerprint of the model that made them."""
-    cfg, stages, tracker = run.cfg, run.stages, run.tracker
-    rollouts_fp = reference.fingerprint
     if rollouts_from:
-        tracker.open_stage("rollout")
-        rollouts = _find_rollouts(rollouts_from, run.store, tracker)
-        run.logger.info("re-using rollouts %s (%s rows); rollout not run", rollouts.uri, rollouts.rows)
-        tracker.client.set_tag(tracker.run_id, "drift.rollouts_from", rollouts_from)
-        rollouts_fp = _rollouts_fingerprint(rollouts_from, rollouts, tracker.client) or "unknown"
-        if rollouts_fp == "unknown":
-            run.logger.warning(
-                "rollouts_from=%r does not record the reference model that made it; "
-                "tagging drift.reference_fingerprint=unknown",
-                rollouts_from,
-            )
-        if rollouts_fp != reference.fingerprint:  # the reference has moved since: say so in the MLflow UI
-            tracker.client.set_tag(tracker.run_id, "drift.reference_fingerprint_now", reference.fingerprint)
+        rollouts, rollouts_fp = _reused_rollouts(run, reference, rollouts_from)
     else:
-        tracker.open_stage("ingest")
-        problems = stages.run(
-            "ingest",
-            ingest,
-            cfg=cfg.data,
-            store_root=run.root,
-            base_dir=run.base_dir,
-            key=ingest_key(cfg.data, run.base_dir),
-        )
-        track_stage(tracker, stages, "ingest", problems, {"data.source": cfg.data.source})
-        verifier = checked_verifier(
-            run.store, problems, cfg.data, cfg.verifier, "", run.base_dir
-        )  # resolves auto
-        rollout_base = stage_key(
-            "rollout",
-            problems=problems.sha256,
-            model=reference.fingerprint,
-            protocol=cfg.protocol,
-            verifier=result_fields(verifier),
-            rollout=result_fields(cfg.rollout),
-            engine=engine_identity(cfg.engine),
-        )
-        common = {
-            "model_path": reference.path,
-            "model_cfg": reference.cfg,
-            "engine_cfg": cfg.engine,
-            "protocol": cfg.protocol,
-            "verifier": verifier,
-            "sampling": cfg.rollout.sampling,
-            "k": cfg.rollout.k,
-            "max_turns": cfg.protocol.max_turns,
-            "seed": cfg.rollout.seed,
-            "store_root": run.root,
-        }
-        tracker.open_stage("rollout")
-        calls = sharded_calls("rollout-shard", problems, cfg.rollout.shard_size, rollout_base, common)
-        shards = stages.map("rollout", rollout_shard, calls)
-        rollouts = stages.run(
-            "rollout",
-            collect_rollouts,
-            shards=shards,
-            store_root=run.root,
-            key=stage_key("rollout", base=rollout_base, shards=[m.key for m in shards]),
-            max_turns=cfg.protocol.max_turns,
-            k=cfg.rollout.k,
-            reference_fingerprint=reference.fingerprint,
-        )
+        rollouts, rollouts_fp = _fresh_rollouts(run, reference), reference.fingerprint
+    tracker = run.tracker
     tracker.client.set_tag(
         tracker.run_id, "drift.rollout_manifest", redact("uri", rollouts.model_dump_json())
     )
     tracker.client.set_tag(tracker.run_id, "drift.reference_fingerprint", rollouts_fp)
-    track_stage(tracker, stages, "rollout", rollouts, {"reference_fingerprint": rollouts_fp})
+    track_stage(tracker, run.stages, "rollout", rollouts, {"reference_fingerprint": rollouts_fp})
     return rollouts, rollouts_fp
+
+
+def _reused_rollouts(run: PipelineRun, reference: Reference, rollouts_from: str) -> tuple[Manifest, str]:
+    """An earlier run's rollouts (``drift retrain``), with the fingerprint of the model that made
+    them; a reference that has moved since is tagged, so the MLflow UI says so."""
+    tracker = run.tracker
+    tracker.open_stage("rollout")
+    rollouts = _find_rollouts(rollouts_from, run.store, tracker)
+    run.logger.info("re-using rollouts %s (%s rows); rollout not run", rollouts.uri, rollouts.rows)
+    tracker.client.set_tag(tracker.run_id, "drift.rollouts_from", rollouts_from)
+    rollouts_fp = _rollouts_fingerprint(rollouts_from, rollouts, tracker.client) or "unknown"
+    if rollouts_fp == "unknown":
+        run.logger.warning(
+            "rollouts_from=%r does not record the reference model that made it; "
+            "tagging drift.reference_fingerprint=unknown",
+            rollouts_from,
+        )
+    if rollouts_fp != reference.fingerprint:
+        tracker.client.set_tag(tracker.run_id, "drift.reference_fingerprint_now", reference.fingerprint)
+    return rollouts, rollouts_fp
+
+
+def _fresh_rollouts(run: PipelineRun, reference: Reference) -> Manifest:
+    """Ingest, then the rollout shards (each cached on its own), then their collection."""
+    cfg, stages, tracker = run.cfg, run.stages, run.tracker
+    tracker.open_stage("ingest")
+    problems = stages.run(
+        "ingest",
+        ingest,
+        cfg=cfg.data,
+        store_root=run.root,
+        base_dir=run.base_dir,
+        key=ingest_key(cfg.data, run.base_dir),
+    )
+    track_stage(tracker, stages, "ingest", problems, {"data.source": cfg.data.source})
+    verifier = checked_verifier(
+        run.store, problems, cfg.data, cfg.verifier, "", run.base_dir
+    )  # resolves auto
+    rollout_base = stage_key(
+        "rollout",
+        problems=problems.sha256,
+        model=reference.fingerprint,
+        protocol=cfg.protocol,
+        verifier=result_fields(verifier),
+        rollout=result_fields(cfg.rollout),
+        engine=engine_identity(cfg.engine),
+    )
+    common = {
+        "model_path": reference.path,
+        "model_cfg": reference.cfg,
+        "engine_cfg": cfg.engine,
+        "protocol": cfg.protocol,
+        "verifier": verifier,
+        "sampling": cfg.rollout.sampling,
+        "k": cfg.rollout.k,
+        "max_turns": cfg.protocol.max_turns,
+        "seed": cfg.rollout.seed,
+        "store_root": run.root,
+    }
+    tracker.open_stage("rollout")
+    calls = sharded_calls("rollout-shard", problems, cfg.rollout.shard_size, rollout_base, common)
+    shards = stages.map("rollout", rollout_shard, calls)
+    return stages.run(
+        "rollout",
+        collect_rollouts,
+        shards=shards,
+        store_root=run.root,
+        key=stage_key("rollout", base=rollout_base, shards=[m.key for m in shards]),
+        max_turns=cfg.protocol.max_turns,
+        k=cfg.rollout.k,
+        reference_fingerprint=reference.fingerprint,
+    )
 
 
 def _weights(run: PipelineRun, rollouts: Manifest) -> Manifest:
