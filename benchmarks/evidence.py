@@ -357,11 +357,15 @@ def blind_ceiling(golds: list[str], turns: int) -> tuple[float, list[str]]:
     return sum(freq[g] for g in best) / len(golds), best
 
 
-def _diversity(df) -> tuple[float, str]:
-    """Share of problems given the single most common answer sequence, and that sequence."""
-    seqs = Counter(tuple(a) for a in df["answers"].to_list())
+def answer_sequences(frames: list) -> tuple[float, list, float]:
+    """How question-blind a system's answers are, read as the verifier reads them (normalised:
+    "48 + 69 = 97" and "97" are one answer). Over every seed's problems pooled: the share given the
+    single most common answer sequence, and that sequence; per seed, the distinct sequences per
+    problem (mean over seeds). A guesser has a large first figure and a small last one."""
+    seqs = Counter(tuple(a) for df in frames for a in df["normalized_answers"].to_list())
     top, count = seqs.most_common(1)[0]
-    return count / df.height, str(list(top))
+    distinct = [len({tuple(a) for a in df["normalized_answers"].to_list()}) / df.height for df in frames]
+    return count / sum(df.height for df in frames), list(top), float(np.mean(distinct))
 
 
 def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> tuple[str, dict]:
@@ -392,7 +396,8 @@ def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> t
     head = (
         "| system | seeds | "
         + " | ".join(f"multi@{t}" for t in range(1, T + 1))
-        + f" | corr@{T} | repeated | top answer sequence (share) | generated tokens | optimizer steps | wall s |"
+        + f" | corr@{T} | repeated | top answer sequence (share) | distinct sequences | generated tokens"
+        + " | optimizer steps | wall s |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name in order:
@@ -414,7 +419,7 @@ def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> t
         corr = [m.correction_rate[T - 1] for m in ms if m.correction_rate[T - 1] is not None]
         corr_t = 100 * float(np.mean(corr)) if corr else 0.0
         repeated = 100 * float(np.mean([m.repeated_answer_share for m in ms]))
-        share, seq = _diversity(runs[0][0])
+        share, seq, distinct = answer_sequences([df for df, _ in runs])
         cost = {
             k: float(np.mean([c[k] for _, c in runs]))
             for k in ("generated_tokens", "optimizer_steps", "wall_s")
@@ -427,7 +432,9 @@ def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> t
             "ci": [round(100 * lo, 2), round(100 * hi, 2)],
             "corr_at_T": round(corr_t, 2),
             "repeated": round(repeated, 2),
+            "top_sequence": seq,
             "top_sequence_share": round(100 * share, 2),
+            "distinct_sequences": round(100 * distinct, 2),
             "generated_tokens": int(cost["generated_tokens"]),
             "optimizer_steps": int(cost["optimizer_steps"]),
             "wall_s": round(cost["wall_s"], 1),
@@ -435,7 +442,8 @@ def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> t
         lines.append(
             f"| {name} | {seeds_label} | "
             + " | ".join(f"{100 * x:.1f}" for x in multi_t)
-            + f" | {corr_t:.1f} | {repeated:.1f} | {seq} ({100 * share:.0f}%) | {int(cost['generated_tokens']):,}"
+            + f" | {corr_t:.1f} | {repeated:.1f} | {seq} ({100 * share:.0f}%) | {100 * distinct:.0f}%"
+            + f" | {int(cost['generated_tokens']):,}"
             f" | {int(cost['optimizer_steps'])} | {cost['wall_s']:.0f} |"
         )
     paired = {}
@@ -456,6 +464,9 @@ def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> t
         "",
         f"Question-blind ceiling: answering {best} to every problem solves {100 * ceiling:.1f}% by turn {T} "
         "(the best constant sequence, chosen on the eval golds).",
+        f"Distinct sequences: per 100 problems, how many different sequences of answers (as the verifier "
+        f"reads them) a system gives; the golds hold {len(set(golds))} distinct answers in {len(golds)} "
+        f"problems ({100 * len(set(golds)) / len(golds):.0f}%), what a model right at turn 1 everywhere shows.",
     ]
     if rollout_acc is not None:
         sampling = cfg.rollout.sampling
@@ -473,6 +484,7 @@ def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> t
         "turns": T,
         "n_eval": len(ref_ids),
         "question_blind_ceiling": round(100 * ceiling, 2),
+        "gold_distinct_answers": round(100 * len(set(golds)) / len(golds), 2),
         "reference_turn1_rollout_acc": None if rollout_acc is None else round(rollout_acc, 2),
         "systems": summary_systems,
         "paired": paired,

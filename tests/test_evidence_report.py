@@ -99,6 +99,7 @@ def test_summary_pools_seeds_and_keeps_a_longer_online_run_apart(evidence, promp
         "reference_turn1_rollout_acc",
     }
     assert summary["turns"] == T and summary["n_eval"] == 300
+    assert summary["gold_distinct_answers"] == 58.0  # 174 distinct golds in the 300 test problems
     assert summary["reference_turn1_rollout_acc"] == 10.4
     systems = summary["systems"]
     assert set(systems) == {"reference", "drift", "online_rl", "online_rl_24steps"}
@@ -115,6 +116,12 @@ def test_summary_pools_seeds_and_keeps_a_longer_online_run_apart(evidence, promp
     assert systems["online_rl_24steps"]["optimizer_steps"] == 24
     # unsolved problems answer 7, 7, 8: one repeat among three answers
     assert systems["reference"]["repeated"] == pytest.approx(100 * 270 / (270 * 3 + 30 * 1), abs=0.01)
+    # answer sequences, both seeds pooled: 240 + 225 of 600 problems answer 7, 7, 8; each seed
+    # gives 2 distinct sequences over 300 problems
+    assert systems["drift"]["top_sequence"] == ["7", "7", "8"]
+    assert systems["drift"]["top_sequence_share"] == 77.5
+    assert systems["drift"]["distinct_sequences"] == round(100 * 2 / 300, 2)
+    assert systems["reference"]["top_sequence_share"] == 90.0
     # paired: per problem, DRIFT's seeds averaged, minus the other system
     paired = summary["paired"]
     assert paired["drift-reference"][0] == 12.5
@@ -125,6 +132,21 @@ def test_summary_pools_seeds_and_keeps_a_longer_online_run_apart(evidence, promp
     assert "drift-uniform" not in paired  # no uniform run: no invented figure
     assert "| online_rl_24steps | 1 |" in table
     assert table.index("| online_rl |") < table.index("| online_rl_24steps |")
+
+
+def test_answer_sequences_are_read_as_the_verifier_reads_them(evidence):
+    """ "48 + 69 = 97" and "97" are one answer: a guesser that sometimes writes the equation is still
+    one guess; two problems with different answers are two sequences."""
+    df = pl.DataFrame(
+        {
+            "answers": [["1 + 1 = 10", "11"], ["10", "2 + 9 = 11"], ["5", "6"], ["10", "11"]],
+            "normalized_answers": [["10", "11"], ["10", "11"], ["5", "6"], ["10", "11"]],
+        }
+    )
+    share, top, distinct = evidence.answer_sequences([df])
+    assert (share, top, distinct) == (0.75, ["10", "11"], 0.5)
+    share, top, distinct = evidence.answer_sequences([df, df.head(2)])  # pooled share, mean distinct
+    assert (share, top, distinct) == (5 / 6, ["10", "11"], 0.5)
 
 
 def test_online_runs_are_named_by_their_length(evidence):
