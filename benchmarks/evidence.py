@@ -382,6 +382,7 @@ def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> t
         return "(no pipeline run finished yet)", {}
     golds = _golds(reference)
     ceiling, best = blind_ceiling(golds, T)
+    gold_distinct = len(set(golds)) / len(golds)  # a model right at turn 1 everywhere shows this
     rollout_acc = None
     first = next((r for r in records if "rollout_solved_by_turn_1" in r), None)
     if first is not None:
@@ -466,7 +467,7 @@ def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> t
         "(the best constant sequence, chosen on the eval golds).",
         f"Distinct sequences: per 100 problems, how many different sequences of answers (as the verifier "
         f"reads them) a system gives; the golds hold {len(set(golds))} distinct answers in {len(golds)} "
-        f"problems ({100 * len(set(golds)) / len(golds):.0f}%), what a model right at turn 1 everywhere shows.",
+        f"problems ({100 * gold_distinct:.0f}%), what a model right at turn 1 everywhere shows.",
     ]
     if rollout_acc is not None:
         sampling = cfg.rollout.sampling
@@ -484,7 +485,7 @@ def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> t
         "turns": T,
         "n_eval": len(ref_ids),
         "question_blind_ceiling": round(100 * ceiling, 2),
-        "gold_distinct_answers": round(100 * len(set(golds)) / len(golds), 2),
+        "gold_distinct_answers": round(100 * gold_distinct, 2),
         "reference_turn1_rollout_acc": None if rollout_acc is None else round(rollout_acc, 2),
         "systems": summary_systems,
         "paired": paired,
