@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -41,6 +41,9 @@ from drift_core.multiturn import TokenEpisode, template_gap
 from drift_core.protocol import Episode, generation_prefill, initial_messages, stop_strings
 from drift_core.returns import trajectory_return
 from drift_core.schemas import DriftConfig, ProtocolConfig, SamplingConfig, WeightsConfig
+
+if TYPE_CHECKING:
+    from trl import GRPOConfig
 
 log = logging.getLogger(__name__)
 
@@ -575,7 +578,7 @@ def train_online(
     return _train(cfg, model_cfg, model_path, fingerprint, out, started, base_dir, callbacks or [])
 
 
-def grpo_config(cfg: DriftConfig, out: Path, device: str, max_turns: int):
+def grpo_config(cfg: DriftConfig, out: Path, device: str, max_turns: int) -> GRPOConfig:
     """TRL's settings from drift's: the ``online`` section, plus the sampling of ``rollout.sampling``
     (TRL scores the completion tokens under this temperature)."""
     import torch
