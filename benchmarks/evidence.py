@@ -68,7 +68,14 @@ COMMON = [
     f"run.artifact_store={STORE}/artifacts",
     f"run.tracking_uri=sqlite:///{STORE}/mlflow.db",
 ]
-PIPELINE_SYSTEMS = VARIANTS  # drift, drift_all_turns, uniform, success_only: the same settings as v1
+# drift, drift_all_turns, uniform, success_only: the same settings as v1; plus an ablation of
+# where DRIFT's weight goes: DRIFT with the groups that hold no solved trajectory weighted 0.
+PIPELINE_SYSTEMS = {
+    **VARIANTS,
+    "drift_solved_groups": [*VARIANTS["drift"], "weights.unsolved_groups=drop"],
+}
+# Paired differences beyond drift − X: the ablation against DRIFT and against success_only.
+ABLATION_PAIRS = [("drift_solved_groups", "drift"), ("drift_solved_groups", "success_only")]
 # Rollout settings (Evidence v2b): the same systems trained on other rollouts of the same reference.
 # "base" is configs/evidence.yaml as it stands (v2, quality_summary.json); every other setting gets
 # its own table and summary (evidence_table_<setting>.md, quality_summary_<setting>.json).
@@ -461,6 +468,11 @@ def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> t
             d, lo, hi = paired_bootstrap_ci(solved["drift"], solved[other], n_boot=n_boot)
             paired[f"drift-{other}"] = [round(100 * d, 2), round(100 * lo, 2), round(100 * hi, 2)]
             lines.append(f"- drift − {other}: {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+    for a, b in ABLATION_PAIRS:
+        if a in solved and b in solved:
+            d, lo, hi = paired_bootstrap_ci(solved[a], solved[b], n_boot=n_boot)
+            paired[f"{a}-{b}"] = [round(100 * d, 2), round(100 * lo, 2), round(100 * hi, 2)]
+            lines.append(f"- {a} − {b}: {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
     lines += [
         "",
         f"Question-blind ceiling: answering {best} to every problem solves {100 * ceiling:.1f}% by turn {T} "

@@ -241,6 +241,21 @@ class WeightsConfig(StrictModel):
     gamma: float = Field(default=0.9, gt=0.0, le=1.0)
     beta: float = Field(default=0.1, gt=0.0)
     repetition_lambda: float = Field(default=0.5, ge=0.0)
+    unsolved_groups: Literal["weight", "drop"] = Field(
+        default="weight",
+        description="weight: every prompt's group weighted by the mode (the paper); drop: groups in "
+        "which no trajectory is solved get weight 0, an ablation of where DRIFT's weight goes on a "
+        "reference that rarely solves (docs/results.md, Evidence v2)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _leave_out_default_unsolved_groups(self, handler):
+        """At its default the field is absent from dumps, so weights cache keys and registered
+        lineage written before it existed still match."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("unsolved_groups") == "weight":
+            data.pop("unsolved_groups", None)
+        return data
 
 
 class LoraConfig(StrictModel):

@@ -12,7 +12,8 @@ used directly, or ``np.unique(return_inverse=True)``), and per-group reductions 
 
 Weighting modes (``WeightsConfig.mode``): ``drift`` (the formula above), ``uniform`` (all 1: plain
 multi-turn SFT on every trajectory), ``success_only`` (1 for solved trajectories, 0 otherwise:
-rejection-sampling SFT).
+rejection-sampling SFT). ``WeightsConfig.unsolved_groups: drop`` (an ablation, not the paper) then
+zeroes every group in which no trajectory is solved, leaving the other groups' weights as they are.
 """
 
 from __future__ import annotations
@@ -135,23 +136,35 @@ def compute_weights(
     ``group_ids`` is any sortable 1-D array (ints or strings; typically the prompt id). Modes:
     ``drift`` = :func:`group_weights` applied within each group (vectorised, no loop over groups),
     ``uniform`` = all 1, ``success_only`` = 1 where ``solved`` else 0 (``solved`` required).
+    ``cfg.unsolved_groups == "drop"`` (``solved`` required) then sets to 0 the weights of every
+    group with no solved trajectory.
     """
     r = _as_returns(returns)
     g = np.asarray(group_ids)
     if g.shape != r.shape:
         raise ValueError(f"group_ids has shape {g.shape}, returns {r.shape}")
-    if cfg.mode == "uniform":
-        return np.ones_like(r)
-    if cfg.mode == "success_only":
+    drop = cfg.unsolved_groups == "drop"
+    s = None
+    if cfg.mode == "success_only" or drop:
         if solved is None:
-            raise ValueError("mode 'success_only' needs the solved flags")
+            needs = "mode 'success_only'" if cfg.mode == "success_only" else "unsolved_groups 'drop'"
+            raise ValueError(f"{needs} needs the solved flags")
         s = np.asarray(solved, dtype=bool)
         if s.shape != r.shape:
             raise ValueError(f"solved has shape {s.shape}, returns {r.shape}")
-        return s.astype(np.float64)
-    if cfg.mode == "drift":
-        return _drift_weights(r, group_index(g), _check_beta(cfg.beta))
-    raise ValueError(f"unknown weighting mode {cfg.mode!r}")
+    gi = group_index(g) if cfg.mode == "drift" or drop else None
+    if cfg.mode == "uniform":
+        w = np.ones_like(r)
+    elif cfg.mode == "success_only":
+        w = s.astype(np.float64)
+    elif cfg.mode == "drift":
+        w = _drift_weights(r, gi, _check_beta(cfg.beta))
+    else:
+        raise ValueError(f"unknown weighting mode {cfg.mode!r}")
+    if drop:  # groups in which nothing is solved get 0; the others keep their weights
+        solved_in_group = np.bincount(gi.inverse, weights=s.astype(np.float64), minlength=gi.n_slots) > 0
+        w = np.where(solved_in_group[gi.inverse], w, 0.0)
+    return w
 
 
 # --------------------------------------------------------------------------------------------

@@ -196,3 +196,34 @@ def test_diagnostics_zero_weight_group_and_empty():
     np.testing.assert_array_equal(group_ess(w, np.array([5, 5, 9, 9])), [1.0, 0.0])
     d = diagnostics(np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool), np.zeros(0))
     assert d.n_trajectories == 0 and d.ess_overall == 0.0
+
+
+def test_unsolved_groups_drop_zeroes_groups_without_a_success():
+    """Group A (one solved) keeps the paper's weights; group B (none solved) gets 0 in every mode."""
+    returns = np.array([1.0, 0.0, 0.5, 0.2])
+    groups = np.array(["A", "A", "B", "B"])
+    solved = np.array([True, False, False, False])
+    a = [2 / (1 + math.exp(-10)), 2 * math.exp(-10) / (1 + math.exp(-10))]  # exp(R/0.1) / group mean
+    b = [2 / (1 + math.exp(-3)), 2 * math.exp(-3) / (1 + math.exp(-3))]
+    drift = compute_weights(returns, groups, solved, WeightsConfig(beta=0.1))
+    np.testing.assert_allclose(drift, [*a, *b], rtol=1e-12)
+    dropped = compute_weights(returns, groups, solved, WeightsConfig(beta=0.1, unsolved_groups="drop"))
+    np.testing.assert_allclose(dropped, [*a, 0.0, 0.0], rtol=1e-12)
+    uniform = WeightsConfig(mode="uniform", unsolved_groups="drop")
+    assert compute_weights(returns, groups, solved, uniform).tolist() == [1.0, 1.0, 0.0, 0.0]
+    success = WeightsConfig(mode="success_only", unsolved_groups="drop")
+    assert compute_weights(returns, groups, solved, success).tolist() == [1.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="unsolved_groups 'drop' needs the solved flags"):
+        compute_weights(returns, groups, None, WeightsConfig(unsolved_groups="drop"))
+
+
+def test_unsolved_groups_at_its_default_leaves_dumps_and_cache_keys_as_they_were():
+    assert WeightsConfig().model_dump() == {
+        "mode": "drift",
+        "gamma": 0.9,
+        "beta": 0.1,
+        "repetition_lambda": 0.5,
+    }
+    assert WeightsConfig(unsolved_groups="drop").model_dump()["unsolved_groups"] == "drop"
+    with pytest.raises(ValueError):
+        WeightsConfig(unsolved_groups="keep")
