@@ -154,3 +154,28 @@ def test_online_runs_are_named_by_their_length(evidence):
     assert evidence.online_system(evidence.V2_ONLINE_STEPS) == "online_rl"
     assert evidence.online_tag(1, 24) == "online_rl-24steps-s1"
     assert evidence.online_system(24) == "online_rl_24steps"
+
+
+def test_the_ablation_is_paired_with_drift_and_success_only(evidence, prompt_ids, tmp_path, monkeypatch):
+    """DRIFT with its unsolved groups dropped is compared per problem with DRIFT and success_only."""
+    monkeypatch.setattr(evidence, "RESULTS", tmp_path)
+    monkeypatch.setattr(evidence, "FRAMES", tmp_path / "evidence_frames")
+    n = len(prompt_ids)
+    ref = write(evidence, frame(prompt_ids, {}), "drift-s0", "reference")
+    solved_every = {"drift": 5, "drift_solved_groups": 4, "success_only": 2}  # 60, 75, 150 problems
+    records = [
+        {
+            "tag": f"{name}-s0", "system": name, "seed": 0,
+            "frames": {"reference": ref, "trained": write(
+                evidence, frame(prompt_ids, {i: 1 for i in range(n) if i % k == 0}), f"{name}-s0", "trained")},
+            "cost": cost(9000, 6, 100.0),
+        }
+        for name, k in solved_every.items()
+    ]  # fmt: skip
+    table, summary = evidence.report(records, n_boot=400)
+    assert summary["systems"]["drift_solved_groups"]["multi_at_T"] == 25.0
+    paired = summary["paired"]
+    assert paired["drift_solved_groups-drift"][0] == 5.0  # (75 - 60) / 300
+    assert paired["drift_solved_groups-success_only"][0] == -25.0  # (75 - 150) / 300
+    assert "- drift_solved_groups − success_only: -25.0" in table
+    assert table.index("| success_only |") < table.index("| drift_solved_groups |")
