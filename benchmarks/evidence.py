@@ -74,8 +74,10 @@ PIPELINE_SYSTEMS = {
     **VARIANTS,
     "drift_solved_groups": [*VARIANTS["drift"], "weights.unsolved_groups=drop"],
 }
-# Paired differences beyond drift − X: the ablation against DRIFT and against success_only.
-ABLATION_PAIRS = [("drift_solved_groups", "drift"), ("drift_solved_groups", "success_only")]
+# Paired differences beyond drift − X: the ablation against the reference, DRIFT and the baselines.
+ABLATION_PAIRS = [
+    ("drift_solved_groups", other) for other in ("reference", "drift", "uniform", "success_only")
+]
 # Rollout settings (Evidence v2b): the same systems trained on other rollouts of the same reference.
 # "base" is configs/evidence.yaml as it stands (v2, quality_summary.json); every other setting gets
 # its own table and summary (evidence_table_<setting>.md, quality_summary_<setting>.json).

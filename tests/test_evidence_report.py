@@ -157,7 +157,8 @@ def test_online_runs_are_named_by_their_length(evidence):
 
 
 def test_the_ablation_is_paired_with_drift_and_success_only(evidence, prompt_ids, tmp_path, monkeypatch):
-    """DRIFT with its unsolved groups dropped is compared per problem with DRIFT and success_only."""
+    """DRIFT with its unsolved groups dropped is compared per problem with the reference, DRIFT and
+    success_only (uniform has no run here: no figure for it)."""
     monkeypatch.setattr(evidence, "RESULTS", tmp_path)
     monkeypatch.setattr(evidence, "FRAMES", tmp_path / "evidence_frames")
     n = len(prompt_ids)
@@ -175,7 +176,9 @@ def test_the_ablation_is_paired_with_drift_and_success_only(evidence, prompt_ids
     table, summary = evidence.report(records, n_boot=400)
     assert summary["systems"]["drift_solved_groups"]["multi_at_T"] == 25.0
     paired = summary["paired"]
+    assert paired["drift_solved_groups-reference"][0] == 25.0  # the reference solves nothing here
     assert paired["drift_solved_groups-drift"][0] == 5.0  # (75 - 60) / 300
     assert paired["drift_solved_groups-success_only"][0] == -25.0  # (75 - 150) / 300
+    assert "drift_solved_groups-uniform" not in paired
     assert "- drift_solved_groups − success_only: -25.0" in table
     assert table.index("| success_only |") < table.index("| drift_solved_groups |")
