@@ -40,6 +40,13 @@ def add_weights_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     )
     p.add_argument("--mode", choices=["drift", "uniform", "success_only"], default=_DEFAULTS.mode)
     p.add_argument(
+        "--unsolved-groups",
+        choices=["weight", "drop"],
+        default=_DEFAULTS.unsolved_groups,
+        help="drop: weight 0 for every group with no solved trajectory (an ablation, not the paper; "
+        "default %(default)s)",
+    )
+    p.add_argument(
         "--on-bad-rows",
         choices=["error", "skip"],
         default="error",
@@ -62,7 +69,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = WeightsConfig(
-            mode=args.mode, gamma=args.gamma, beta=args.beta, repetition_lambda=args.repetition_lambda
+            mode=args.mode,
+            gamma=args.gamma,
+            beta=args.beta,
+            repetition_lambda=args.repetition_lambda,
+            unsolved_groups=args.unsolved_groups,
         )
     except ValidationError as e:
         msgs = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
@@ -78,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     rows = [
-        ("mode", cfg.mode),
+        ("mode", cfg.mode if cfg.unsolved_groups == "weight" else f"{cfg.mode}, unsolved groups dropped"),
         ("gamma / beta / lambda", f"{cfg.gamma:g} / {cfg.beta:g} / {cfg.repetition_lambda:g}"),
         ("trajectories", report.n_trajectories),
         ("groups", report.n_groups),

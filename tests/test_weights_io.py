@@ -184,6 +184,16 @@ def test_modes_and_cli(tmp_path, capsys):
     assert args.func(args) == 0
     df = pl.read_parquet(out)
     assert df["weight"].to_list() == [float(s) for s in df["solved"].to_list()]
+    args = parser.parse_args(
+        ["weights", str(inp), "--mode", "uniform", "--unsolved-groups", "drop", "-o", str(out)]
+    )
+    assert args.func(args) == 0
+    df = pl.read_parquet(out)
+    solved_groups = set(df.filter(pl.col("solved"))["prompt_id"].to_list())
+    weights = df["weight"].to_list()
+    assert weights == [float(p in solved_groups) for p in df["prompt_id"].to_list()]
+    assert 0 < sum(weights) < len(weights)  # the records hold groups with and without a success
+    assert "uniform, unsolved groups dropped" in capsys.readouterr().out
     args = parser.parse_args(["weights", str(inp), "--beta", "0", "-o", str(out)])
     assert args.func(args) == 2
     assert "beta" in capsys.readouterr().err
