@@ -1,4 +1,4 @@
-"""``drift weights INPUT --gamma G --beta B [--lambda L] [--mode M] --output OUT``.
+"""``drift weights INPUT --gamma G --beta B [--lambda L] [--mode M] [--unsolved-groups drop] --output OUT``.
 
 Reads graded trajectories (reference-format JSONL or drift's trajectories parquet), computes DRIFT
 returns and weights, writes parquet with ``prompt_id, return, weight`` + the carried columns in input
