@@ -458,23 +458,22 @@ def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> t
         )
     paired = {}
     lines += ["", f"Paired differences in multi@{T} (per problem, seeds averaged), 95% bootstrap CI:"]
-    for other in (
-        "reference",
-        "uniform",
-        "success_only",
-        "online_rl",
-        *longer_online_systems(solved),
-        "drift_all_turns",
-    ):
-        if "drift" in solved and other in solved:
-            d, lo, hi = paired_bootstrap_ci(solved["drift"], solved[other], n_boot=n_boot)
-            paired[f"drift-{other}"] = [round(100 * d, 2), round(100 * lo, 2), round(100 * hi, 2)]
-            lines.append(f"- drift − {other}: {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
-    for a, b in ABLATION_PAIRS:
-        if a in solved and b in solved:
-            d, lo, hi = paired_bootstrap_ci(solved[a], solved[b], n_boot=n_boot)
-            paired[f"{a}-{b}"] = [round(100 * d, 2), round(100 * lo, 2), round(100 * hi, 2)]
-            lines.append(f"- {a} − {b}: {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+    drift_pairs = [
+        ("drift", other)
+        for other in (
+            "reference",
+            "uniform",
+            "success_only",
+            "online_rl",
+            *longer_online_systems(solved),
+            "drift_all_turns",
+        )
+    ]
+    for one, other in [*drift_pairs, *ABLATION_PAIRS]:
+        if one in solved and other in solved:
+            d, lo, hi = paired_bootstrap_ci(solved[one], solved[other], n_boot=n_boot)
+            paired[f"{one}-{other}"] = [round(100 * d, 2), round(100 * lo, 2), round(100 * hi, 2)]
+            lines.append(f"- {one} − {other}: {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
     lines += [
         "",
         f"Question-blind ceiling: answering {best} to every problem solves {100 * ceiling:.1f}% by turn {T} "

@@ -182,6 +182,14 @@ class VerifierConfig(StrictModel):
     workers: int = Field(default=2, ge=1, le=256, description="grading process-pool size")
 
 
+def _without_field_at(data: Any, field: str, value: Any) -> Any:
+    """A model's dump without ``field`` while it holds ``value``: a setting added later stays out
+    of cache keys (and lineage) until someone sets it, so existing artifacts keep their keys."""
+    if isinstance(data, dict) and field in data and data[field] == value:
+        del data[field]
+    return data
+
+
 class SamplingConfig(StrictModel):
     temperature: float = Field(default=1.0, ge=0.0, le=10.0)
     feedback_temperature: float | None = Field(
@@ -205,10 +213,7 @@ class SamplingConfig(StrictModel):
     def _leave_out_unset_feedback_temperature(self, handler):
         """Unset, the field is absent from dumps, so rollout cache keys written before it existed
         still match (a cached rollout is not re-made because a default was added)."""
-        data = handler(self)
-        if isinstance(data, dict) and data.get("feedback_temperature") is None:
-            data.pop("feedback_temperature", None)
-        return data
+        return _without_field_at(handler(self), "feedback_temperature", None)
 
 
 class EngineConfig(StrictModel):
@@ -252,10 +257,7 @@ class WeightsConfig(StrictModel):
     def _leave_out_default_unsolved_groups(self, handler):
         """At its default the field is absent from dumps, so weights cache keys and registered
         lineage written before it existed still match."""
-        data = handler(self)
-        if isinstance(data, dict) and data.get("unsolved_groups") == "weight":
-            data.pop("unsolved_groups", None)
-        return data
+        return _without_field_at(handler(self), "unsolved_groups", "weight")
 
 
 class LoraConfig(StrictModel):

@@ -218,26 +218,18 @@ def test_unsolved_groups_drop_zeroes_groups_without_a_success():
 
 
 def test_unsolved_groups_at_its_default_leaves_dumps_and_cache_keys_as_they_were():
-    assert WeightsConfig().model_dump() == {
-        "mode": "drift",
-        "gamma": 0.9,
-        "beta": 0.1,
-        "repetition_lambda": 0.5,
-    }
-    assert WeightsConfig(unsolved_groups="drop").model_dump()["unsolved_groups"] == "drop"
-    from tasks.caching import stage_key
+    from tasks.caching import stage_key  # imports Prefect: only this test needs it
 
     before = {
         "mode": "drift",
         "gamma": 0.9,
         "beta": 0.1,
         "repetition_lambda": 0.5,
-    }  # the config before the field
-    assert stage_key("weights", rollouts="r", weights=WeightsConfig()) == stage_key(
-        "weights", rollouts="r", weights=before
-    )
-    assert stage_key("weights", rollouts="r", weights=WeightsConfig(unsolved_groups="drop")) != stage_key(
-        "weights", rollouts="r", weights=before
-    )
+    }  # the dump before the field
+    assert WeightsConfig().model_dump() == before
+    assert WeightsConfig(unsolved_groups="drop").model_dump()["unsolved_groups"] == "drop"
+    key_before = stage_key("weights", rollouts="r", weights=before)
+    assert stage_key("weights", rollouts="r", weights=WeightsConfig()) == key_before
+    assert stage_key("weights", rollouts="r", weights=WeightsConfig(unsolved_groups="drop")) != key_before
     with pytest.raises(ValueError):
         WeightsConfig(unsolved_groups="keep")
