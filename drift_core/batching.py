@@ -1,4 +1,4 @@
-"""From trajectories to training batches (DESIGN.md, "The method, as facts" item 5, and "Training").
+"""From trajectories to training batches (docs/method.md#loss).
 
 DRIFT trains on the *terminal* assistant message of each trajectory, conditioned on the whole
 history before it (``target="terminal"``); the paper's all-turn variant supervises every assistant

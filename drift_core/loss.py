@@ -1,4 +1,4 @@
-"""DRIFT's weighted SFT loss (DESIGN.md, "The method, as facts" item 5, and "Training").
+"""DRIFT's weighted SFT loss (docs/method.md#loss).
 
     loss_i = mean over i's supervised tokens of CE(next-token logits, label)     (0 if it has none)
     "mean":       L = mean_i (w_i * loss_i)                 (over the B samples of the local batch)

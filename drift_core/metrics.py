@@ -1,4 +1,4 @@
-"""Evaluation metrics of the multi-turn protocol (DESIGN.md, "The method, as facts", item 6).
+"""Evaluation metrics of the multi-turn protocol (docs/method.md#metrics).
 
 One evaluated problem is one greedy trajectory: its ``turn_correct`` list stops at the first correct
 turn or at ``max_turns``. With s_p the turn at which problem p is solved (None if never):
@@ -57,7 +57,7 @@ def eval_metrics(
     normalized_answers: Sequence[Sequence[str | None]],
     max_turns: int,
 ) -> EvalMetrics:
-    """Metrics of one evaluation (DESIGN item 6); see the module docstring for the definitions."""
+    """Metrics of one evaluation (docs/method.md#metrics); see the module docstring for the definitions."""
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
     n = len(turn_correct)

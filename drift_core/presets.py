@@ -1,5 +1,5 @@
-"""Eval-suite presets for the paper's six benchmarks (DESIGN item 6): hub ids, splits, columns,
-verifiers. A suite entry ``{preset: math500}`` expands to the dict below (name defaults to the
+"""Eval-suite presets for the paper's six benchmarks (docs/method.md#metrics): hub ids, splits,
+columns, verifiers. A suite entry ``{preset: math500}`` expands to the dict below (name defaults to the
 preset's); keys given beside ``preset`` override it, ``data`` key by key::
 
     eval:

@@ -1,4 +1,4 @@
-"""The trajectory return of DRIFT (DESIGN.md, "The method, as facts", item 3).
+"""The trajectory return of DRIFT (docs/method.md#return).
 
     R = sum_t gamma^(t-1) r_t  +  (sum of format penalties)  -  lambda * (1 - distinct / n)
 
@@ -42,7 +42,7 @@ RepetitionRule = Literal["reference", "answers_given"]
 
 
 def repetition_penalty(n_distinct: float, n: float, repetition_lambda: float) -> float:
-    """lambda * (1 - distinct / n); 0 when n is 0 (DESIGN item 3)."""
+    """lambda * (1 - distinct / n); 0 when n is 0 (docs/method.md#return)."""
     if n <= 0:
         return 0.0
     return repetition_lambda * (1.0 - n_distinct / n)
@@ -74,7 +74,7 @@ def trajectory_return(
     repetition_lambda: float,
     rule: RepetitionRule = "reference",
 ) -> float:
-    """Return R of one trajectory (DESIGN.md, "The method, as facts", item 3).
+    """Return R of one trajectory (docs/method.md#return).
 
     R = sum_t gamma^(t-1) r_t + format_penalty - lambda * (1 - distinct / n), with ``distinct`` and
     ``n`` counted by :func:`repetition_counts` under ``rule``.
@@ -167,7 +167,7 @@ def returns_from_arrays(
     repetition_lambda: float,
     lengths: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Vectorised :func:`trajectory_return` (DESIGN item 3) for n trajectories, float64 ``[n]``.
+    """Vectorised :func:`trajectory_return` (docs/method.md#return) for n trajectories, float64 ``[n]``.
 
     ``turn_rewards``: 2-D ``[n, max_turns]`` zero-padded, or 1-D concatenated with ``lengths`` (see
     :func:`discounted_sums`). ``format_penalty``, ``n_distinct``, ``n_answered``: ``[n]``, where

@@ -1,4 +1,4 @@
-"""DRIFT's importance weights within each prompt's group (DESIGN.md, "The method, as facts", item 4).
+"""DRIFT's importance weights within each prompt's group (docs/method.md#weights).
 
     w_i = exp(R_i / beta) / mean_j exp(R_j / beta)        (j over the K trajectories of i's prompt)
 
@@ -114,7 +114,7 @@ def _drift_weights(r: np.ndarray, gi: GroupIndex, beta: float) -> np.ndarray:
 
 
 def group_weights(returns: np.ndarray, beta: float) -> np.ndarray:
-    """DRIFT weights of ONE group (DESIGN item 4): w_i = exp(R_i/beta) / mean_j exp(R_j/beta).
+    """DRIFT weights of ONE group (docs/method.md#weights): w_i = exp(R_i/beta) / mean_j exp(R_j/beta).
 
     Stable (max subtracted), float64; a group of one gets 1.0, equal returns all get 1.0, beta -> 0
     puts all mass on the maximum (ties share it equally). Non-finite returns raise ValueError naming

@@ -1,7 +1,7 @@
 """Evaluation: the same multi-turn protocol with greedy decoding, one trajectory per problem.
 
 Problems are split into shards (cached one by one, like rollouts); ``summarize_eval`` joins them
-and computes the metrics of DESIGN item 6, writing per-problem trajectories, metrics.json and a
+and computes the metrics of docs/method.md#metrics, writing per-problem trajectories, metrics.json and a
 plot of cumulative accuracy by turn.
 """
 

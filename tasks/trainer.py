@@ -1,5 +1,5 @@
-"""Importance-weighted SFT with accelerate: the training loop of the train stage (DESIGN.md, method
-item 5, and "Training"). No Prefect and no artifact store here: this module is what every process of
+"""Importance-weighted SFT with accelerate: the training loop of the train stage (docs/method.md#loss).
+No Prefect and no artifact store here: this module is what every process of
 a multi-process run imports (``python -m tasks.trainer`` under torchrun or ``accelerate launch``), so
 it stays light; :mod:`tasks.train` is the Prefect task that calls or launches it.
 

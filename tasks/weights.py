@@ -1,4 +1,4 @@
-"""Weights stage: returns and importance weights for graded trajectories (DESIGN items 3-4)."""
+"""Weights stage: returns and importance weights for graded trajectories (docs/method.md#return, #weights)."""
 
 from __future__ import annotations
 

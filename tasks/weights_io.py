@@ -206,7 +206,7 @@ def _normalise_parquet(
 
 
 def compute_weight_table(df: pl.DataFrame, cfg: WeightsConfig) -> tuple[pl.DataFrame, WeightDiagnostics]:
-    """Add ``return`` (DESIGN item 3) and ``weight`` (item 4 / cfg.mode) to normalised trajectories,
+    """Add ``return`` (docs/method.md#return) and ``weight`` (docs/method.md#weights, cfg.mode) to normalised trajectories,
     rows in the same order; also return the weight diagnostics. The repetition rule is the one of
     the frame's answer column (``answer_norms``: reference, ``normalized_answers``: answers given)."""
     missing = [c for c in NORMALISED if c not in df.columns]
@@ -244,7 +244,7 @@ def _repetition_exprs(column: str) -> tuple[pl.Expr, pl.Expr]:
 
 
 def _returns(df: pl.DataFrame, cfg: WeightsConfig) -> np.ndarray:
-    """Return R of every row of a normalised frame (DESIGN item 3), vectorised."""
+    """Return R of every row of a normalised frame (docs/method.md#return), vectorised."""
     column = next(c for c in ANSWER_COLUMNS if c in df.columns)
     distinct, n = _repetition_exprs(column)
     feats = df.select(

@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN item 6) on hand examples, and the bootstrap intervals."""
+"""Evaluation metrics (docs/method.md#metrics) on hand examples, and the bootstrap intervals."""
 
 from __future__ import annotations
 

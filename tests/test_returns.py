@@ -1,4 +1,4 @@
-"""The trajectory return (DESIGN item 3): hand values, the vectorised form against the scalar one."""
+"""The trajectory return (docs/method.md#return): hand values, the vectorised form against the scalar one."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DRIFT weights (DESIGN item 4): hand values, stability, properties, modes and diagnostics."""
+"""DRIFT weights (docs/method.md#weights): hand values, stability, properties, modes and diagnostics."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from tasks.weights_io import (
 
 
 def reference_return(rec: dict, gamma: float, lam: float) -> float:
-    """The return as the paper's weight_sft.py computes it (DESIGN item 3), written plainly."""
+    """The return as the paper's weight_sft.py computes it (docs/method.md#return), written plainly."""
     r = sum(gamma ** (int(k[1:]) - 1) * v for k, v in rec["turn_rewards"].items() if re.fullmatch(r"t\d+", k))
     r += rec.get("format_penalty", rec.get("trajectory_penalty", 0.0))
     norms = rec.get("answer_norms")
