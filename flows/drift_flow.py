@@ -58,7 +58,7 @@ from tasks.rollout import collect_rollouts, rollout_shard
 from tasks.store import ArtifactStore, Manifest
 from tasks.tracking import Tracker, redact
 from tasks.train import train
-from tasks.weights import compute_weights
+from tasks.weights import weigh_rollouts
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -261,7 +261,7 @@ def _weights(run: PipelineRun, rollouts: Manifest) -> Manifest:
     run.tracker.open_stage("weights")
     weighted = run.stages.run(
         "weights",
-        compute_weights,
+        weigh_rollouts,
         rollouts=rollouts,
         cfg=run.cfg.weights,
         store_root=run.root,
@@ -457,12 +457,12 @@ def _find_rollouts(ref: str, store: ArtifactStore, tracker: Tracker) -> Manifest
         manifest = Manifest.model_validate_json(path.read_text())
     else:
         try:
-            run = tracker.client.get_run(ref)
+            source_run = tracker.client.get_run(ref)
         except Exception as exc:
             raise ValueError(
                 f"rollouts_from={ref!r}: not a manifest file and not an MLflow run id ({exc})"
             ) from exc
-        tag = run.data.tags.get("drift.rollout_manifest")
+        tag = source_run.data.tags.get("drift.rollout_manifest")
         if not tag:
             raise ValueError(
                 f"rollouts_from={ref!r}: MLflow run has no rollouts (tag drift.rollout_manifest)"

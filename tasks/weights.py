@@ -10,9 +10,10 @@ from tasks.store import ArtifactStore, Manifest
 from tasks.weights_io import weigh_parquet
 
 
-@task(name="weights")
-def compute_weights(rollouts: Manifest, cfg: WeightsConfig, store_root: str, key: str) -> Manifest:
-    """Add ``return`` and ``weight`` to the trajectories; diagnostics go into the manifest meta."""
+@task(name="weights")  # the task name is what Prefect and the stage records show: kept stable
+def weigh_rollouts(rollouts: Manifest, cfg: WeightsConfig, store_root: str, key: str) -> Manifest:
+    """Add ``return`` and ``weight`` to the trajectories; diagnostics go into the manifest meta.
+    (The weights themselves are :func:`drift_core.weights.compute_weights`.)"""
     store = ArtifactStore(store_root)
     if (hit := served_from_store(store, "weights", key)) is not None:
         return hit
