@@ -50,6 +50,7 @@ __all__ = [
     "length_grouped_batches",
     "tokenize_trajectory",
     "training_pairs",
+    "unsupervised_token_ids",
 ]
 
 IGNORE_INDEX = -100
@@ -140,6 +141,7 @@ def tokenize_trajectory(
     messages: Sequence[Any],
     target: Target = "terminal",
     max_seq_len: int | None = None,
+    unsupervised_ids: frozenset[int] = frozenset(),
 ) -> TokenizedExample:
     """Tokenise one trajectory and mask everything but the supervised assistant message(s).
 
@@ -148,6 +150,9 @@ def tokenize_trajectory(
     LEFT of the history. The last response always stays whole; earlier responses (``all_turns``) may
     lose their beginning, and their remaining tokens stay supervised. If the last response plus one
     token of context does not fit, a ``ValueError`` names the lengths.
+
+    ``unsupervised_ids``: token ids never supervised wherever they occur in a response (the
+    reference's pad-token masking, ``train.supervise_eot``; see :func:`unsupervised_token_ids`).
     """
     msgs = _as_messages(messages)
     indices = _assistant_indices(msgs, target)
@@ -166,7 +171,7 @@ def tokenize_trajectory(
     for k, (a, _b) in enumerate(offsets):
         while s < len(spans) and spans[s][1] <= a:
             s += 1
-        if s < len(spans) and spans[s][0] <= a < spans[s][1]:
+        if s < len(spans) and spans[s][0] <= a < spans[s][1] and ids[k] not in unsupervised_ids:
             labels[k] = ids[k]
             if s == len(spans) - 1:
                 last_first = k if last_first is None else last_first
@@ -191,6 +196,26 @@ def tokenize_trajectory(
 
     n_sup = sum(1 for x in labels if x != IGNORE_INDEX)
     return TokenizedExample(input_ids=ids, labels=labels, n_supervised=n_sup, n_truncated=n_full - len(ids))
+
+
+def unsupervised_token_ids(tokenizer, supervise_eot: bool | str) -> frozenset[int]:
+    """The token ids ``train.supervise_eot`` takes out of the labels.
+
+    ``True``: none. ``False``: the eos token (the end-of-turn marker of ChatML chat models).
+    ``"reference"``: what weight_sft.py's collator does: it appends the eos token to each response,
+    then sets every label equal to the pad token id to -100, the pad token being the eos token when
+    the tokenizer has none. So the end of turn is masked exactly where pad and end of turn are one
+    token (SmolLM2: both ``<|im_end|>``) and supervised where they differ (Qwen2.5: pad
+    ``<|endoftext|>``)."""
+    if supervise_eot is True:
+        return frozenset()
+    if supervise_eot is False:
+        eos = tokenizer.eos_token_id
+        return frozenset() if eos is None else frozenset({int(eos)})
+    if supervise_eot == "reference":
+        pad = tokenizer.pad_token_id if tokenizer.pad_token is not None else tokenizer.eos_token_id
+        return frozenset() if pad is None else frozenset({int(pad)})
+    raise ValueError(f"supervise_eot={supervise_eot!r}: expected true, false or 'reference'")
 
 
 def length_grouped_batches(

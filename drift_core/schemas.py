@@ -297,6 +297,14 @@ class TrainConfig(StrictModel):
         "tensor at all); without CUDA or liger-kernel the trainer says so and uses torch",
     )
     compile: bool = Field(default=False, description="torch.compile each decoder layer (regional)")
+    supervise_eot: bool | Literal["reference"] = Field(
+        default=True,
+        description="the end-of-turn token closing each supervised message: true (drift) supervises "
+        "it, so the model learns to stop; false masks the tokenizer's eos token; 'reference' does "
+        "what weight_sft.py does, masking every label equal to the pad token (eos if none), which "
+        "masks the end of turn where pad and end of turn are one token (SmolLM2) and not where "
+        "they differ (Qwen2.5)",
+    )
     checkpoint_every: int = Field(default=50, ge=1, description="optimizer steps between checkpoints")
     seed: int = 0
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -311,6 +319,12 @@ class TrainConfig(StrictModel):
         description="accelerate config YAML (FSDP, DeepSpeed: configs/accelerate/); launched with "
         "`accelerate launch`. Unset: DDP through torchrun when there are several processes",
     )
+
+    @model_serializer(mode="wrap")
+    def _leave_out_default_supervise_eot(self, handler):
+        """At its default the field is absent from dumps, so train cache keys written before it
+        existed still match (drift always supervised the end of turn)."""
+        return _without_field_at(handler(self), "supervise_eot", True)
 
 
 _ENTRY_NAME = r"^[A-Za-z0-9_-]+$"

@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 from flows import cli_weights
@@ -116,7 +117,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if cfg.iterate.rounds > 1:
                 result = flow(config_path=args.config, overrides=overrides)
             else:
-                summary = flow(config_path=args.config, overrides=args.set, rollouts_from=args.rollouts_from)
+                summary = flow(config_path=args.config, overrides=args.set, rollouts_from=_rollouts_ref(args))
                 result = {"rounds": [summary]}
     for summary in result["rounds"]:
         if cfg.iterate.rounds > 1:
@@ -190,6 +191,12 @@ def _cmd_online(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rollouts_ref(args: argparse.Namespace) -> str | None:
+    """``--rollouts-from`` as the flow gets it: a file given by a relative path made absolute."""
+    ref = args.rollouts_from
+    return str(Path(ref).resolve()) if ref and Path(ref).is_file() else ref
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="drift", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -198,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline from a YAML config")
     run.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    run.add_argument("--rollouts-from", default=None, help="re-use rollouts of an MLflow run id / manifest")
+    run.add_argument(
+        "--rollouts-from",
+        default=None,
+        help="re-use rollouts: an MLflow run id, a rollout manifest .json, or rollouts in the DRIFT "
+        "reference scripts' JSONL (.jsonl: re-weighted, trained and evaluated by drift)",
+    )
     run.add_argument(
         "--rounds",
         type=int,

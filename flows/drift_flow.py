@@ -52,10 +52,11 @@ from tasks.golds import checked_verifier
 from tasks.ingest import ingest, ingest_key
 from tasks.models import fingerprint_model, resolve_model
 from tasks.promote import current_champion, promote
+from tasks.reference_rollouts import import_reference_rollouts, is_reference_file
 from tasks.register import RegisteredVersion, register_model
 from tasks.registry import pin_registered, without_credentials
 from tasks.rollout import collect_rollouts, rollout_shard
-from tasks.store import ArtifactStore, Manifest
+from tasks.store import ArtifactStore, Manifest, sha256_file
 from tasks.tracking import Tracker, redact
 from tasks.train import train
 from tasks.weights import weigh_rollouts
@@ -189,7 +190,10 @@ def _reused_rollouts(run: PipelineRun, reference: Reference, rollouts_from: str)
     them; a reference that has moved since is tagged, so the MLflow UI says so."""
     tracker = run.tracker
     tracker.open_stage("rollout")
-    rollouts = _find_rollouts(rollouts_from, run.store, tracker)
+    if is_reference_file(rollouts_from):
+        rollouts = _imported_rollouts(run, rollouts_from)
+    else:
+        rollouts = _find_rollouts(rollouts_from, run.store, tracker)
     run.logger.info("re-using rollouts %s (%s rows); rollout not run", rollouts.uri, rollouts.rows)
     tracker.client.set_tag(tracker.run_id, "drift.rollouts_from", rollouts_from)
     rollouts_fp = _rollouts_fingerprint(rollouts_from, rollouts, tracker.client) or "unknown"
@@ -202,6 +206,21 @@ def _reused_rollouts(run: PipelineRun, reference: Reference, rollouts_from: str)
     if rollouts_fp != reference.fingerprint:
         tracker.client.set_tag(tracker.run_id, "drift.reference_fingerprint_now", reference.fingerprint)
     return rollouts, rollouts_fp
+
+
+def _imported_rollouts(run: PipelineRun, path: str) -> Manifest:
+    """Rollouts in the reference scripts' JSONL (tasks.reference_rollouts), cached by the file's
+    content: the same file is imported once, and weights onwards are keyed by its hash."""
+    file = Path(path) if Path(path).is_absolute() else Path(run.base_dir) / path
+    if not file.is_file():
+        raise ValueError(f"rollouts_from={path!r}: no such reference rollout file")
+    return run.stages.run(
+        "rollout-import",
+        import_reference_rollouts,
+        path=str(file),
+        store_root=run.root,
+        key=stage_key("rollout-import", file=sha256_file(file)),
+    )
 
 
 def _fresh_rollouts(run: PipelineRun, reference: Reference) -> Manifest:

@@ -87,6 +87,7 @@ from drift_core.batching import (
     collate_packed,
     length_grouped_batches,
     tokenize_trajectory,
+    unsupervised_token_ids,
 )
 from drift_core.loss import liger_available, weighted_sft_loss
 from drift_core.schemas import ModelConfig, TrainConfig
@@ -173,9 +174,10 @@ def prepare_examples(
     examples: list[TokenizedExample] = []
     weights: list[float] = []
     too_long = 0
+    masked = unsupervised_token_ids(tokenizer, cfg.supervise_eot)
     for row in kept:
         try:
-            ex = tokenize_trajectory(tokenizer, row["messages"], cfg.target, cfg.max_seq_len)
+            ex = tokenize_trajectory(tokenizer, row["messages"], cfg.target, cfg.max_seq_len, masked)
         except ValueError as exc:  # the supervised response alone exceeds max_seq_len
             if "max_seq_len" not in str(exc):
                 raise

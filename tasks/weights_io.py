@@ -7,8 +7,10 @@ Two input formats are accepted (chosen by extension: ``.jsonl``/``.ndjson``/``.j
 * the paper reference scripts' JSONL records, read as ``weight_sft.py`` reads them: ``prompt_id``;
   ``turn_rewards`` as ``{"t1": r1, "t2": r2, ...}`` (keys that are not ``t<digits>`` are ignored);
   ``answer_norms``, the list of normalised answers (absent, null or not a list: no repetition
-  penalty); ``format_penalty``, the trajectory's summed penalty (absent or null: ``trajectory_penalty``,
-  then 0). ``solved`` = any turn reward > 0. The repetition term follows the reference rule
+  penalty); ``format_penalty``, the trajectory's summed penalty, read for every record once the file
+  has that column (absent or null in a record: 0), else ``trajectory_penalty`` (null: 0), else 0
+  (:func:`tasks.weights_jsonl.penalty_field`); a turn reward absent or null before a later one is
+  0 at its own index. ``solved`` = any turn reward > 0. The repetition term follows the reference rule
   (``drift_core.returns``, rule ``"reference"``);
 * drift's own trajectories parquet (:class:`drift_core.schemas.TrajectoryRecord` columns):
   turn rewards are ``turn_correct`` as 0/1; ``solved`` is taken from the file when present; the
@@ -17,8 +19,9 @@ Two input formats are accepted (chosen by extension: ``.jsonl``/``.ndjson``/``.j
 Both are normalised to ``prompt_id`` (str), ``turn_rewards`` (list[f64]), ``format_penalty`` (f64),
 ``solved`` (bool) and the answer list under its own name: ``answer_norms`` (JSONL) or
 ``normalized_answers`` (parquet), list[str]. The column name says which repetition rule applies, so
-a normalised frame carries its meaning with it. Every other column is carried through unchanged;
-output rows keep the input row order.
+a normalised frame carries its meaning with it. Every other column is carried through unchanged
+(a column holding an object with no fields, ``{}`` in every row, is written as its JSON text:
+parquet cannot store it); output rows keep the input row order.
 
 ``prompt_id`` is a group key and is stored as text: JSON integers become their decimal text. (polars
 reads a column that mixes strings with other JSON values as text, so such values are taken as their
@@ -48,7 +51,14 @@ import pyarrow.parquet as pq
 from drift_core.returns import RepetitionRule, returns_from_arrays
 from drift_core.schemas import WeightsConfig
 from drift_core.weights import WeightDiagnostics, compute_weights, diagnostics
-from tasks.weights_jsonl import MAX_EXAMPLES, BadRowsReport, OnBadRows, is_numeric, read_reference_jsonl
+from tasks.weights_jsonl import (
+    MAX_EXAMPLES,
+    BadRowsReport,
+    OnBadRows,
+    is_numeric,
+    parquet_storable,
+    read_reference_jsonl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +300,7 @@ def write_parquet_atomic(df: pl.DataFrame, path: str | os.PathLike) -> Path:
     """Write parquet to a temporary file in the target directory, fsync it, then ``os.replace`` it into
     place: readers see the old file or the complete new one, never a partial one."""
     with _atomic_target(path) as tmp:
-        df.write_parquet(tmp)
+        parquet_storable(df).write_parquet(tmp)
     return Path(path)
 
 

@@ -24,12 +24,14 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-__all__ = ["BadRowsReport", "OnBadRows", "read_reference_jsonl"]
+__all__ = ["BadRowsReport", "OnBadRows", "parquet_storable", "penalty_field", "read_reference_jsonl"]
 
 OnBadRows = Literal["error", "skip"]
 
 JSONL_REQUIRED = ("prompt_id", "turn_rewards")
-PENALTY_FIELDS = ("format_penalty", "trajectory_penalty")  # the first present and non-null one is used
+# weight_sft.py reads format_penalty whenever the FILE has that column (a record without it, or with
+# null, counts 0), and trajectory_penalty only when no record has a format_penalty
+PENALTY_FIELDS = ("format_penalty", "trajectory_penalty")
 _TURN_KEY = re.compile(r"t([0-9]+)")  # a turn reward key; any other key is ignored (weight_sft.py)
 _CANONICAL_TURN_KEY = re.compile(r"t[1-9][0-9]*")
 MAX_EXAMPLES = 20
@@ -60,8 +62,9 @@ def read_reference_jsonl(path: Path, on_bad_rows: OnBadRows, report: BadRowsRepo
     rows: np.ndarray | None = None  # the file row (0-based) of each row of ``raw``
     if raw is None:  # find the rows polars cannot take, report them, read the rest
         lines = _nonblank_lines(path)
-        rejected = [i for i, (_, line) in enumerate(lines) if _line_problem(line) is not None]
-        _report_bad(path, lines, rejected, [], on_bad_rows, report)
+        penalty = penalty_field(_keys_in(lines))
+        rejected = [i for i, (_, line) in enumerate(lines) if _line_problem(line, penalty) is not None]
+        _report_bad(path, lines, rejected, [], on_bad_rows, report, penalty)
         rows = np.setdiff1d(np.arange(len(lines)), rejected)
         if rows.size == 0:
             return _empty_normalised()
@@ -90,9 +93,23 @@ def read_reference_jsonl(path: Path, on_bad_rows: OnBadRows, report: BadRowsRepo
             "; ".join(msg for i, (_, msg) in enumerate(checks) if flags[f"bad{i}"][int(b)])
             for b in bad[:MAX_EXAMPLES]
         ]
-        _report_bad(path, lines, rows[bad].tolist(), fallback, on_bad_rows, report)
+        _report_bad(path, lines, rows[bad].tolist(), fallback, on_bad_rows, report, penalty_field(raw.schema))
         raw = raw.filter(pl.Series(~mask))
     return _normalise_jsonl(raw)
+
+
+def _keys_in(lines: list[tuple[int, bytes]]) -> set[str]:
+    """Every top-level key of the records that parse as JSON objects (the columns ``datasets``
+    would give the file)."""
+    keys: set[str] = set()
+    for _, line in lines:
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(obj, dict):
+            keys.update(obj)
+    return keys
 
 
 def _nonblank_lines(path: Path) -> list[tuple[int, bytes]]:
@@ -156,10 +173,21 @@ def _turn_expr(schema: pl.Schema, name: str) -> pl.Expr:
     return pl.lit(None, dtype=pl.Float64)
 
 
+def penalty_field(columns: object) -> str | None:
+    """The penalty column weight_sft.py reads for every record of a file with these columns:
+    ``format_penalty`` if the file has it at all, else ``trajectory_penalty``, else none.
+
+    The script loads the JSONL with ``datasets``, which gives every record every column of the
+    file (null where a record lacks it), and tests ``"format_penalty" in example``: so once one
+    record carries ``format_penalty``, a record without it reads null and counts 0, never its own
+    ``trajectory_penalty``."""
+    return next((n for n in PENALTY_FIELDS if n in columns), None)  # type: ignore[operator]
+
+
 def _penalty_expr(schema: pl.Schema) -> pl.Expr:
-    """format_penalty, else trajectory_penalty, else 0 (as weight_sft.py falls back)."""
-    present = [pl.col(n).cast(pl.Float64) for n in PENALTY_FIELDS if n in schema]
-    return pl.coalesce([*present, pl.lit(0.0)])
+    """The file's penalty column (:func:`penalty_field`), null as 0; 0 without one."""
+    name = penalty_field(schema)
+    return pl.lit(0.0) if name is None else pl.col(name).cast(pl.Float64).fill_null(0.0)
 
 
 def _col(schema: pl.Schema, name: str) -> pl.Expr:
@@ -171,6 +199,7 @@ def _row_checks(schema: pl.Schema) -> list[tuple[pl.Expr, str]]:
     turns, odd = _turn_fields(schema)
     checks = [
         (_col(schema, "prompt_id").is_null(), "prompt_id is missing or null"),
+        (_col(schema, "prompt_id").cast(pl.String) == "", "prompt_id is empty"),
         (_col(schema, "turn_rewards").is_null(), "turn_rewards is missing or null"),
     ]
     for name in odd:
@@ -181,11 +210,9 @@ def _row_checks(schema: pl.Schema) -> list[tuple[pl.Expr, str]]:
     if not exprs:
         checks.append((pl.int_range(pl.len()) >= 0, "turn_rewards holds no turn reward t1, t2, ..."))
     else:
-        checks.append((exprs[0].is_null(), "turn_rewards holds no t1"))
+        checks.append((pl.all_horizontal([e.is_null() for e in exprs]), "turn_rewards holds no turn reward"))
     for t, e in enumerate(exprs):
         checks.append((e.is_not_null() & ~e.is_finite(), f"turn reward t{t + 1} is not finite"))
-        if t + 1 < len(exprs):
-            checks.append((e.is_null() & exprs[t + 1].is_not_null(), "turn_rewards keys have a gap"))
     fp = _penalty_expr(schema)
     checks.append((~fp.is_finite() | (fp > 0), "the format penalty is not a finite number <= 0"))
     return checks
@@ -199,11 +226,16 @@ def _normalise_jsonl(raw: pl.DataFrame) -> pl.DataFrame:
     turns, _ = _turn_fields(schema)
     exprs = [_turn_expr(schema, n) for n in turns]
     # struct -> list column through numpy (polars' concat_list/drop_nulls are slow on 1M rows):
-    # a [n, k] matrix, NaN where a turn is absent; no gaps, so the present turns lead each row
-    mat = raw.select(exprs).to_numpy().astype(np.float64, copy=False).reshape(raw.height, len(exprs))
-    present = ~np.isnan(mat)
+    # a [n, k] matrix, NaN where a turn is absent. Each row's list runs to its last present turn;
+    # an absent turn before it is a reward of 0 at its own index, as weight_sft.py reads a null
+    # (``float(None)`` fails, the script takes 0) and discounts every turn by its key's number
+    mat = raw.select(exprs).to_numpy().astype(np.float64, copy=True).reshape(raw.height, len(exprs))
+    absent = np.isnan(mat)
+    length = np.where(absent.all(axis=1), 0, mat.shape[1] - np.argmax(~absent[:, ::-1], axis=1))
+    mat[absent] = 0.0
+    present = np.arange(mat.shape[1])[None, :] < length[:, None]
     offsets = np.zeros(raw.height + 1, dtype=np.int64)
-    np.cumsum(present.sum(axis=1), out=offsets[1:])
+    np.cumsum(length, out=offsets[1:])
     rewards = pl.Series(
         "turn_rewards", pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(mat[present]))
     )
@@ -258,11 +290,12 @@ def _finite(v: int | float) -> bool:
         return False
 
 
-def _line_problem(line: bytes) -> str | None:
+def _line_problem(line: bytes, penalty: str | None) -> str | None:
     """What is wrong with one JSONL record, worded for a person; None when nothing is.
 
     The same rules as the vectorised :func:`_row_checks`, plus the JSON types polars cannot show
-    per row. Runs only on rows already known to be bad, or when polars cannot read the file."""
+    per row. Runs only on rows already known to be bad, or when polars cannot read the file.
+    ``penalty`` is the file's penalty column (:func:`penalty_field`); the other one is not read."""
     try:
         obj = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -296,15 +329,11 @@ def _line_problem(line: bytes) -> str | None:
         turns.append(int(key[1:]))
     if not turns:
         return f"turn_rewards must be a non-empty object of turn rewards t1, t2, ..., got {tr!r}"
-    if sorted(turns) != list(range(1, len(turns) + 1)):
-        return f"turn_rewards keys must be t1..tN without gaps (null = absent), got {tr!r}"
-    for name in PENALTY_FIELDS:
-        value = obj.get(name)
-        if value is None:
-            continue
-        if not _is_number(value) or not _finite(value) or value > 0:
-            return f"{name} must be a finite number <= 0, got {value!r}"
-        break
+    if pid == "":
+        return "prompt_id is empty (weight_sft.py refuses it too)"
+    value = obj.get(penalty) if penalty else None
+    if value is not None and (not _is_number(value) or not _finite(value) or value > 0):
+        return f"{penalty} must be a finite number <= 0, got {value!r}"
     return None
 
 
@@ -315,6 +344,7 @@ def _report_bad(
     fallback: list[str],
     on_bad_rows: OnBadRows,
     report: BadRowsReport,
+    penalty: str | None,
 ) -> None:
     """Raise for the first bad row (``error``) or count them all (``skip``); each reported row's
     message comes from :func:`_line_problem`, else from the vectorised check that caught it."""
@@ -324,7 +354,7 @@ def _report_bad(
     def describe(j: int) -> str:
         i = bad[j]
         lineno, line = lines[i]
-        why = _line_problem(line) or (fallback[j] if j < len(fallback) else "bad row")
+        why = _line_problem(line, penalty) or (fallback[j] if j < len(fallback) else "bad row")
         return f"{path}: line {lineno} (row {i + 1}): {why}"
 
     if on_bad_rows == "error":
@@ -344,4 +374,28 @@ def _empty_normalised() -> pl.DataFrame:
             "format_penalty": pl.Float64,
             "solved": pl.Boolean,
         }
+    )
+
+
+def _has_empty_struct(dtype: pl.DataType) -> bool:
+    if isinstance(dtype, pl.Struct):
+        return not dtype.fields or any(_has_empty_struct(f.dtype) for f in dtype.fields)
+    if isinstance(dtype, pl.List | pl.Array):
+        return _has_empty_struct(dtype.inner)
+    return False
+
+
+def parquet_storable(df: pl.DataFrame) -> pl.DataFrame:
+    """``df`` with every column that holds an object with no fields anywhere in its type (the
+    reference generation script writes ``reward_details.tN.info`` as ``{}`` for a turn without an
+    answer; in a file where it is ``{}`` in every row polars reads a struct with no fields, which
+    parquet cannot store) replaced by its JSON text, null kept null. Other columns are untouched."""
+    bad = [name for name, dtype in df.schema.items() if _has_empty_struct(dtype)]
+    if not bad:
+        return df
+    return df.with_columns(
+        pl.when(pl.col(name).is_not_null())
+        .then(pl.struct(pl.col(name).alias("v")).struct.json_encode().str.slice(5).str.head(-1))
+        .alias(name)
+        for name in bad
     )

@@ -229,3 +229,54 @@ def test_collate():
     assert collate([a], [1.0], pad_token_id=0, pad_to_multiple_of=8)["input_ids"].shape == (1, 8)
     with pytest.raises(ValueError, match="weights"):
         collate([a, b], [1.0], pad_token_id=0)
+
+
+# --- train.supervise_eot: the end-of-turn label ---------------------------------------------
+
+
+def _supervised(ex: TokenizedExample) -> list[int]:
+    return [t for t in ex.labels if t != IGNORE_INDEX]
+
+
+@pytest.mark.parametrize("mode", [True, False, "reference"])
+def test_supervise_eot_on_smollm2_where_pad_is_the_end_of_turn(smol_tokenizer, mode):
+    from drift_core.batching import unsupervised_token_ids
+
+    messages = [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "<answer>2</answer>"}]
+    eot = smol_tokenizer.convert_tokens_to_ids(END)
+    assert smol_tokenizer.pad_token_id == eot  # SmolLM2: pad and end of turn are one token
+    content = smol_tokenizer("<answer>2</answer>", add_special_tokens=False)["input_ids"]
+    ex = tokenize_trajectory(
+        smol_tokenizer, messages, unsupervised_ids=unsupervised_token_ids(smol_tokenizer, mode)
+    )
+    # True: the response and its <|im_end|>; false and reference (weight_sft.py masks every label
+    # equal to the pad token) both drop exactly that last token
+    assert _supervised(ex) == (content + [eot] if mode is True else content)
+
+
+def test_supervise_eot_reference_keeps_the_end_of_turn_where_pad_differs(smol_tokenizer):
+    # a Qwen2.5-like tokenizer: pad <|endoftext|>, end of turn <|im_end|>: weight_sft.py supervises it
+    from drift_core.batching import unsupervised_token_ids
+
+    qwen_like = copy.deepcopy(smol_tokenizer)
+    qwen_like.pad_token = "<|endoftext|>"
+    eot = qwen_like.convert_tokens_to_ids(END)
+    assert qwen_like.pad_token_id != eot
+    messages = [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]
+    ref = tokenize_trajectory(
+        qwen_like, messages, unsupervised_ids=unsupervised_token_ids(qwen_like, "reference")
+    )
+    assert _supervised(ref)[-1] == eot
+    off = tokenize_trajectory(qwen_like, messages, unsupervised_ids=unsupervised_token_ids(qwen_like, False))
+    assert _supervised(off) == _supervised(ref)[:-1]
+
+
+def test_supervise_eot_at_its_default_leaves_train_keys_as_they_were():
+    from drift_core.schemas import TrainConfig
+    from flows.stages import result_fields
+
+    assert "supervise_eot" not in TrainConfig().model_dump()  # train keys made before it still match
+    assert TrainConfig(supervise_eot="reference").model_dump()["supervise_eot"] == "reference"
+    assert result_fields(TrainConfig(supervise_eot=False))["supervise_eot"] is False
+    with pytest.raises(ValueError):
+        TrainConfig(supervise_eot="sometimes")

@@ -29,10 +29,16 @@ from tasks.weights_io import (
 # --- the reference formulas, written plainly (no max subtraction, moderate values) -----------------
 
 
-def reference_return(rec: dict, gamma: float, lam: float) -> float:
-    """The return as the paper's weight_sft.py computes it (docs/method.md#return), written plainly."""
-    r = sum(gamma ** (int(k[1:]) - 1) * v for k, v in rec["turn_rewards"].items() if re.fullmatch(r"t\d+", k))
-    r += rec.get("format_penalty", rec.get("trajectory_penalty", 0.0))
+def reference_return(rec: dict, gamma: float, lam: float, penalty: str | None = "format_penalty") -> float:
+    """The return as the paper's weight_sft.py computes it (docs/method.md#return), written plainly.
+    ``penalty``: the penalty column of the whole file (the script reads format_penalty when the
+    file has that column at all, null as 0; else trajectory_penalty)."""
+    r = sum(
+        gamma ** (int(k[1:]) - 1) * (v or 0)
+        for k, v in rec["turn_rewards"].items()
+        if re.fullmatch(r"t\d+", k)
+    )
+    r += (rec.get(penalty) or 0.0) if penalty else 0.0
     norms = rec.get("answer_norms")
     if isinstance(norms, list) and norms:
         r -= lam * (1 - len({a for a in norms if a}) / len(norms))
@@ -252,10 +258,6 @@ def test_missing_field_names_field_row_and_fields_found(tmp_path):
             "not a number",
         ),
         (
-            '{"prompt_id": "p", "turn_rewards": {"t1": 0, "t3": 1}, "answer_norms": [], "format_penalty": 0}',
-            "without gaps",
-        ),
-        (
             '{"prompt_id": "p", "turn_rewards": {"t0": 0, "t1": 1}, "answer_norms": [], "format_penalty": 0}',
             "'t0' is not of the form",
         ),
@@ -266,10 +268,8 @@ def test_missing_field_names_field_row_and_fields_found(tmp_path):
         ('{"prompt_id": "p", "turn_rewards": {"turn1": 0}, "answer_norms": []}', "non-empty object of turn"),
         ('{"prompt_id": "p", "turn_rewards": {}, "answer_norms": [], "format_penalty": 0}', "non-empty"),
         ('{"prompt_id": "p", "turn_rewards": {"t1": true}}', "not a number"),
-        (
-            '{"prompt_id": "p", "turn_rewards": {"t1": 1}, "trajectory_penalty": 0.1}',
-            "trajectory_penalty must",
-        ),
+        ('{"prompt_id": "", "turn_rewards": {"t1": 1}, "format_penalty": 0}', "prompt_id is empty"),
+        ('{"prompt_id": "p", "turn_rewards": {"t1": null, "t2": null}}', "non-empty object of turn rewards"),
         ('{"prompt_id": "p", "turn_rewards": {"t1": 1}, "format_penalty": "0"}', "format_penalty must"),
         ('{"prompt_id": "p", "answer_norms": []}', "missing required field 'turn_rewards'"),
         (
@@ -468,18 +468,23 @@ def test_reference_edge_cases_by_hand(tmp_path):
         '{"prompt_id": "d", "turn_rewards": {"t1": 1}, "answer_norms": {"a": "5"}, "format_penalty": 0}',
         '{"prompt_id": "d", "turn_rewards": {"t1": 1}, "answer_norms": 5, "format_penalty": 0}',
         '{"prompt_id": "d", "turn_rewards": {"t1": 1}, "answer_norms": null, "format_penalty": 0}',
-        # format_penalty absent: trajectory_penalty -0.3; ["4", "4"]: 1 of 2 -> 0.25; R = 0 - 0.3 - 0.25
+        # the file has a format_penalty column, so a record without one reads null = 0 and its
+        # trajectory_penalty is never read: ["4", "4"]: 1 of 2 -> 0.25; R = 0 + 0 - 0.25
         '{"prompt_id": "e", "turn_rewards": {"t1": 0, "t2": 0}, "answer_norms": ["4", "4"], "trajectory_penalty": -0.3}',
-        # both absent: 0; turn 1 correct: R = 1
+        # no penalty field at all: 0; turn 1 correct: R = 1
         '{"prompt_id": "e", "turn_rewards": {"t1": 1}, "answer_norms": ["4"]}',
-        # format_penalty present wins over trajectory_penalty: R = 1 - 0.1
+        # format_penalty -0.1 (trajectory_penalty ignored): R = 1 - 0.1
         '{"prompt_id": "e", "turn_rewards": {"t1": 1}, "format_penalty": -0.1, "trajectory_penalty": -0.7}',
-        # format_penalty null counts as absent: trajectory_penalty -0.7: R = 1 - 0.7
+        # format_penalty null counts 0, trajectory_penalty still ignored: R = 1
         '{"prompt_id": "e", "turn_rewards": {"t1": 1}, "format_penalty": null, "trajectory_penalty": -0.7}',
         # reward keys that are not t<digits> are ignored: R = 0.9 (t2), not 0.9 + 5 + 7
         '{"prompt_id": "f", "turn_rewards": {"t1": 0, "t2": 1, "total": 5, "turn3": 7, "t2b": 1}, "answer_norms": []}',
         # an empty list: no penalty; all entries empty or null: 0 distinct of 3 -> the whole 0.5
         '{"prompt_id": "g", "turn_rewards": {"t1": 0, "t2": 0, "t3": 0}, "answer_norms": [null, "", null]}',
+        # a turn absent (or null) before a later one is 0 at its index, each turn discounted by its
+        # own number: t3 correct after a missing t2: 0.9^2 = 0.81; only t2 (t1 null): 0.9
+        '{"prompt_id": "h", "turn_rewards": {"t1": 0, "t3": 1}, "format_penalty": 0}',
+        '{"prompt_id": "h", "turn_rewards": {"t2": 1}, "format_penalty": 0}',
     ]
     want = [
         0.81 - 0.2 - 0.5 * (1 - 1 / 3),
@@ -489,28 +494,55 @@ def test_reference_edge_cases_by_hand(tmp_path):
         1.0,
         1.0,
         1.0,
-        -0.3 - 0.25,
+        -0.25,
         1.0,
         0.9,
-        0.3,
+        1.0,
         0.9,
         -0.5,
+        0.81,
+        0.9,
     ]
     got = _returns_of(tmp_path, lines)
     _close(got, want)
     assert round(got[0], 4) == 0.2767 and round(got[1], 4) == -0.35  # the figures in issue 13
-    # the script itself on every record it accepts (a null format_penalty makes it fail)
+    # the script's rule written plainly, on every record
     recs = [json.loads(line) for line in lines]
-    accepted = [i for i, r in enumerate(recs) if r.get("format_penalty", 0) is not None]
-    _close([got[i] for i in accepted], [reference_return(recs[i], 0.9, 0.5) for i in accepted])
+    _close(got, [reference_return(r, 0.9, 0.5) for r in recs])
     out = pl.read_parquet(tmp_path / "edge.parquet")
     # the answer list keeps its reference name; a value that is no list is null there
     assert out["answer_norms"].to_list()[:4] == [["", "", "5"], [None, "5"], None, None]
     assert out["solved"].to_list()[:3] == [True, False, True]
+    assert out["turn_rewards"].to_list()[-2:] == [[0.0, 0.0, 1.0], [0.0, 1.0]]
     # weights of group "e" (4 rows): exp(R/beta) / mean, by hand from the returns above
     e = np.array(want[7:11])
     w = np.exp(e / 0.1) / np.exp(e / 0.1).mean()
     _close(out["weight"].to_list()[7:11], w.tolist())
+
+
+def test_trajectory_penalty_is_read_only_in_a_file_without_format_penalty(tmp_path):
+    lines = [
+        # no record has format_penalty: trajectory_penalty is the penalty; R = 0 - 0.3
+        '{"prompt_id": "a", "turn_rewards": {"t1": 0}, "trajectory_penalty": -0.3}',
+        # null: 0; R = 1
+        '{"prompt_id": "a", "turn_rewards": {"t1": 1}, "trajectory_penalty": null}',
+        # absent: 0; t2 correct: R = 0.9
+        '{"prompt_id": "a", "turn_rewards": {"t1": 0, "t2": 1}}',
+    ]
+    _close(_returns_of(tmp_path, lines), [-0.3, 1.0, 0.9])
+    # one record with a format_penalty, even a null one, switches the whole file to it
+    both = [*lines, '{"prompt_id": "b", "turn_rewards": {"t1": 0}, "format_penalty": null}']
+    _close(_returns_of(tmp_path, both), [0.0, 1.0, 0.9, 0.0])
+    # the rule's checks follow it: a bad trajectory_penalty is an error only where it is read
+    bad = ['{"prompt_id": "a", "turn_rewards": {"t1": 0}, "trajectory_penalty": 0.5}']
+    with pytest.raises(
+        ValueError, match=r"line 1 \(row 1\): trajectory_penalty must be a finite number <= 0"
+    ):
+        _returns_of(tmp_path, bad)
+    _close(
+        _returns_of(tmp_path, [*bad, '{"prompt_id": "a", "turn_rewards": {"t1": 1}, "format_penalty": 0}']),
+        [0.0, 1.0],
+    )
 
 
 def test_answer_norms_mixing_lists_and_other_values_in_one_file(tmp_path):
