@@ -147,3 +147,23 @@ def mlflow_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+@pytest.fixture()
+def prefect_api(prefect_server):
+    """Flows and tasks called in this process talk to the session's Prefect server; queued logs and
+    events are sent before the test ends (drained at exit instead, they retry against a stopped
+    server for a minute or more)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
+        yield prefect_server
+        drain_prefect_queues()
+
+
+def drain_prefect_queues() -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    EventsWorker.drain_all(timeout=30)
