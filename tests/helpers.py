@@ -111,3 +111,19 @@ def states_by_task(states: dict[str, list[str]]) -> dict[str, list[str]]:
     for name, values in states.items():
         merged[_RUN_SUFFIX.sub("", name)].extend(values)
     return dict(merged)
+
+
+def stop_session(proc: subprocess.Popen, grace: float = 60) -> None:
+    """End a process started with ``start_new_session=True`` and everything in its session: SIGTERM
+    to the group, up to ``grace`` seconds to exit, then SIGKILL to whatever of the group is left
+    (a worker's flow-run child, left running when a watch timed out)."""
+    import os
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)

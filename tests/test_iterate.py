@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import prefect_cli, prefect_client
+from helpers import prefect_cli, prefect_client, stop_session
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -104,6 +104,7 @@ def loop(prefect_server, mlflow_server, tmp_path_factory, tiny_model_dir, oracle
             env=env,
             stdout=f,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its flow-run processes share the session: ended with it below
         )
     try:
         params = {"config_path": "configs/tiny.yaml", "overrides": overrides, "rounds": 3}
@@ -122,11 +123,7 @@ def loop(prefect_server, mlflow_server, tmp_path_factory, tiny_model_dir, oracle
             timeout=1800,
         )
     finally:
-        worker.terminate()  # the watcher's run below must stay queued
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_session(worker)  # the watcher's run below must stay queued
     match = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout)
     assert match and proc.returncode == 0, (
         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{log.read_text()[-6000:]}"
@@ -225,3 +222,37 @@ def test_watcher_starts_the_pipeline_when_the_champion_moved(loop, monkeypatch):
         assert started.parameters == {"config_path": str(TINY), "overrides": overrides}
         assert started.state.type == StateType.SCHEDULED
         client.set_flow_run_state(started.id, Cancelled(), force=True)  # nothing left queued
+
+
+def test_loop_runs_to_its_last_round_when_told_to_go_on(tmp_path, prefect_api):
+    """``iterate.stop_on_no_promotion: false``: every requested round runs, whatever the gate says,
+    and round 2 rolls out from and trains round 1's own model (version 1, pinned). In this process
+    against the session's Prefect server, tracking and registry in a sqlite file."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.iterate_flow import iterate
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    name = f"drift-last-{uuid.uuid4().hex[:8]}"
+    overrides = [
+        f"run.artifact_store={tmp_path / 'artifacts'}",
+        f"run.tracking_uri={tracking}",
+        f"run.registered_model={name}",
+        "iterate.stop_on_no_promotion=false",
+        "data.arith.n=4",
+        "train.max_steps=1",
+        "eval.data.arith.n=2",
+    ]
+    result = iterate(config_path=str(TINY), overrides=overrides, rounds=2)
+    assert [s["round"] for s in result["rounds"]] == [1, 2], result
+    assert result["stopped"] == "ran all 2 rounds" and result["registered_model"] == name
+
+    registry = MlflowClient(tracking, registry_uri=tracking)
+    versions = {v.version: v for v in registry.search_model_versions(f"name = '{name}'")}
+    assert sorted(map(str, versions)) == ["1", "2"], versions
+    assert [s["registered"]["version"] for s in result["rounds"]] == ["1", "2"]
+    assert str(registry.get_registered_model(name).aliases["challenger"]) == "2"
+    round2 = registry.get_run(versions[max(versions, key=int)].tags["drift.mlflow_parent_run_id"])
+    assert round2.data.params["reference_model.path"] == f"models:/{name}/1"
+    assert round2.data.params["base_model.path"] == f"models:/{name}/1"
+    assert "drift.iterate.owner" not in registry.get_registered_model(name).tags  # the guard let go
