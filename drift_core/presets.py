@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from drift_core.protocol import CHOICE_INSTRUCTION_A_TO_J
+
 __all__ = ["EVAL_PRESETS", "MMLU_SUBJECTS", "expand_preset"]
 
 #: The 57 MMLU subjects, each a config of ``edinburgh-dawg/mmlu-redux-2.0``.
@@ -117,6 +119,8 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
             "id_field": "question_id",
         },
         "verifier": {"kind": "choice"},
+        # the reference's instruction for up to ten options (benchmark.py: MMLU_PRO_INSTRUCTION)
+        "task_instruction": CHOICE_INSTRUCTION_A_TO_J,
     },
 }
 

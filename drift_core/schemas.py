@@ -152,25 +152,125 @@ class ModelConfig(StrictModel):
     trust_remote_code: bool = False
 
 
+ReferenceDataset = Literal[
+    "metamathqa", "math500", "gsm8k", "hendrycks_math", "theoremqa", "gpqa", "mmlu", "mmlu-redux", "mmlu_pro"
+]
+
+
+class FeedbackConfig(StrictModel):
+    """A feedback kind other than fixed text (``drift_core.feedback``): ``direction`` for numeric
+    golds, or ``callable`` (``function: "module:function"``, called as ``(answer, gold, turn)``)."""
+
+    kind: Literal["direction", "callable"]
+    function: str | None = Field(
+        default=None,
+        description="callable kind: 'module:function' taking (answer, gold, turn), returning str",
+    )
+    fallback: str = Field(
+        default="Incorrect. Please think again.",
+        min_length=1,
+        description="direction kind: the text when the answer is not one readable number",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_identity(cls, raw: Any) -> Any:
+        """A dump carries the function's source hash (``source_sha256``, for cache keys); it is
+        recomputed, never read back."""
+        if isinstance(raw, dict) and "source_sha256" in raw:
+            raw = {k: v for k, v in raw.items() if k != "source_sha256"}
+        return raw
+
+    @model_validator(mode="after")
+    def _function_matches_kind(self) -> FeedbackConfig:
+        if self.kind == "callable":
+            if not self.function:
+                raise ValueError("kind callable needs function: 'module:function'")
+            from drift_core.feedback import load_function
+
+            load_function(self.function)  # ValueError naming what is wrong
+        elif self.function is not None:
+            raise ValueError(f"function is set only with kind callable (kind is {self.kind!r})")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _with_identity(self, handler):
+        """A callable's identity in dumps (hence cache keys): its name and a hash of its source."""
+        data = handler(self)
+        if self.kind == "callable" and self.function:
+            from drift_core.feedback import function_identity
+
+            data["source_sha256"] = function_identity(self.function)
+        return data
+
+
 class ProtocolConfig(StrictModel):
+    """The multi-turn protocol. Defaults are the reference scripts' (github.com/2020-qqtcg/DRIFT,
+    src/prompting.py; run scripts' values where they pass one): see drift_core/protocol.py."""
+
     prompt_mode: Literal["simple", "full"] = "simple"
     answer_format: Literal["answer", "think"] = "answer"
     max_turns: int = Field(default=3, ge=1, le=50)
-    feedback: str = "Incorrect. Please think again."
+    feedback: str | FeedbackConfig = Field(
+        default="Incorrect. Please think again.",
+        description="fixed text (the paper's unary feedback), {kind: direction} (numeric golds: "
+        "'Incorrect. The answer is larger.'/'smaller.') or {kind: callable, function: 'module:function'}",
+    )
     max_actions: int = Field(default=1, ge=1, description="max ||-separated answers read per turn")
+    max_actions_per_traj: int = Field(
+        default=5, ge=1, description="full mode: the 'You have N actions left' budget (reference: 5)"
+    )
+    instruction_max_tokens: int = Field(
+        default=400,
+        ge=1,
+        description="full mode: 'Max response length: N words (tokens).' (run scripts: 400)",
+    )
     format_penalty: float = Field(default=-0.1, le=0.0)
-    system_prompt: str = "You are a helpful assistant."
+    system_prompt: str = "You're a helpful assistant. "
     task_instruction: str | None = Field(
-        default=None, description="overrides the built-in instruction text of the prompt mode"
+        default=None, description="overrides the instruction text (default: the reference's math instruction)"
     )
     prefill: bool = Field(default=True, description="pre-fill the generation prompt with <answer>/<think>")
+    answer_parse: Literal["reference", "last_block"] = Field(
+        default="reference",
+        description="reference: the first <answer>..</answer> block (think: <think>..</think> then it), "
+        "special tokens removed, as prompting.py's parse_response; last_block: drift's earlier reading, "
+        "the last closed block",
+    )
+    history: Literal["canonical", "raw"] = Field(
+        default="canonical",
+        description="what the conversation keeps of an answer: canonical = the reference's re-rendering "
+        "of the parsed answer (<answer>18</answer>); raw = the generated text",
+    )
+
+    @field_validator("feedback")
+    @classmethod
+    def _feedback_text_not_empty(cls, v: str | FeedbackConfig) -> str | FeedbackConfig:
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("empty feedback text; give the text, {kind: direction} or {kind: callable, ...}")
+        return v
+
+    @model_validator(mode="after")
+    def _canonical_needs_reference_parse(self) -> ProtocolConfig:
+        if self.history == "canonical" and self.answer_parse != "reference":
+            raise ValueError(
+                "history: canonical is the reference's re-rendering of its own parse; with "
+                "answer_parse: last_block set history: raw"
+            )
+        return self
 
 
 class VerifierConfig(StrictModel):
-    kind: Literal["auto", "math", "numeric", "exact", "choice"] = Field(
+    kind: Literal["auto", "math", "numeric", "exact", "choice", "reference"] = Field(
         default="math",
         description="auto: choice for multiple-choice data, numeric when every gold is a plain number, "
-        "math otherwise (decided from the problem table before any generation)",
+        "math otherwise (decided from the problem table before any generation); reference: the "
+        "reference scripts' normalised string compare for reference_dataset",
+    )
+    reference_dataset: ReferenceDataset = Field(
+        default="metamathqa",
+        description="kind reference: check as the reference eval does for this --dataset (its "
+        "normaliser; TheoremQA: numeric check); metamathqa = the generation script's check",
     )
     read: Literal["whole", "last_number"] = Field(
         default="whole",
@@ -180,6 +280,12 @@ class VerifierConfig(StrictModel):
     timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
     tolerance: float = Field(default=1e-6, ge=0.0)
     workers: int = Field(default=2, ge=1, le=256, description="grading process-pool size")
+
+    @model_serializer(mode="wrap")
+    def _leave_out_default_reference_dataset(self, handler):
+        """At its default the field is absent from dumps, so verifier cache keys written before it
+        existed still match."""
+        return _without_field_at(handler(self), "reference_dataset", "metamathqa")
 
 
 def _without_field_at(data: Any, field: str, value: Any) -> Any:
@@ -231,6 +337,23 @@ class EngineConfig(StrictModel):
     )
     pad_multiple: int = Field(
         default=64, ge=1, description="static decoding: prompt widths rounded up, so compiled shapes repeat"
+    )
+    scheduling: Literal["trajectory", "turn"] = Field(
+        default="trajectory",
+        description="vLLM: 'trajectory' submits a trajectory's next turn as soon as its own turn is graded; "
+        "'turn' waits for every trajectory's turn first (the transformers engine always does). Same "
+        "tokens either way (per-request seeds), so not in cache keys",
+    )
+    enforce_eager: bool | None = Field(
+        default=None,
+        description="vLLM: skip torch.compile and CUDA graphs; None: eager on a CPU (compiling there costs "
+        "minutes of start-up and gains nothing measured), compiled on a GPU",
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="vLLM: context length to plan the KV cache for; None: the model's"
+    )
+    cpu_kv_cache_gib: float = Field(
+        default=2.0, gt=0.0, description="vLLM on a CPU: memory for the KV cache (VLLM_CPU_KVCACHE_SPACE)"
     )
 
 

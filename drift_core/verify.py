@@ -31,6 +31,7 @@ import logging
 import math
 import re
 import signal
+import string
 import threading
 import time
 from collections.abc import Callable
@@ -195,6 +196,10 @@ class Verifier:
         if self.read == "last_number":
             return last_number(answer)
         return answer
+
+    def normal_form(self, answer: str) -> str:
+        """The answer's normal form for spotting repeated answers (the repetition penalty)."""
+        return normalize_answer(self.read_answer(answer) or answer)
 
     def __call__(self, answer: str, gold: str) -> Verdict:
         text = self.read_answer(answer)
@@ -378,6 +383,89 @@ class ChoiceVerifier(Verifier):
         return Verdict(letter == target, True)
 
 
+# Reference checks: what the reference scripts compare (github.com/2020-qqtcg/DRIFT, src/prompting.py
+# normalize_answer; src/benchmark.py: get_answer_normalizer, get_answer_checker per --dataset).
+# drift's own implementation of the same rules; tests/test_verify.py pins each with hand values.
+
+_REF_WHITESPACE = re.compile(r"\s+")
+_REF_FIRST_NUMBER = re.compile(r"(\d+(?:\.\d+)?)")  # unsigned: "-5" reads 5.0, as the reference
+_REF_LETTER = re.compile(r"\b([A-J])\b", re.IGNORECASE)
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_REF_CHOICE_DATASETS = frozenset({"gpqa", "mmlu", "mmlu-redux", "mmlu_pro"})
+
+
+def reference_plain_form(text: str) -> str:
+    """Lower case, every whitespace character removed (the reference's default normaliser)."""
+    return _REF_WHITESPACE.sub("", text.strip().lower()) if text else ""
+
+
+def reference_choice_form(text: str) -> str:
+    """The last standalone letter A-J (any case), lower-cased; else the plain form."""
+    if not text:
+        return ""
+    letters = _REF_LETTER.findall(text.strip())
+    return letters[-1].lower() if letters else reference_plain_form(text)
+
+
+def _reference_text_form(text: str) -> str:
+    return _REF_WHITESPACE.sub("", text.lower()).translate(_PUNCTUATION)
+
+
+def _reference_first_number(text: str) -> float | None:
+    m = _REF_FIRST_NUMBER.search(text) if text else None
+    return float(m.group(1)) if m else None
+
+
+def reference_theoremqa_form(text: str) -> str:
+    """The first unsigned number, written without trailing zeros; else lower case without
+    whitespace and punctuation."""
+    if not text:
+        return ""
+    value = _reference_first_number(text)
+    if value is None:
+        return _reference_text_form(text)
+    if value.is_integer():
+        return str(int(value))
+    written = str(value)
+    return written.rstrip("0").rstrip(".") if "." in written else written
+
+
+@dataclass(frozen=True)
+class ReferenceVerifier(Verifier):
+    """The reference scripts' check for ``dataset`` (their ``--dataset``): normalised strings equal.
+
+    Plain datasets (MetaMathQA, MATH-500, GSM8K, MATH): lower case, no whitespace, so ``$18``,
+    ``18.`` and ``\\text{18}`` are not ``18``. Multiple choice: the last standalone letter. TheoremQA:
+    the first unsigned numbers equal as floats, else the texts without whitespace and punctuation;
+    valid only when the answer holds a number. Otherwise an answer is invalid when its normal form
+    is empty. drift's ``math``/``numeric``/``choice`` verifiers are stricter about what counts as
+    the same answer and more lenient about how it is written (docs/reliability.md)."""
+
+    dataset: str = "metamathqa"
+
+    def _form(self, text: str) -> str:
+        if self.dataset in _REF_CHOICE_DATASETS:
+            return reference_choice_form(text)
+        if self.dataset == "theoremqa":
+            return reference_theoremqa_form(text)
+        return reference_plain_form(text)
+
+    def normal_form(self, answer: str) -> str:
+        return self._form(self.read_answer(answer) or answer)
+
+    def check(self, answer: str, gold: str) -> Verdict:
+        answer = answer.strip()
+        if self.dataset == "theoremqa":
+            value, target = _reference_first_number(answer), _reference_first_number(gold)
+            same = value is not None and target is not None and value == target
+            same = same or _reference_text_form(answer) == _reference_text_form(gold)
+            return Verdict(same, value is not None)
+        form = self._form(answer)
+        if not gold:
+            return Verdict(False, form != "")
+        return Verdict(form == self._form(gold), form != "")
+
+
 _GOLD_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
 
 
@@ -411,6 +499,8 @@ def unreadable_gold(kind: str, gold: str) -> str | None:
         return None if _exact_form(gold) else "empty after normalisation"
     if kind == "math":
         return None if normalize_answer(gold) else "empty after normalisation"
+    if kind == "reference":
+        return None if gold.strip() else "empty"
     raise ValueError(f"unknown verifier kind {kind!r}")
 
 
@@ -426,6 +516,8 @@ def make_verifier(cfg: VerifierConfig) -> Verifier:
         return ExactVerifier(**common)
     if cfg.kind == "choice":
         return ChoiceVerifier(**common)
+    if cfg.kind == "reference":
+        return ReferenceVerifier(**common, dataset=cfg.reference_dataset)
     raise ValueError(f"unknown verifier kind {cfg.kind!r}")  # pragma: no cover - Literal-checked
 
 

@@ -22,6 +22,7 @@ from drift_core.verify import (
     parse_choice,
     parse_number,
     run_with_time_limit,
+    unreadable_gold,
 )
 
 MATH = MathVerifier(timeout_s=5.0)
@@ -413,3 +414,48 @@ def test_last_number_reading_grades_the_result_not_the_equation() -> None:
     unreadable = grade_turn("<answer>no idea</answer>", "117", cfg, last)
     assert (unreadable.correct, unreadable.valid, unreadable.format_penalty) == (False, True, 0.0)
     assert pickle.loads(pickle.dumps(last)) == last
+
+
+# -- the reference scripts' check (issue 30, item 2): hand values from benchmark.py's rules ----
+
+
+@pytest.mark.parametrize(
+    ("dataset", "answer", "gold", "verdict", "form"),
+    [
+        ("metamathqa", "18", "18", (True, True), "18"),
+        ("metamathqa", "$18", "18", (False, True), "$18"),
+        ("metamathqa", "18.", "18", (False, True), "18."),
+        ("metamathqa", "\\text{18}", "18", (False, True), "\\text{18}"),
+        ("math500", "\\frac{1}{2}", "\\frac{1}{2}", (True, True), "\\frac{1}{2}"),
+        ("math500", "0.5", "\\frac{1}{2}", (False, True), "0.5"),
+        ("gsm8k", " X + 1 ", "x+1", (True, True), "x+1"),
+        ("hendrycks_math", "\\pi", "\\Pi", (True, True), "\\pi"),
+        ("mmlu", "The answer is (B)", "B", (True, True), "b"),
+        ("mmlu", "a", "A", (True, True), "a"),
+        ("gpqa", "B or C", "B", (False, True), "c"),
+        ("mmlu_pro", "J", "J", (True, True), "j"),
+        ("mmlu-redux", "none", "A", (False, True), "none"),
+        ("theoremqa", "-5", "5", (True, True), "5"),
+        ("theoremqa", "2.50 m", "2.5", (True, True), "2.5"),
+        ("theoremqa", "3.0", "3", (True, True), "3"),
+        ("theoremqa", "True", "true", (True, False), "true"),
+        ("theoremqa", "(a)", "a", (True, False), "a"),
+        ("theoremqa", "no", "yes", (False, False), "no"),
+    ],
+)
+def test_reference_verifier(
+    dataset: str, answer: str, gold: str, verdict: tuple[bool, bool], form: str
+) -> None:
+    v = make_verifier(VerifierConfig(kind="reference", reference_dataset=dataset))
+    assert tuple(v(answer, gold)) == verdict
+    assert v.normal_form(answer) == form
+
+
+def test_reference_verifier_setting_stays_out_of_dumps_at_its_default() -> None:
+    """Verifier cache keys of the other kinds are unchanged by the new setting."""
+    assert "reference_dataset" not in VerifierConfig(kind="math").model_dump()
+    assert (
+        VerifierConfig(kind="reference", reference_dataset="gpqa").model_dump()["reference_dataset"] == "gpqa"
+    )
+    assert unreadable_gold("reference", "anything") is None
+    assert unreadable_gold("reference", " ") == "empty"
