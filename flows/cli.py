@@ -143,10 +143,19 @@ def _print_summary(summary: dict[str, Any]) -> None:
         from flows.stages import format_promotion
 
         print(format_promotion(promotion))
-    from tasks.tracking import redact
+    _print_mlflow(summary)
 
-    uri = redact("tracking_uri", summary["tracking_uri"])  # no password on a terminal or in CI logs
-    print(f"MLflow run id: {summary['mlflow_run_id']}  (mlflow ui --backend-store-uri {uri})")
+
+def _print_mlflow(summary: dict[str, Any]) -> None:
+    """The run's MLflow URL (opening on runs) and, for a local store, the command that serves it;
+    the run id last (scripts and tests read it)."""
+    from flows.story import ui_command
+
+    if url := summary.get("mlflow_url"):
+        print(f"MLflow run: {url}")
+        if command := ui_command(summary["tracking_uri"]):  # no password: redacted
+            print(f"  (start the MLflow UI first: {command})")
+    print(f"MLflow run id: {summary['mlflow_run_id']}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -171,7 +180,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             summary = evaluate_model(model=args.model, config_path=args.config, overrides=overrides)
     print()
     print(format_results(summary))
-    print(f"MLflow run id: {summary['mlflow_run_id']}")
+    _print_mlflow(summary)
     return 0
 
 
@@ -184,11 +193,22 @@ def _cmd_online(args: argparse.Namespace) -> int:
     result = train_online(cfg)
     note = " (finished earlier: cached result)" if result.cached else ""
     print(f"trained model: {result.model_dir}{note}")
-    print(f"MLflow run id: {result.mlflow_run_id}")
+    _print_mlflow(_online_urls(cfg.run.tracking_uri, result.mlflow_run_id))
     print(
         json.dumps(result.model_dump(include={"model_dir", "generated_tokens", "optimizer_steps", "wall_s"}))
     )
     return 0
+
+
+def _online_urls(tracking_uri: str, run_id: str) -> dict[str, Any]:
+    """What ``_print_mlflow`` needs for an online RL run: its experiment is looked up by run id."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import _local_tracking_uri, run_url
+
+    uri = _local_tracking_uri(tracking_uri)
+    experiment = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
+    return {"mlflow_run_id": run_id, "mlflow_url": run_url(uri, experiment, run_id), "tracking_uri": uri}
 
 
 def _rollouts_ref(args: argparse.Namespace) -> str | None:

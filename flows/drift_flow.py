@@ -38,7 +38,9 @@ from flows.stages import (
     link_mlflow_run,
     log_promotion,
     log_suite_params,
+    per_turn_rows,
     prepare_eval_suite,
+    publish_summary,
     result_fields,
     run_tags,
     sharded_calls,
@@ -53,9 +55,9 @@ from tasks.ingest import ingest, ingest_key
 from tasks.models import fingerprint_model, resolve_model
 from tasks.promote import current_champion, promote
 from tasks.reference_rollouts import import_reference_rollouts, is_reference_file
-from tasks.register import RegisteredVersion, register_model
-from tasks.registry import pin_registered, without_credentials
+from tasks.registry import RegisteredVersion, pin_registered, register_model, without_credentials
 from tasks.rollout import collect_rollouts, rollout_shard
+from tasks.rollout_log import log_rollouts, rollouts_dataset_input
 from tasks.store import ArtifactStore, Manifest, sha256_file
 from tasks.tracking import Tracker, redact
 from tasks.train import train
@@ -65,7 +67,26 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 
-@flow(name="drift", log_prints=True, persist_result=False)
+def _flow_run_name() -> str:
+    """The flow run's name, which is also its MLflow parent run's: ``run_name`` when given, else
+    ``<run.name>-<MMDD>-<HHMMSS>`` (UTC), so the Prefect and MLflow UIs name a run alike."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters or {}
+    if params.get("run_name"):
+        return str(params["run_name"])
+    try:
+        cfg = load_config(
+            params.get("config_path", "configs/demo.yaml"),
+            params.get("overrides") or [],
+            raw=params.get("config"),
+        )
+    except Exception:  # the flow itself reports a bad config, with its message
+        return default_run_name(DriftConfig())
+    return default_run_name(cfg)
+
+
+@flow(name="drift", flow_run_name=_flow_run_name, log_prints=True, persist_result=False)
 def drift(
     config_path: str = "configs/demo.yaml",
     overrides: list[str] | None = None,
@@ -88,8 +109,13 @@ def drift(
             "manifest JSON path); run drift/full-pipeline to generate rollouts"
         )
     store = ArtifactStore(cfg.run.artifact_store)
-    tracker = Tracker(cfg, run_name=run_name or default_run_name(cfg), tags=run_tags())
-    link_mlflow_run(tracker)
+    tracker = Tracker(
+        cfg,
+        run_name=run_name or _current_flow_run_name() or default_run_name(cfg),
+        tags=run_tags(),
+        omit_sections=("online",) if cfg.iterate.rounds > 1 else ("online", "iterate"),
+    )
+    link_mlflow_run(tracker, cfg.run.name)
     status = "FAILED"
     try:
         context = FlowRunContext.get()
@@ -106,6 +132,12 @@ def drift(
         release_engines()
 
 
+def _current_flow_run_name() -> str | None:
+    from prefect.runtime import flow_run
+
+    return flow_run.name if flow_run.id else None
+
+
 @dataclass
 class PipelineRun:
     """What every stage of one flow run shares."""
@@ -116,6 +148,7 @@ class PipelineRun:
     tracker: Tracker
     logger: Any
     base_dir: str = field(default_factory=os.getcwd)
+    rollouts_run_id: str = ""  # the MLflow run whose rollouts/ artifacts hold this run's rollouts
 
     @property
     def root(self) -> str:
@@ -139,13 +172,15 @@ def _pipeline(run: PipelineRun, rollouts_from: str | None) -> dict:
     reference = _reference(run)
     rollouts, rollouts_fp = _rollouts(run, reference, rollouts_from)
     weighted = _weights(run, rollouts)
-    model, base = _train(run, weighted, reference)
+    model, base = _train(run, weighted, reference, rollouts, rollouts_fp)
     registered = _register(run, model, base, rollouts, rollouts_fp)
-    by_benchmark = _evaluate(run, suite, model, reference)
+    by_benchmark = _evaluate(run, suite, model, reference, registered)
     results = by_benchmark[suite[0].name]  # the first benchmark is the run's primary metric
     promotion = _promote(run, registered, suite, results, reference)
+    _tell_the_story(run, suite[0].name, results, registered)
     summary = {
         "mlflow_run_id": run.tracker.run_id,
+        "mlflow_url": run.tracker.ui_url(),
         "tracking_uri": run.tracker.uri,
         "model_dir": run.store.local_path(model),
         "stage_states": run.stages.states,
@@ -160,6 +195,30 @@ def _pipeline(run: PipelineRun, rollouts_from: str | None) -> dict:
     }
     run.tracker.log_dict(run.tracker.run_id, summary, "summary.json")
     return summary
+
+
+def _tell_the_story(
+    run: PipelineRun, benchmark: str, results: dict[str, Manifest], registered: RegisteredVersion | None
+) -> None:
+    """The parent run explains itself: cache tags, a description (per-turn table, stages, links),
+    and the same text as the flow run's keyed Prefect artifact."""
+    from flows.story import cache_tags, describe_run, prefect_flow_run_url
+
+    tracker = run.tracker
+    for key, value in cache_tags(run.stages.states).items():
+        tracker.client.set_tag(tracker.run_id, key, value)
+    experiment = tracker.experiment_id
+    links = {
+        "Prefect flow run": prefect_flow_run_url(run_tags().get("prefect.flow_run_id")),
+        "registered version": registered
+        and f"[{registered.name} version {registered.version}](#/models/{registered.name}/versions/{registered.version})",
+        "rollouts": run.rollouts_run_id
+        and f"[run {run.rollouts_run_id}, `rollouts/`](#/experiments/{experiment}/runs/{run.rollouts_run_id}/artifacts/rollouts)",
+    }
+    run_name = tracker.client.get_run(tracker.run_id).info.run_name
+    text = describe_run(run_name, results, benchmark, run.stages.states, run.stages.timings, links)
+    tracker.client.set_tag(tracker.run_id, "mlflow.note.content", text)
+    publish_summary(tracker, run.cfg.run.name, text)
 
 
 def _reference(run: PipelineRun) -> Reference:
@@ -182,6 +241,10 @@ def _rollouts(run: PipelineRun, reference: Reference, rollouts_from: str | None)
     )
     tracker.client.set_tag(tracker.run_id, "drift.reference_fingerprint", rollouts_fp)
     track_stage(tracker, run.stages, "rollout", rollouts, {"reference_fingerprint": rollouts_fp})
+    stage_run = tracker.stage_runs["rollout"]
+    run.rollouts_run_id = log_rollouts(tracker, stage_run, run.store, rollouts, rollouts_fp)
+    tracker.client.set_tag(tracker.run_id, "drift.rollouts_run_id", run.rollouts_run_id)
+    tracker.client.log_inputs(stage_run, [rollouts_dataset_input(rollouts, rollouts_fp, run.rollouts_run_id)])
     return rollouts, rollouts_fp
 
 
@@ -290,10 +353,14 @@ def _weights(run: PipelineRun, rollouts: Manifest) -> Manifest:
     return weighted
 
 
-def _train(run: PipelineRun, weighted: Manifest, reference: Reference) -> tuple[Manifest, Reference]:
+def _train(
+    run: PipelineRun, weighted: Manifest, reference: Reference, rollouts: Manifest, rollouts_fp: str
+) -> tuple[Manifest, Reference]:
     """3. Weighted SFT of the base model on the terminal (or every) assistant turn."""
     cfg = run.cfg
-    run.tracker.open_stage("train")
+    train_run = run.tracker.open_stage("train")
+    dataset = rollouts_dataset_input(rollouts, rollouts_fp, run.rollouts_run_id)
+    run.tracker.client.log_inputs(train_run, [dataset])  # the train run's "Datasets used"
     release_engines()  # the rollout model must not hold (GPU) memory while training runs
     if cfg.train_model == cfg.reference_model:
         base = reference
@@ -332,7 +399,10 @@ def _register(
         "drift.mlflow_parent_run_id": tracker.run_id,
         "drift.prefect_flow_run_id": run_tags().get("prefect.flow_run_id", ""),
         "drift.reference_fingerprint": rollouts_fp,
-        "drift.rollout_manifest": rollouts.key,
+        "drift.rollout_key": rollouts.key,
+        "drift.rollouts_run_id": run.rollouts_run_id,
+        "drift.rollouts": f"runs:/{run.rollouts_run_id}/rollouts",
+        "drift.experiment_id": tracker.experiment_id,
         "drift.weights": json.dumps(cfg.weights.model_dump(), sort_keys=True),
         "drift.base_model": redact("uri", base.cfg.path),
         "drift.base_fingerprint": base.fingerprint,
@@ -357,7 +427,11 @@ def _register(
 
 
 def _evaluate(
-    run: PipelineRun, suite: list[EvalSet], model: Manifest, reference: Reference
+    run: PipelineRun,
+    suite: list[EvalSet],
+    model: Manifest,
+    reference: Reference,
+    registered: RegisteredVersion | None = None,
 ) -> dict[str, dict[str, Manifest]]:
     """4. Multi-turn evaluation, greedy, of the trained model (and the reference, for comparison),
     on every benchmark of the suite: ``{benchmark: {system: manifest}}``."""
@@ -374,8 +448,10 @@ def _evaluate(
             manifest = evaluate_stage(cfg, stages, ev, label, name, path, fp, model_cfg)
             params = {"system": name, "model_fingerprint": fp}  # the reference as of now
             track_eval(run.tracker, stages, label, ev, manifest, f"{ev.name}.{name}", params)
+            if name == "trained" and registered is not None and registered.model_id:
+                _log_model_metrics(run.tracker, registered.model_id, label, f"{ev.name}.{name}", manifest)
             by_benchmark.setdefault(ev.name, {})[name] = manifest
-    _log_comparison(run.tracker, stages, by_benchmark[suite[0].name])
+    _log_comparison(run.tracker, stages, by_benchmark[suite[0].name], suite[0].name)
     return by_benchmark
 
 
@@ -416,6 +492,7 @@ def _promote(
         cfg=cfg.promote,
         store_root=run.root,
         tracking_uri=tracker.uri,
+        run_id=tracker.run_id,
     )
     log_promotion(tracker, result)
     print(format_promotion(result))
@@ -438,12 +515,30 @@ def _evaluate_for_gate(
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _log_comparison(tracker: Tracker, stages: StageRunner, results: dict[str, Manifest]) -> None:
-    from tasks.plots import plot_file, plot_multi_at
+def _log_comparison(
+    tracker: Tracker, stages: StageRunner, results: dict[str, Manifest], benchmark: str
+) -> None:
+    """Reference and trained multi@t on one chart (the suite's first benchmark), 95% intervals shaded."""
+    from tasks.plots import plot_file, plot_multi_at, wilson_interval
 
     curves = {name: m.meta.get("multi_at", []) for name, m in results.items()}
-    with plot_file(stages.plots_dir, "multi_at.png", lambda path: plot_multi_at(curves, path), curves) as png:
+    n = max((int(m.meta.get("n_problems") or 0) for m in results.values()), default=0)
+    bands = {name: [wilson_interval(v, n) for v in values] for name, values in curves.items()}
+    draw = lambda path: plot_multi_at(curves, path, intervals=bands, benchmark=benchmark, n=n)  # noqa: E731
+    data = {"curves": curves, "benchmark": benchmark, "n": n, "bands": "wilson95"}
+    with plot_file(stages.plots_dir, "multi_at.png", draw, data) as png:
         tracker.log_file(tracker.run_id, png)
+
+
+def _log_model_metrics(tracker: Tracker, model_id: str, label: str, prefix: str, manifest: Manifest) -> None:
+    """The trained model's evaluation on its logged model (the model page's Metrics), logged once:
+    a cached re-run evaluates the same model to the same numbers, and would only repeat them."""
+    logged = tracker.client.get_logged_model(model_id)
+    if any(m.key.startswith(f"{prefix}.") for m in logged.metrics or []):
+        return
+    tracker.log_metric_steps(
+        tracker.stage_runs[label], per_turn_rows(prefix, manifest.meta), model_id=model_id
+    )
 
 
 def _rollouts_fingerprint(ref: str, rollouts: Manifest, client: MlflowClient) -> str | None:

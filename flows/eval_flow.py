@@ -49,6 +49,7 @@ def _evaluate_model(model: str, config_path: str, overrides: list[str] | None) -
         cfg,
         run_name=f"eval-{os.path.basename(model.rstrip('/'))}",
         tags={**run_tags(), "drift.flow": "drift-eval"},
+        omit_sections=("online", "iterate", "weights", "train", "promote"),  # an evaluation uses none
     )
     status = "FAILED"
     try:
@@ -65,6 +66,8 @@ def _evaluate_model(model: str, config_path: str, overrides: list[str] | None) -
         primary = results[suite[0].name]
         return {
             "mlflow_run_id": tracker.run_id,
+            "mlflow_url": tracker.ui_url(),
+            "tracking_uri": tracker.uri,
             "eval": {"model": primary.meta},  # the first benchmark: the run's primary metric
             "suite": {name: {"model": m.meta} for name, m in results.items()},
             "verifiers": {ev.name: ev.verifier.kind for ev in suite},

@@ -99,7 +99,7 @@ def _one_iterate_at_a_time(cfg: DriftConfig) -> Iterator[None]:
     """Hold the registered model's iterate tag for the loop's duration; refuse when a live owner
     holds it. On this host a dead owner (its pid gone) is taken over; another host's owner is
     trusted (its processes cannot be seen from here): delete the tag if that run is gone."""
-    from tasks.register import ensure_registered_model, registry_client
+    from tasks.registry import ensure_registered_model, registry_client
     from tasks.tracking import process_alive
 
     client = registry_client(cfg.run.tracking_uri)

@@ -4,6 +4,8 @@ a stage in MLflow. ``flows/drift_flow.py`` and ``flows/eval_flow.py`` are built 
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -356,6 +358,31 @@ def run_tags() -> dict[str, str]:
     return tags
 
 
+#: trailing steps of the loss series whose mean is the run's train-loss summary
+LOSS_TAIL_STEPS = 10
+#: per-turn evaluation quantities, logged as ``<prefix>.<name>_t<t>`` (one name per turn)
+PER_TURN = ("multi_at", "accuracy_at_turn", "correction_rate")
+#: manifest meta that is not a metric of its stage (its loss curve is logged by step instead)
+_NOT_METRICS = {"final_loss", "max_turns"}
+
+
+def stage_section(name: str) -> str:
+    """The config section a stage's params belong to: ``eval`` for the evaluate stages, else the
+    stage itself (``rollout``, ``weights``, ``train``, ``ingest``)."""
+    return "eval" if name.startswith("evaluate") else name
+
+
+def per_turn_rows(prefix: str, meta: dict) -> list[tuple[str, Any, int]]:
+    """``(<prefix>.<quantity>_t<t>, value, 0)`` for each per-turn evaluation quantity: a per-turn
+    value has the turn in its name, so no metric's "last value" means a different turn per run."""
+    return [
+        (f"{prefix}.{key}_t{t}", value, 0)
+        for key in PER_TURN
+        for t, value in enumerate(meta.get(key, []), start=1)
+        if value is not None
+    ]
+
+
 def track_stage(
     tracker: Tracker,
     stages: StageRunner,
@@ -367,17 +394,28 @@ def track_stage(
     eval_metrics: bool = False,
     parent_prefix: str | None = None,
 ) -> None:
-    """A nested MLflow run for stage ``name``. Its metrics carry the same names on the stage run and
-    on the parent run, ``<parent_prefix>.<metric>`` (default prefix: the stage name), so one
-    quantity has one name everywhere; curves (loss by step, metrics by turn) are steps on both."""
+    """A nested MLflow run for stage ``name``. Its params carry their section's prefix
+    (``weights.beta``, ``rollout.artifact``, ``eval.system``: the names the parent's config params
+    use); its metrics carry the same names on the stage run and on the parent run,
+    ``<parent_prefix>.<metric>`` (default prefix: the stage name), so one quantity has one name
+    everywhere. The loss is a series by step with its tail mean beside it; per-turn values are one
+    metric per turn (``arith.trained.multi_at_t2``)."""
     prefix = parent_prefix or name
+    section = stage_section(name)
+    params = {**params, "artifact": manifest.uri, "sha256": manifest.sha256}
     run_id = tracker.stage(
         name,
-        params={**params, "artifact": manifest.uri, "sha256": manifest.sha256},
+        params={k if "." in k else f"{section}.{k}": v for k, v in params.items()},
         cached=stages.cached(name),
     )
     meta = manifest.meta
-    scalars = {k: v for k, v in meta.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    scalars = {
+        k: v
+        for k, v in meta.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k not in _NOT_METRICS
+    }
+    if eval_metrics:
+        scalars.pop("n_problems", None)  # a count, logged as the stage's rows
     if manifest.rows is not None:
         scalars["rows"] = manifest.rows
     scalars["stage_seconds"] = stages.timings.get(name, 0.0)
@@ -387,18 +425,20 @@ def track_stage(
         from tasks.plots import plot_file, plot_weight_histogram
 
         hist = meta["histogram"]
-        draw = lambda path: plot_weight_histogram(hist["counts"], hist["edges"], path)  # noqa: E731
-        with plot_file(stages.plots_dir, "weights.png", draw, hist) as png:
+        notes = {k: meta.get(k) for k in ("ess_overall", "max_weight")}
+        notes["beta"] = params.get("beta")
+        draw = lambda path: plot_weight_histogram(hist["counts"], hist["edges"], path, **notes)  # noqa: E731
+        with plot_file(stages.plots_dir, "weights.png", draw, {"hist": hist, "notes": notes}) as png:
             tracker.log_file(run_id, png)
             tracker.log_file(tracker.run_id, png)
-    if loss_history:
-        for step, loss, lr in meta.get("loss_history", []):
+    if loss_history and (history := meta.get("loss_history", [])):
+        for step, loss, lr in history:
             stage_rows += [(f"{prefix}.loss", loss, int(step)), (f"{prefix}.lr", lr, int(step))]
+        tail = [loss for _step, loss, _lr in history[-LOSS_TAIL_STEPS:]]
+        stage_rows.append((f"{prefix}.loss_tail_mean", sum(tail) / len(tail), 0))
+        tracker.log_params(run_id, {f"{section}.loss_tail_steps": len(tail)})
     if eval_metrics:
-        for key in ("multi_at", "accuracy_at_turn", "correction_rate"):
-            for t, value in enumerate(meta.get(key, []), start=1):
-                if value is not None:
-                    stage_rows += [(f"{prefix}.{key}", value, t), (f"{prefix}.{key}_t{t}", value, 0)]
+        stage_rows += per_turn_rows(prefix, meta)
     tracker.log_metric_steps(run_id, stage_rows)
     tracker.log_metric_steps(tracker.run_id, stage_rows)
     if eval_metrics:
@@ -408,49 +448,90 @@ def track_stage(
                 tracker.log_file(run_id, path)
     tracker.log_dict(run_id, manifest.model_dump(mode="json"), "manifest.json")
     tracker.end_stage(name)
+    from flows.story import stage_line
+
+    _logger().info(stage_line(name, stages.cached(name), stages.timings.get(name, 0.0), manifest))
+
+
+def _logger():
+    """The flow run's logger (its lines reach the Prefect UI), or a plain one outside a flow run."""
+    try:
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger("drift")
 
 
 def default_run_name(cfg: DriftConfig, suffix: str = "") -> str:
     """``<run.name>[-<suffix>]-<UTC time>``: parent runs tell apart in MLflow's chart legends."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    stamp = time.strftime("%m%d-%H%M%S", time.gmtime())  # short: the MLflow runs table cuts names
     return "-".join(p for p in (cfg.run.name, suffix, stamp) if p)
 
 
-def link_mlflow_run(tracker: Tracker) -> None:
-    """A Prefect artifact on the flow run pointing at its MLflow run (a link when the tracking
-    server has a web UI, else a note saying how to open the local store); the MLflow run already
-    carries the flow run id (tag ``prefect.flow_run_id``)."""
+def artifact_key(run_name: str, what: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes): ``drift-<run.name>-<what>``, so
+    each config's runs collect under one key in the Prefect UI's Artifacts page."""
+    slug = re.sub(r"[^a-z0-9]+", "-", run_name.lower()).strip("-") or "run"
+    return f"drift-{slug}-{what}"
+
+
+def link_mlflow_run(tracker: Tracker, key_name: str) -> None:
+    """A keyed Prefect link artifact on the flow run pointing at its MLflow run page (for a local
+    store: the address ``mlflow ui`` serves, see ``flows.story``); the MLflow run already carries the
+    flow run id (tag ``prefect.flow_run_id``)."""
     try:
-        from prefect.artifacts import create_link_artifact, create_markdown_artifact
+        from prefect.artifacts import create_link_artifact
         from prefect.runtime import flow_run
 
         if not flow_run.id:
             return
-        url = tracker.run_url()
-        description = f"MLflow parent run {tracker.run_id} (experiment {tracker.experiment_id})"
-        if url:
-            create_link_artifact(link=url, link_text=f"MLflow run {tracker.run_id}", description=description)
-        else:
-            from tasks.tracking import redact
-
-            create_markdown_artifact(
-                markdown=f"**MLflow run** `{tracker.run_id}` in experiment `{tracker.experiment_id}`: "
-                f"`mlflow ui --backend-store-uri {redact('uri', tracker.uri)}`",
-                description=description,
-            )
+        create_link_artifact(
+            key=artifact_key(key_name, "mlflow-run"),
+            link=tracker.ui_url(),
+            link_text=f"MLflow run {tracker.run_id}",
+            description=_ui_note(tracker),
+        )
     except Exception as exc:  # a missing link must never fail a run
         get_run_logger().warning("could not create the MLflow link artifact: %s", exc)
 
 
-def log_promotion(tracker: Tracker, result: dict) -> None:
-    """The promotion decision on the parent run: a tag, its numbers as metrics, a table artifact."""
-    from tasks.promote import promotion_table
+def _ui_note(tracker: Tracker) -> str:
+    from flows.story import ui_command
 
-    decision = "promoted" if result["promoted"] else "not promoted"
-    tracker.client.set_tag(tracker.run_id, "drift.promotion", f"{decision}: {result['reason']}")
-    numbers = {k: result[k] for k in ("delta", "ci_low", "ci_high") if k in result}
-    tracker.log_metrics(tracker.run_id, {f"promote.{k}": v for k, v in numbers.items()})
-    tracker.log_metrics(tracker.run_id, {"promote.promoted": float(result["promoted"])})
+    command = ui_command(tracker.uri)
+    where = f"experiment {tracker.experiment_id}, run {tracker.run_id}"
+    return f"MLflow {where}" + (f"; start the UI with `{command}`" if command else "")
+
+
+def publish_summary(tracker: Tracker, key_name: str, description: str) -> None:
+    """The parent run's description as a keyed Prefect markdown artifact (the same story in both UIs)."""
+    try:
+        from prefect.artifacts import create_markdown_artifact
+        from prefect.runtime import flow_run
+
+        if not flow_run.id:
+            return
+        create_markdown_artifact(
+            key=artifact_key(key_name, "summary"),
+            markdown=f"[MLflow run {tracker.run_id}]({tracker.ui_url()})\n\n{description}",
+            description=_ui_note(tracker),
+        )
+    except Exception as exc:  # a missing summary must never fail a run
+        get_run_logger().warning("could not create the summary artifact: %s", exc)
+
+
+def log_promotion(tracker: Tracker, result: dict) -> None:
+    """This run's promotion outcome on its parent run: a tag, a table artifact, and as metrics
+    ``promote.is_champion`` (every run) and, only when this run compared, ``promote.promoted`` and
+    the gain with its interval; a cached re-run's version already is the champion, it compared
+    nothing, and logs no 0 that would read like a failed promotion."""
+    from tasks.promote import ALREADY_CHAMPION, promotion_table
+
+    tracker.client.set_tag(tracker.run_id, "drift.promotion", f"{result['outcome']}: {result['reason']}")
+    metrics = {"promote.is_champion": float(result.get("champion") == result["version"])}
+    if result["outcome"] != ALREADY_CHAMPION:
+        metrics["promote.promoted"] = float(result["promoted"])
+        metrics |= {f"promote.{k}": result[k] for k in ("delta", "ci_low", "ci_high") if k in result}
+    tracker.log_metrics(tracker.run_id, metrics)
     tracker.client.log_table(
         tracker.run_id, data=promotion_table(result).to_pandas(), artifact_file="promotion.json"
     )
@@ -458,9 +539,12 @@ def log_promotion(tracker: Tracker, result: dict) -> None:
 
 def format_promotion(result: dict) -> str:
     head = f"promotion: {result['name']} version {result['version']} "
-    head += (
-        "PROMOTED to champion" if result["promoted"] else f"not promoted (champion: {result.get('champion')})"
-    )
+    if result.get("outcome") == "already champion":
+        head += "already is the champion (nothing to compare)"
+    elif result["promoted"]:
+        head += "PROMOTED to champion"
+    else:
+        head += f"not promoted (champion: {result.get('champion')})"
     lines = [head, f"  vs {result['baseline']}: {result['reason']}"]
     if "delta" in result:
         lines.append(

@@ -3,7 +3,12 @@
 ``challenger`` always points at the newest trained version; ``champion`` moves to it only when
 :func:`drift_core.promotion.decide_promotion` says so, comparing per-problem outcomes of the two
 evaluations on the same eval problems (paired by ``prompt_id``). The decision, with its numbers, is
-written on the version as ``drift.promotion*`` tags and returned for the flow to log and print.
+returned for the flow to log on its own parent run and print.
+
+The version's ``drift.promotion*`` tags say why it is (or is not) champion, so they are written once,
+by the run that decided: the first decision on a version, or a later run that moved ``champion`` to
+it. A cached re-run of the same model (its version already champion, nothing compared) or a run that
+merely repeats a verdict never overwrites them; it records its own outcome on its own parent run.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ from prefect import get_run_logger, task
 
 from drift_core.promotion import PromotionDecision, decide_promotion
 from drift_core.schemas import PromoteConfig
-from tasks.register import registry_client
+from tasks.registry import registry_client
 from tasks.store import ArtifactStore, Manifest
 
 __all__ = ["CHALLENGER", "CHAMPION", "current_champion", "promote", "solved_within"]
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+ALREADY_CHAMPION = "already champion"  # the outcome of a run that compared nothing: no decision
+TAG = "drift.promotion"  # on the version: "promoted" | "not promoted"; on a parent run: its outcome
 
 
 def current_champion(tracking_uri: str, name: str) -> str | None:
@@ -53,7 +60,7 @@ def _paired(
     return [challenger[i] for i in ids], [baseline[i] for i in ids]
 
 
-@task(name="promote")
+@task(name="promote", task_run_name="promote")
 def promote(
     name: str,
     version: str,
@@ -63,17 +70,22 @@ def promote(
     cfg: PromoteConfig,
     store_root: str,
     tracking_uri: str,
+    run_id: str = "",
 ) -> dict:
     """Set ``challenger`` on ``version``; move ``champion`` to it when it beats ``baseline``.
-    ``baseline`` None: ``version`` already is the champion (a cached re-run), nothing to compare."""
+    ``baseline`` None: ``version`` already is the champion (a cached re-run), nothing to compare.
+    ``run_id``: the MLflow parent run deciding, named on the version when it writes the verdict."""
     logger = get_run_logger()
     client = registry_client(tracking_uri)
     client.set_registered_model_alias(name, CHALLENGER, version)
+    tags = client.get_model_version(name, version).tags
     if baseline is None:
         result = {
             "promoted": False,
+            "outcome": ALREADY_CHAMPION,
             "champion": version,
-            "reason": f"version {version} already is the champion",
+            "reason": f"version {version} already is the champion"
+            + (f" (promoted by run {tags[TAG + '.run_id']})" if tags.get(TAG + ".run_id") else ""),
         }
     else:
         store = ArtifactStore(store_root)
@@ -84,27 +96,50 @@ def promote(
         if decision.promote:
             client.set_registered_model_alias(name, CHAMPION, version)
         champion = version if decision.promote else current_champion(tracking_uri, name)
-        result = {"promoted": decision.promote, "champion": champion, **decision.model_dump()}
+        outcome = "promoted" if decision.promote else "not promoted"
+        result = {
+            "promoted": decision.promote,
+            "outcome": outcome,
+            "champion": champion,
+            **decision.model_dump(),
+        }
     result.update(name=name, version=version, baseline=baseline_label)
-    client.set_model_version_tag(
-        name, version, "drift.promotion", "promoted" if result["promoted"] else "not promoted"
-    )
-    client.set_model_version_tag(name, version, "drift.promotion.reason", result["reason"])
-    client.set_model_version_tag(name, version, "drift.promotion.baseline", baseline_label)
-    logger.info(
-        "%s version %s: %s (%s)",
-        name,
-        version,
-        "PROMOTED to champion" if result["promoted"] else "not promoted",
-        result["reason"],
-    )
+    decided = result["outcome"] != ALREADY_CHAMPION
+    if decided and (TAG not in tags or result["promoted"]):  # the first verdict, or the alias moved
+        for key, value in version_tags(result, run_id).items():
+            client.set_model_version_tag(name, version, key, value)
+    elif decided and tags.get(TAG + ".run_id"):
+        result["reason"] += f" (version tags keep the verdict of run {tags[TAG + '.run_id']})"
+    logger.info("%s version %s: %s (%s)", name, version, result["outcome"].upper(), result["reason"])
     return result
+
+
+def version_tags(result: dict, run_id: str) -> dict[str, str]:
+    """The verdict as the version's ``drift.promotion*`` tags: outcome, reason, baseline, the gain
+    and its interval in points, and the run that decided."""
+    tags = {
+        TAG: result["outcome"],
+        f"{TAG}.reason": result["reason"],
+        f"{TAG}.baseline": result["baseline"],
+        f"{TAG}.run_id": run_id,
+    }
+    if "delta" in result:
+        level = 100 * (1 - result["alpha"])
+        tags[f"{TAG}.delta_points"] = f"{100 * result['delta']:+.1f}"
+        tags[f"{TAG}.interval_points"] = (
+            f"{level:.0f}% [{100 * result['ci_low']:+.1f}, {100 * result['ci_high']:+.1f}]"
+        )
+        tags[f"{TAG}.multi_at_t"] = (
+            f"{100 * result['challenger_multi_at_t']:.1f}% vs {100 * result['baseline_multi_at_t']:.1f}% "
+            f"on {result['n_problems']} problems"
+        )
+    return tags
 
 
 def promotion_table(result: dict) -> pl.DataFrame:
     """The decision as a one-row-per-quantity table (logged as an MLflow table artifact)."""
     keys = [
-        "name", "version", "baseline", "promoted", "champion", "challenger_multi_at_t",
+        "name", "version", "baseline", "outcome", "promoted", "champion", "challenger_multi_at_t",
         "baseline_multi_at_t", "delta", "ci_low", "ci_high", "min_delta", "alpha", "n_problems", "reason",
     ]  # fmt: skip
     return pl.DataFrame(

@@ -1,6 +1,7 @@
-"""MLflow registered models (``models:/...``) as model references.
+"""The MLflow model registry, both ways: ``models:/...`` references read as models, and the
+trained model written as a registered version.
 
-``models:/<name>@<alias>``, ``models:/<name>/<version>`` and ``models:/<name>/latest`` name a
+Reading. ``models:/<name>@<alias>``, ``models:/<name>/<version>`` and ``models:/<name>/latest`` name a
 version in an MLflow model registry. Versions are immutable, so
 
 * the fingerprint is ``mlflow:<name>/<version>``: the rollout cache (and the reference watcher,
@@ -16,18 +17,33 @@ version in an MLflow model registry. Versions are immutable, so
 Which registry: ``ModelConfig.registry_uri``, else ``$MLFLOW_REGISTRY_URI``, else the run's
 ``run.tracking_uri`` (flows and the watcher pass it), else ``$MLFLOW_TRACKING_URI``, MLflow's own
 rule (the registry lives on the tracking server unless told otherwise).
+
+Writing (the ``register-model`` stage). The model directory is logged as the artifacts of an MLflow 3
+*logged model* of the train run and registered as a new version of ``run.registered_model`` *from
+that logged model*, so MLflow links the two both ways (the logged model's page names its version,
+the train run lists the model, evaluation metrics logged with its ``model_id`` show on it). The
+version's files are a flat transformers directory, which ``models:/NAME/<version>`` loading reads
+back as it is. Lineage goes on the version as ``drift.*`` tags. A model already registered under
+that name with the same content hash (tag ``drift.model_sha256``) is not registered again: a cached
+re-run finds and returns its version.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
+
+from prefect import get_run_logger, task
+from pydantic import BaseModel
 
 from drift_core.schemas import ModelConfig
 from tasks.model_files import ModelError, atomic_dir, default_cache_root, model_lock
@@ -206,3 +222,143 @@ def _flatten_model(root: Path, out: Path, what: str) -> None:
         for entry in tokenizer_dir.iterdir():
             if not (out / entry.name).exists():
                 shutil.move(str(entry), out / entry.name)
+
+
+# ------------------------------------------------------------------ writing: the register stage
+
+SHA_TAG = "drift.model_sha256"
+_MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # what the logged-model page reads to name its versions
+
+
+class RegisteredVersion(BaseModel):
+    name: str
+    version: str
+    created: bool  # False: an earlier run registered this very model
+    model_id: str | None = None  # the logged model the version was registered from
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def registry_client(tracking_uri: str):
+    """A client whose registry is the tracking server's (MLflow's default; said explicitly)."""
+    return _client(_local_tracking_uri(tracking_uri))
+
+
+def ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    with contextlib.suppress(MlflowException):  # already there
+        client.create_registered_model(
+            name, description="Models trained by drift (weighted SFT on multi-turn rollouts)."
+        )
+
+
+def logged_model_name(registered: str) -> str:
+    """The logged model's name: the registered model's, with the characters MLflow refuses in a
+    logged model's name (``/ : . % " '``) but allows in a registered model's (Unity Catalog names
+    are ``catalog.schema.model``; a run named ``lr-1.0``) replaced by ``-``."""
+    return re.sub(r"[/:.%\"']", "-", registered)
+
+
+def find_version(client, name: str, sha256: str):
+    """The version (MLflow ``ModelVersion``) of ``name`` whose model content hash is ``sha256``
+    (the oldest), if any."""
+    found = client.search_model_versions(
+        f"name = '{name}' and tags.`{SHA_TAG}` = '{sha256}'", order_by=["version_number ASC"]
+    )
+    return found[0] if found else None
+
+
+@task(name="register-model", task_run_name="register-model")
+def register_model(
+    model_dir: str,
+    sha256: str,
+    name: str,
+    tracking_uri: str,
+    experiment_id: str,
+    train_run_id: str,
+    lineage: dict[str, str],
+) -> RegisteredVersion:
+    """Log ``model_dir`` as a logged model of the train run and register it (once per content hash)."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    logger = get_run_logger()
+    client = registry_client(tracking_uri)
+    ensure_registered_model(client, name)
+    if existing := find_version(client, name, sha256):
+        model_id = version_model_id(existing)
+        if model_id:  # the train run of this (cached) run produced that model too: listed on it
+            client.log_outputs(train_run_id, [LoggedModelOutput(model_id, step=0)])
+        logger.info("model %s is already registered as %s version %s", sha256[:12], name, existing.version)
+        return RegisteredVersion(name=name, version=str(existing.version), created=False, model_id=model_id)
+    tags = {**lineage, SHA_TAG: sha256}
+    logged = client.create_logged_model(
+        experiment_id,
+        name=logged_model_name(name),
+        source_run_id=train_run_id,
+        tags=tags,
+        model_type="transformers",
+    )
+    client.log_model_artifacts(logged.model_id, model_dir)
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    client.log_outputs(train_run_id, [LoggedModelOutput(logged.model_id, step=0)])  # run -> model
+    # Registered from the logged model (source models:/<model_id>), as mlflow.register_model does:
+    # the MLflow UI links a version to its logged model through that source. The registry stores
+    # the logged model's artifact location as the version's download location, so loading
+    # (materialize_registered) still reads the files directly.
+    with _global_tracking_uri(_local_tracking_uri(tracking_uri)):
+        version = client.create_model_version(
+            name,
+            source=f"models:/{logged.model_id}",
+            run_id=train_run_id,
+            tags=tags,
+            description=describe_version(lineage),
+            model_id=logged.model_id,
+        )
+    # model -> version: what mlflow.register_model writes, and what the logged model's page reads
+    client.set_logged_model_tags(
+        logged.model_id,
+        {_MODEL_VERSIONS_TAG: json.dumps([{"name": name, "version": str(version.version)}])},
+    )
+    logger.info("registered %s version %s (model %s)", name, version.version, sha256[:12])
+    return RegisteredVersion(name=name, version=str(version.version), created=True, model_id=logged.model_id)
+
+
+def version_model_id(version) -> str | None:
+    """The logged model a registered version was registered from (its ``models:/<model_id>``
+    source; MLflow's sqlite registry does not keep ``model_id`` itself)."""
+    source = str(getattr(version, "source", "") or "")
+    if source.startswith(PREFIX) and "/" not in source[len(PREFIX) :]:
+        return source[len(PREFIX) :]
+    return getattr(version, "model_id", None)
+
+
+def _global_tracking_uri(uri: str):
+    """MLflow's sqlite registry resolves a ``models:/<model_id>`` source through the process-wide
+    tracking URI, not the client's (an MLflow TODO): point it at ``uri`` for the call, then back."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    return _use_tracking_uri(uri)
+
+
+def describe_version(lineage: dict[str, Any]) -> str:
+    """The version's description (markdown, shown on its page): what it was trained from and where
+    its rollouts and runs are (links relative to the MLflow UI's own address)."""
+    experiment = lineage.get("drift.experiment_id", "")
+    parent = lineage.get("drift.mlflow_parent_run_id", "?")
+    rollouts_run = lineage.get("drift.rollouts_run_id", "")
+    lines = [
+        f"Trained from `{lineage.get('drift.base_model', '?')}` on rollouts of "
+        f"`{lineage.get('drift.reference_fingerprint', '?')}`.",
+        "",
+        f"* drift run: [{parent}](#/experiments/{experiment}/runs/{parent})",
+    ]
+    if rollouts_run:
+        lines.append(
+            f"* rollouts: [run {rollouts_run}, artifacts `rollouts/`]"
+            f"(#/experiments/{experiment}/runs/{rollouts_run}/artifacts/rollouts)"
+        )
+    lines.append("* promotion decision: the tags `drift.promotion*` below")
+    return "\n".join(lines)

@@ -111,8 +111,8 @@ def run_episodes(
         for i, content, verdict in zip(targets, contents, verdicts, strict=False):
             episodes[i].add_turn(content, verdict)
             seconds[i] += elapsed
-        if progress:
-            progress(len(targets))
+        if progress:  # counts trajectories, as its total does: those this turn ended
+            progress(sum(1 for i in targets if not episodes[i].is_open()))
     return [ep.to_record(gen_seconds=s) for ep, s in zip(episodes, seconds, strict=False)]
 
 
@@ -166,7 +166,7 @@ def rollout_shard(
     started = time.perf_counter()
     with (
         grader_for(protocol, verifier) as grader,
-        tqdm(total=len(rows) * k, desc=f"{stage} {shard}", unit="turn", leave=False) as bar,
+        tqdm(total=len(rows) * k, desc=f"{stage} {shard}", unit="traj", leave=False) as bar,
     ):
         records = run_episodes(
             engine,

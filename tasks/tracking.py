@@ -69,7 +69,15 @@ def open_tracking_store(uri: str) -> None:
 class Tracker:
     """Thin wrapper over MlflowClient for drift's run layout."""
 
-    def __init__(self, cfg: DriftConfig, run_name: str | None = None, tags: dict[str, str] | None = None):
+    def __init__(
+        self,
+        cfg: DriftConfig,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+        omit_sections: tuple[str, ...] = (),
+    ):
+        """``omit_sections``: config sections this kind of run does not use (``online`` for a DRIFT
+        run), left out of its params so that no unused setting looks like one that mattered."""
         from mlflow.tracking import MlflowClient
 
         self.uri = _local_tracking_uri(cfg.run.tracking_uri)
@@ -97,7 +105,7 @@ class Tracker:
         )
         self.run_id = run.info.run_id
         self.stage_runs: dict[str, str] = {}
-        params = {k: redact(k, v) for k, v in flatten(cfg).items()}
+        params = {k: redact(k, v) for k, v in flatten(cfg).items() if k.split(".", 1)[0] not in omit_sections}
         self.log_params(self.run_id, params)
         self.log_dict(self.run_id, cfg.model_dump(mode="json"), "config.json")
 
@@ -113,14 +121,17 @@ class Tracker:
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         self.log_metric_steps(run_id, [(k, v, step) for k, v in metrics.items()])
 
-    def log_metric_steps(self, run_id: str, rows: list[tuple[str, Any, int]]) -> None:
+    def log_metric_steps(
+        self, run_id: str, rows: list[tuple[str, Any, int]], model_id: str | None = None
+    ) -> None:
         """``(key, value, step)`` rows in as few writes as possible (one per 500 rows: each write is
-        a database transaction); values that are not finite numbers are skipped."""
+        a database transaction); values that are not finite numbers are skipped. ``model_id``: the
+        metrics are also the logged model's (shown on its page)."""
         from mlflow.entities import Metric
 
         now = _now_ms()
         items = [
-            Metric(k, float(v), now, step)
+            Metric(k, float(v), now, step, model_id=model_id)
             for k, v, step in rows
             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
         ]
@@ -160,12 +171,9 @@ class Tracker:
             self.log_params(run_id, {k: redact(k, v) for k, v in params.items()})
         return run_id
 
-    def run_url(self, run_id: str | None = None) -> str | None:
-        """The run's page in the MLflow web UI, when the tracking URI is a server (http/https)."""
-        if not self.uri.startswith(("http://", "https://")):
-            return None
-        base = _URL_CREDENTIALS.sub("", self.uri).rstrip("/")
-        return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id or self.run_id}"
+    def ui_url(self, run_id: str | None = None) -> str:
+        """The run's page in the MLflow UI, opening on runs (``run_url``)."""
+        return run_url(self.uri, self.experiment_id, run_id or self.run_id)
 
     def end_stage(self, name: str, status: str = "FINISHED") -> None:
         if name in self.stage_runs:
@@ -180,6 +188,22 @@ class Tracker:
 
 
 EXPERIMENT_KIND = "mlflow.experimentKind"
+UI_ENV = "DRIFT_MLFLOW_UI_URL"  # where `mlflow ui` serves a local store (default: its own default)
+
+
+def mlflow_ui_base(tracking_uri: str) -> str:
+    """The MLflow UI's address: the tracking server's own (credentials removed), else
+    ``$DRIFT_MLFLOW_UI_URL``, else ``http://127.0.0.1:5000`` (``mlflow ui``'s default)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return _URL_CREDENTIALS.sub("", tracking_uri).rstrip("/")
+    return os.environ.get(UI_ENV, "http://127.0.0.1:5000").rstrip("/")
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI. MLflow 3 opens experiments on its GenAI pages unless its
+    global "GenAI | Model training" switch (kept in the browser) says otherwise; the
+    ``workflowType=machine_learning`` parameter sets it, so the UI lands on runs."""
+    return f"{mlflow_ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def source_tags() -> dict[str, str]:

@@ -89,9 +89,18 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     for run_id in (by_stage["train"].info.run_id, run1):
         assert len(client.get_metric_history(run_id, "train.loss")) == 2  # max_steps: 2, by step
     for run_id in (by_stage["evaluate-trained"].info.run_id, run1):
-        assert len(client.get_metric_history(run_id, "arith.trained.multi_at")) == 2  # by turn
-        assert "arith.trained.multi_at_t2" in client.get_run(run_id).data.metrics
+        metrics = client.get_run(run_id).data.metrics  # one metric per turn, no last-value series
+        assert {"arith.trained.multi_at_t1", "arith.trained.multi_at_t2"} <= set(metrics)
+        assert "arith.trained.multi_at" not in metrics and "arith.trained.accuracy_at_turn" not in metrics
+    # stage params carry their section: one name per quantity, no bare "beta" or "artifact"
+    assert (
+        by_stage["weights"].data.params["weights.beta"] == "0.1"
+        and "beta" not in by_stage["weights"].data.params
+    )
+    assert not [k for k in parent.data.params if k.startswith("online.")]  # a DRIFT run uses none
     assert parent.info.run_name.startswith("tiny-") and by_stage["train"].info.run_name == "train"
+    with prefect_client(env) as prefect:  # the Prefect flow run is named as the MLflow run
+        assert prefect.read_flow_run(flow_run_of(tracking, run1)).name == parent.info.run_name
     commit = parent.data.tags.get("mlflow.source.git.commit")  # absent outside a git checkout
     assert commit == by_stage["train"].data.tags.get("mlflow.source.git.commit")
     artifacts = {a.path for a in client.list_artifacts(run1)}
@@ -177,8 +186,8 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
             [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run5}'"
         )
     }
-    assert by_stage["rollout"].data.params["reference_fingerprint"] == made_fp
-    assert by_stage["evaluate-reference"].data.params["model_fingerprint"] == now_fp
+    assert by_stage["rollout"].data.params["rollout.reference_fingerprint"] == made_fp
+    assert by_stage["evaluate-reference"].data.params["eval.model_fingerprint"] == now_fp
 
 
 def test_rollouts_fingerprint_comes_from_what_made_the_rollouts():
@@ -233,7 +242,7 @@ def test_drift_eval_evaluates_any_model_directory(workdir, prefect_server):
     )
     assert stage.data.tags["drift.stage"] == "evaluate-model" and stage.info.status == "FINISHED"
     # multi@t from the stage's per-problem records, by hand: problems solved within t turns / all
-    records = pl.read_parquet(stage.data.params["artifact"])
+    records = pl.read_parquet(stage.data.params["eval.artifact"])
     assert records.height == 3
     for t in (1, 2):
         solved = sum(any(c[:t]) for c in records["turn_correct"].to_list()) / records.height

@@ -177,7 +177,7 @@ def test_two_rounds_register_promote_and_stop(loop):
         assert run.data.tags["drift.promotion"].startswith(promotion)
         assert (
             run.data.tags["drift.rollout_manifest"]
-            and json.loads(run.data.tags["drift.rollout_manifest"])["key"] == tags["drift.rollout_manifest"]
+            and json.loads(run.data.tags["drift.rollout_manifest"])["key"] == tags["drift.rollout_key"]
         )
         assert versions[version].run_id in {
             c.info.run_id

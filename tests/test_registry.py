@@ -116,7 +116,7 @@ def test_a_registered_name_with_dots_registers_and_loads(registry, tiny_model_di
     fail after training. It registers now, and the version loads with the trained weights."""
     from prefect.logging import disable_run_logger
 
-    from tasks.register import register_model
+    from tasks.registry import register_model
 
     run = registry.client.create_run(registry.experiment)
     with disable_run_logger():

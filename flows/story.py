@@ -1,0 +1,146 @@
+"""What a run tells the people who open it: URLs into the MLflow and Prefect UIs, the parent run's
+description, its cache tags, one log line per stage, and the Prefect artifact.
+
+MLflow 3's UI opens an experiment on its GenAI pages unless told otherwise; the switch is a global
+"GenAI | Model training" setting the UI keeps in the browser and takes from a ``workflowType`` URL
+parameter, so every URL drift prints carries ``workflowType=machine_learning`` and lands on runs.
+A local store (``sqlite:///...``) has no web address of its own: its URLs assume ``mlflow ui`` on
+``$DRIFT_MLFLOW_UI_URL`` (default ``http://127.0.0.1:5000``, ``mlflow ui``'s own default).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.store import Manifest
+from tasks.tracking import UI_ENV, mlflow_ui_base, redact, run_url
+
+__all__ = [
+    "UI_ENV",
+    "cache_tags",
+    "describe_run",
+    "mlflow_ui_base",
+    "per_turn_markdown",
+    "prefect_flow_run_url",
+    "run_url",
+    "stage_line",
+    "ui_command",
+]
+
+
+def ui_command(tracking_uri: str) -> str | None:
+    """How to start the UI for a local store (None for a server, which has its own)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return None
+    base = mlflow_ui_base(tracking_uri)
+    port = base.rsplit(":", 1)[-1] if base.count(":") == 2 else "5000"
+    return f"mlflow ui --backend-store-uri {redact('uri', tracking_uri)} --host 127.0.0.1 --port {port}"
+
+
+def prefect_flow_run_url(flow_run_id: str | None) -> str | None:
+    """The flow run's page in the Prefect UI, when one is configured (``PREFECT_UI_URL``, or
+    derived from ``PREFECT_API_URL``); the CLI's temporary server has none worth linking."""
+    if not flow_run_id:
+        return None
+    from flows import prefect_server
+
+    server = prefect_server._server  # the CLI's temporary server: gone when the command ends
+    if server is not None and server.proc is not None:
+        return None
+    try:
+        from prefect.utilities.urls import url_for
+
+        return url_for("flow-run", obj_id=flow_run_id)
+    except Exception:
+        return None
+
+
+def _pct(value: Any) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def per_turn_markdown(results: dict[str, Manifest]) -> str:
+    """The per-turn table (multi@t of each system) as markdown: ``| turn | reference | trained |``."""
+    systems = list(results)
+    turns = max((len(m.meta.get("multi_at", [])) for m in results.values()), default=0)
+    n = max((int(m.meta.get("n_problems") or 0) for m in results.values()), default=0)
+    lines = [
+        "| turn | " + " | ".join(f"{s} multi@t" for s in systems) + " |",
+        "|---:|" + "---:|" * len(systems),
+    ]
+    for t in range(turns):
+        cells = []
+        for s in systems:
+            curve = results[s].meta.get("multi_at", [])
+            cells.append(_pct(curve[t]) if t < len(curve) else "")
+        lines.append(f"| {t + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + (f"\n\n{n} problems, greedy, cumulative accuracy within t turns." if n else "")
+
+
+def cache_tags(states: dict[str, list[str]]) -> dict[str, str]:
+    """``drift.cached_stages`` / ``drift.computed_stages`` (comma-separated stage labels) and
+    ``drift.cache``: ``all cached``, ``none cached`` or ``3 of 11 stages cached``."""
+    cached = [label for label, ss in states.items() if ss and all(s == "Cached" for s in ss)]
+    computed = [label for label in states if label not in cached]
+    if not computed:
+        summary = "all cached"
+    elif not cached:
+        summary = "none cached"
+    else:
+        summary = f"{len(cached)} of {len(states)} stages cached"
+    return {
+        "drift.cache": summary,
+        "drift.cached_stages": ", ".join(cached) or "-",
+        "drift.computed_stages": ", ".join(computed) or "-",
+    }
+
+
+def describe_run(
+    title: str,
+    results: dict[str, Manifest],
+    benchmark: str,
+    states: dict[str, list[str]],
+    seconds: dict[str, float],
+    links: dict[str, str | None],
+) -> str:
+    """The parent run's description (markdown, the run page's "Description"): what the run is, its
+    cache status, the per-turn table of the primary benchmark, and links."""
+    tags = cache_tags(states)
+    parts = [
+        f"**{title}**: {tags['drift.cache']} (computed: {tags['drift.computed_stages']}).",
+        "",
+        f"**{benchmark}**",
+        "",
+        per_turn_markdown(results),
+        "",
+    ]
+    links_md = [f"* {label}: {target}" for label, target in links.items() if target]
+    if links_md:
+        parts += ["**Links**", "", *links_md, ""]
+    parts += ["| stage | state | seconds |", "|---|---|---:|"]
+    for label, ss in states.items():
+        state = "Cached" if ss and all(s == "Cached" for s in ss) else ", ".join(sorted(set(ss)))
+        parts.append(f"| {label} | {state} | {seconds.get(label, 0.0):.1f} |")
+    return "\n".join(parts)
+
+
+_KEY_NUMBERS = {
+    "rollout": ("trajectories", "solved_by_turn_1", "mean_turns", "tokens_per_s"),
+    "weights": ("ess_overall", "max_weight", "unsolved_group_share"),
+    "train": ("steps", "final_loss", "tokens_per_s"),
+    "ingest": (),
+}
+
+
+def stage_line(label: str, cached: bool, seconds: float, manifest: Manifest) -> str:
+    """One log line per stage: ``weights: computed in 0.4 s; 64 rows; ess_overall=0.41, ...``."""
+    meta = manifest.meta
+    section = "evaluate" if label.startswith("evaluate") else label
+    numbers = [
+        f"{k}={meta[k]:.4g}" for k in _KEY_NUMBERS.get(section, ()) if isinstance(meta.get(k), int | float)
+    ]
+    if section == "evaluate" and meta.get("multi_at"):
+        numbers.append("multi@t " + " / ".join(_pct(v) for v in meta["multi_at"]))
+    rows = f"; {manifest.rows} rows" if manifest.rows is not None else ""
+    extra = f"; {', '.join(numbers)}" if numbers else ""
+    return f"{label}: {'cached' if cached else 'computed'} in {seconds:.1f} s{rows}{extra} (key {manifest.key[:12]})"
