@@ -22,6 +22,7 @@ from drift_core.verify import make_verifier
 from flows.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(600)  # two GRPO runs of two steps: about a minute each on 2 busy cores
 
 
 @pytest.fixture(autouse=True)
@@ -106,16 +107,17 @@ def _check_tokens(rec: dict, tokenizer, cfg) -> bool:
     return True
 
 
-def _independent_returns(rows: list[dict], golds: dict[str, str], cfg, tmp: Path) -> list[float]:
-    """Re-grade every stored assistant message against the dataset's gold and compute the returns
-    the way the DRIFT pipeline does: a trajectories parquet through the weights stage's reader."""
+def _independent_returns(rows: list[dict], golds: dict[str, str], cfg) -> list[float]:
+    """Re-grade every stored assistant message against the dataset's gold (the protocol's grading,
+    not the online code's), then the return written out by hand (docs/method.md#return):
+    sum_t gamma^(t-1) correct_t + format penalties - lambda * (1 - distinct answers / answers given),
+    a turn without a parsed answer counting in neither."""
     from tasks.golds import check_golds
-    from tasks.rollout import records_to_frame
-    from tasks.weights_io import weigh_parquet
 
     table = pl.DataFrame({"prompt_id": list(golds), "gold": list(golds.values())})
     verifier = make_verifier(check_golds(table, cfg.data, cfg.verifier, ""))  # the run's verifier kind
-    episodes = []
+    gamma, lam = cfg.weights.gamma, cfg.weights.repetition_lambda
+    returns = []
     for rec in rows:
         episode = Episode.start(rec["prompt_id"], 0, "-", golds[rec["prompt_id"]], cfg.protocol)
         for message in (m for m in rec["messages"] if m["role"] == "assistant"):
@@ -124,10 +126,12 @@ def _independent_returns(rows: list[dict], golds: dict[str, str], cfg, tmp: Path
                 message["content"], grade_turn(message["content"], episode.gold, cfg.protocol, verifier)
             )
         assert not episode.is_open(), "the episode stopped before it was solved or out of turns"
-        episodes.append(episode.to_record(gen_seconds=0.0))
-    records_to_frame(episodes).write_parquet(tmp / "graded.parquet")
-    weigh_parquet(tmp / "graded.parquet", tmp / "weighted.parquet", cfg.weights)
-    return pl.read_parquet(tmp / "weighted.parquet")["return"].to_list()
+        r = episode.to_record(gen_seconds=0.0)
+        discounted = sum(gamma**t for t, correct in enumerate(r.turn_correct) if correct)
+        given = [a for a in r.normalized_answers if a is not None]
+        repetition = lam * (1 - len(set(given)) / len(given)) if given else 0.0
+        returns.append(discounted + r.format_penalty - repetition)
+    return returns
 
 
 def _check_logprobs(rows: list[dict], model, temperature: float) -> None:
@@ -190,7 +194,7 @@ def test_online_grpo_smoke(tmp_path):
         m.step: m.value for m in client.get_metric_history(run.info.run_id, "rewards/drift_return/mean")
     }
     for step, rows in steps.items():
-        expected = _independent_returns(rows, golds, cfg, tmp_path)
+        expected = _independent_returns(rows, golds, cfg)
         assert [r["drift_return"] for r in rows] == pytest.approx(expected, abs=1e-9)
         assert logged[step] == pytest.approx(sum(expected) / len(expected), abs=1e-5)
 
@@ -243,3 +247,29 @@ def test_online_refuses_a_feedback_temperature_it_cannot_score(tmp_path):
     ):
         train_online(cfg, base_dir=ROOT)
     assert not (tmp_path / "online").exists()
+
+
+def test_online_run_directory_is_keyed_by_what_changes_the_training(tmp_path):
+    """A re-run of the same command finds its run directory (resumes or returns the finished
+    result); a change of anything that changes what is trained, the reward's gamma and
+    repetition_lambda included, gets a directory of its own; worker counts and beta (not part of
+    the online reward) do not."""
+    from tasks.online_rl import run_dir
+
+    base = run_dir(_config(tmp_path), "sha256:model-a")
+    assert base == run_dir(_config(tmp_path), "sha256:model-a")
+    assert base.parent == (tmp_path / "online").resolve() and base.name.startswith("tiny-"), base
+    assert run_dir(_config(tmp_path), "sha256:model-b") != base
+    changed = [
+        "weights.repetition_lambda=0.25",
+        "weights.gamma=0.5",
+        "rollout.sampling.temperature=0.7",
+        "protocol.max_turns=3",
+        "data.arith.seed=1",
+        "online.learning_rate=2e-4",
+        "online.num_generations=4",
+    ]
+    dirs = [run_dir(_config(tmp_path, change), "sha256:model-a") for change in changed]
+    assert base not in dirs and len(set(dirs)) == len(changed), dict(zip(changed, dirs, strict=True))
+    for same in ("verifier.workers=2", "weights.beta=0.5"):
+        assert run_dir(_config(tmp_path, same), "sha256:model-a") == base, same
