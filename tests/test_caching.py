@@ -13,13 +13,7 @@ import pytest
 
 from drift_core.schemas import ArithConfig, DataConfig
 
-
-@pytest.fixture
-def prefect_api(prefect_server):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
-        yield
+pytestmark = pytest.mark.timeout(300)  # a flow run against the session's Prefect server
 
 
 def _ingest_twice(store_root: Path, between=None) -> list[list[str]]:
@@ -89,5 +83,11 @@ def test_task_called_directly_returns_the_manifest(tmp_path):
 
     cfg = DataConfig(source="builtin:arith", arith=ArithConfig(n=4, digits=1, seed=7))
     first = ingest.fn(cfg, str(tmp_path))
+    files = sorted(Path(first.uri).parent.iterdir())
+    assert [f.name for f in files] == ["data.parquet", "manifest.json"], files
+    written = {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in files}
     again = ingest.fn(cfg, str(tmp_path))
     assert isinstance(again, Manifest) and again == first
+    # served, not recomputed: ingest is deterministic, so only the files show it. A recompute
+    # writes each file under a temporary name and renames it into place: a new inode.
+    assert {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in files} == written
