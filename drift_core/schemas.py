@@ -428,6 +428,11 @@ class TrainConfig(StrictModel):
         "masks the end of turn where pad and end of turn are one token (SmolLM2) and not where "
         "they differ (Qwen2.5)",
     )
+    lr_schedule: Literal["linear", "constant"] = Field(
+        default="linear",
+        description="after the warmup: linear decay to 0 (drift) or constant (weight_sft.py's run "
+        "script: constant_with_warmup)",
+    )
     checkpoint_every: int = Field(default=50, ge=1, description="optimizer steps between checkpoints")
     seed: int = 0
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -447,7 +452,8 @@ class TrainConfig(StrictModel):
     def _leave_out_default_supervise_eot(self, handler):
         """At its default the field is absent from dumps, so train cache keys written before it
         existed still match (drift always supervised the end of turn)."""
-        return _without_field_at(handler(self), "supervise_eot", True)
+        data = _without_field_at(handler(self), "supervise_eot", True)
+        return _without_field_at(data, "lr_schedule", "linear")
 
 
 _ENTRY_NAME = r"^[A-Za-z0-9_-]+$"

@@ -34,6 +34,7 @@ __all__ = [
     "group_ess",
     "group_index",
     "group_weights",
+    "weight_warnings",
 ]
 
 
@@ -187,6 +188,8 @@ class WeightDiagnostics(BaseModel):
     ess_fraction: float
     max_weight: float
     share_groups_no_success: float
+    share_weight_no_success: float = 0.0
+    max_group_size: int = 0
     mean_return: float
 
 
@@ -230,13 +233,16 @@ def diagnostics(
             ess_fraction=0.0,
             max_weight=0.0,
             share_groups_no_success=0.0,
+            share_weight_no_success=0.0,
             mean_return=0.0,
         )
     gi = group_index(g)
     per_group = group_ess(w, g, gi)
     ess_all = float(_ess(np.array([w.sum()]), np.array([np.dot(w, w)]))[0])
     solved_per_group = np.bincount(gi.inverse, weights=s.astype(np.float64), minlength=gi.n_slots)
+    unsolved_rows = solved_per_group[gi.inverse] == 0  # before the empty slots are dropped
     solved_per_group = solved_per_group[gi.sizes > 0]
+    total = float(w.sum())
     return WeightDiagnostics(
         n_trajectories=n,
         n_groups=gi.n_groups,
@@ -246,5 +252,38 @@ def diagnostics(
         ess_fraction=ess_all / n,
         max_weight=float(w.max()),
         share_groups_no_success=float((solved_per_group == 0).mean()),
+        share_weight_no_success=float(w[unsolved_rows].sum()) / total if total > 0 else 0.0,
+        max_group_size=int(gi.sizes.max()),
         mean_return=float(r.mean()),
     )
+
+
+# Past these, a training run is likely to teach little or the wrong thing (docs/method.md#weight-diagnostics).
+MAX_SHARE_WEIGHT_NO_SUCCESS = 0.25
+MIN_ESS_FRACTION = 0.1
+
+
+def weight_warnings(d: WeightDiagnostics) -> list[str]:
+    """What to fix before spending a training run on these weights (empty: nothing)."""
+    largest_group = d.max_group_size  # K: the most one weight can be (group weights average 1)
+    out: list[str] = []
+    if d.share_weight_no_success > MAX_SHARE_WEIGHT_NO_SUCCESS:
+        out.append(
+            f"{d.share_weight_no_success:.0%} of the weight is on groups in which no trajectory is solved "
+            f"({d.share_groups_no_success:.0%} of the groups; threshold {MAX_SHARE_WEIGHT_NO_SUCCESS:.0%}): "
+            "there the weights only rank failures, and training imitates them. Raise rollout.k or the "
+            "rollout temperature (rollout.sampling.feedback_temperature for the retries), use a feedback "
+            "the reference can act on (protocol.feedback: {kind: direction}), easier prompts, or "
+            "weights.unsolved_groups: drop"
+        )
+    if d.n_trajectories and d.ess_fraction < MIN_ESS_FRACTION:
+        out.append(
+            f"ESS {d.ess_overall:.1f} of {d.n_trajectories} trajectories ({d.ess_fraction:.1%}; threshold "
+            f"{MIN_ESS_FRACTION:.0%}): a few trajectories carry the weight. Raise weights.beta or rollout.k"
+        )
+    if largest_group > 1 and d.max_weight >= 0.9 * largest_group:
+        out.append(
+            f"max weight {d.max_weight:.2f} of a possible {largest_group}: one trajectory holds its whole "
+            "group's weight (weights.beta is small against the return gaps). Raise weights.beta"
+        )
+    return out

@@ -15,6 +15,7 @@ import sys
 from pydantic import ValidationError
 
 from drift_core.schemas import WeightsConfig
+from drift_core.weights import weight_warnings
 
 _DEFAULTS = WeightsConfig()
 
@@ -101,10 +102,13 @@ def run(args: argparse.Namespace) -> int:
         ("ESS per group min", report.ess_per_group_min),
         ("max weight", report.max_weight),
         ("groups with no success", report.share_groups_no_success),
+        ("weight on groups with no success", report.share_weight_no_success),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"  {key:<{width}}  {_fmt(value):>14}")
+    for warning in weight_warnings(report):
+        print(f"WARNING: {warning}", file=sys.stderr)
     for msg in report.skipped_examples[:5]:
         print(f"  skipped: {msg}", file=sys.stderr)
     print(f"wrote {report.output}")

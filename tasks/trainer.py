@@ -324,14 +324,17 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
 
 
 def linear_schedule(
-    optimizer: torch.optim.Optimizer, warmup: int, total: int
+    optimizer: torch.optim.Optimizer, warmup: int, total: int, decay: bool = True
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup from 0 over ``warmup`` steps, then linear decay to 0 at ``total`` (the formula of
-    transformers' ``get_linear_schedule_with_warmup``, whose import would pull in peft and the Trainer)."""
+    transformers' ``get_linear_schedule_with_warmup``, whose import would pull in peft and the Trainer);
+    ``decay=False`` holds the rate after the warmup (``get_constant_schedule_with_warmup``)."""
 
     def factor(step: int) -> float:
         if step < warmup:
             return step / max(1, warmup)
+        if not decay:
+            return 1.0
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -427,7 +430,8 @@ def train_weighted_sft(
     # 4. model, optimizer, schedule
     model = _build_model(model_path, model_cfg, cfg)
     optimizer = _optimizer(model, cfg)
-    scheduler = linear_schedule(optimizer, math.ceil(cfg.warmup_ratio * n_steps), n_steps)
+    warmup = math.ceil(cfg.warmup_ratio * n_steps)
+    scheduler = linear_schedule(optimizer, warmup, n_steps, decay=cfg.lr_schedule == "linear")
     # The scheduler is stepped once per optimizer step by us (a prepared scheduler would step W
     # times), and registered so that save_state/load_state carry it.
     method = resolve_loss_method(cfg, accelerator.is_main_process)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drift_core.schemas import WeightsConfig
-from drift_core.weights import compute_weights, diagnostics, group_ess, group_weights
+from drift_core.weights import compute_weights, diagnostics, group_ess, group_weights, weight_warnings
 
 DRIFT = WeightsConfig(mode="drift", beta=0.1)
 
@@ -186,6 +186,8 @@ def test_diagnostics_hand_values():
     assert d.ess_per_group_min == pytest.approx(1.0)
     assert d.max_weight == 2.0
     assert d.share_groups_no_success == 0.5
+    assert d.share_weight_no_success == pytest.approx(2 / 4)  # group b holds 1 + 1 of 4
+    assert d.max_group_size == 2
     assert d.mean_return == pytest.approx(0.15)
     np.testing.assert_allclose(group_ess(w, g), [1.0, 2.0])
 
@@ -233,3 +235,67 @@ def test_unsolved_groups_at_its_default_leaves_dumps_and_cache_keys_as_they_were
     assert stage_key("weights", rollouts="r", weights=WeightsConfig(unsolved_groups="drop")) != key_before
     with pytest.raises(ValueError):
         WeightsConfig(unsolved_groups="keep")
+
+
+def test_weight_on_unsolved_groups_counts_weight_not_groups():
+    # groups a (3 rows, solved), b (1 row, unsolved), c (2 rows, unsolved); weights as given
+    w = np.array([3.0, 0.0, 0.0, 1.0, 1.5, 0.5])
+    g = np.array(["a", "a", "a", "b", "c", "c"])
+    solved = np.array([True, False, False, False, False, False])
+    d = diagnostics(w, g, solved, np.zeros(6))
+    assert d.share_groups_no_success == pytest.approx(2 / 3)
+    assert d.share_weight_no_success == pytest.approx(3 / 6)
+    assert d.max_group_size == 3
+
+
+def test_weight_warnings_past_each_threshold_say_what_to_do():
+    # 4 groups of 4; the unsolved groups c, d hold 8 of 16 weight (50% > 25%); one weight 3.9 of 4
+    w = np.array([3.9, 0.1, 0, 0, 1, 1, 1, 1, 4, 0, 0, 0, 2, 2, 0, 0])
+    g = np.repeat(np.array(["a", "b", "c", "d"]), 4)
+    solved = np.array([1, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0], dtype=bool)
+    d = diagnostics(w, g, solved, np.zeros(16))
+    assert d.share_weight_no_success == pytest.approx(0.5)
+    warnings = weight_warnings(d)
+    assert len(warnings) == 2
+    assert warnings[0].startswith(
+        "50% of the weight is on groups in which no trajectory is solved (50% of the groups"
+    )
+    assert "weights.unsolved_groups: drop" in warnings[0] and "{kind: direction}" in warnings[0]
+    assert warnings[1].startswith("max weight 4.00 of a possible 4: one trajectory holds its whole group")
+    # ESS: (16)^2 / (3.9^2 + 0.1^2 + 4 + 16 + 8) = 256 / 43.22 = 5.92 of 16 (37%): no ESS warning
+    assert d.ess_fraction == pytest.approx(256 / 43.22 / 16)
+    uniform = diagnostics(np.ones(16), g, np.ones(16, dtype=bool), np.zeros(16))
+    assert weight_warnings(uniform) == []
+
+
+def test_low_ess_warns():
+    # 20 groups of 1 trajectory weighted 1 and one of 20 with all weight on one: ESS (40)^2 / (20 + 400) = 3.8
+    w = np.concatenate([np.ones(20), [20.0], np.zeros(19)])
+    g = np.concatenate([np.arange(20), np.full(20, 99)])
+    d = diagnostics(w, g, np.ones(40, dtype=bool), np.zeros(40))
+    assert d.ess_overall == pytest.approx(1600 / 420)
+    assert weight_warnings(d)[0].startswith("ESS 3.8 of 40 trajectories (9.5%; threshold 10%)")
+
+
+def test_weights_stage_prints_the_diagnostics_and_warnings(capsys):
+    from tasks.weights import report_weights
+
+    meta = {
+        "n_trajectories": 384,
+        "n_groups": 48,
+        "share_weight_no_success": 0.5625,
+        "share_groups_no_success": 0.5,
+        "ess_overall": 104.0,
+        "ess_fraction": 104 / 384,
+        "max_weight": 7.5,
+        "max_group_size": 8,
+        "warnings": ["56% of the weight ..."],
+    }
+    report_weights(meta)  # outside a task run: printed, no Prefect artifact
+    assert capsys.readouterr().out == (
+        "weights: 384 trajectories in 48 groups\n"
+        "  weight on groups with no success  56.2% (50.0% of the groups)\n"
+        "  ESS                               104.0 of 384 (27.1%)\n"
+        "  max weight                        7.5 (group size 8)\n"
+        "WARNING: 56% of the weight ...\n"
+    )
