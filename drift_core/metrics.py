@@ -21,7 +21,13 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import BaseModel
 
-__all__ = ["EvalMetrics", "eval_metrics", "paired_bootstrap_ci"]
+__all__ = [
+    "EvalMetrics",
+    "eval_metrics",
+    "fixed_after_feedback",
+    "paired_bootstrap_ci",
+    "question_blind_ceiling",
+]
 
 
 class EvalMetrics(BaseModel):
@@ -178,3 +184,32 @@ def bootstrap_ratio_ci(
             ratios[rows] = np.where(d > 0, num[idx].sum(axis=1) / d, np.nan)
     lo_q, hi_q = np.nanquantile(ratios, [alpha / 2.0, 1.0 - alpha / 2.0])
     return float(num.sum() / den.sum()), float(lo_q), float(hi_q)
+
+
+def fixed_after_feedback(multi_at: Sequence[float]) -> float:
+    """multi@T - multi@1: the share of problems solved after at least one feedback message."""
+    if not multi_at:
+        raise ValueError("multi_at is empty")
+    return float(multi_at[-1] - multi_at[0])
+
+
+def question_blind_ceiling(golds: Sequence[str], turns: int, feedback: str = "unary") -> float:
+    """The most a policy that never reads the question can solve within ``turns`` turns: an upper
+    bound, since it picks its guesses on the golds themselves.
+
+    unary feedback (the fixed text, or a callable whose content is unknown here): the best constant
+    sequence of ``turns`` distinct answers, i.e. the share of the ``turns`` most common golds.
+    direction feedback ("larger"/"smaller"): a binary search over any ``2**turns - 1`` values finds
+    each of them within ``turns`` turns (a balanced search tree of that many keys has that depth),
+    so the share of the ``2**turns - 1`` most common golds. Golds are compared as written (stripped)."""
+    if turns < 1:
+        raise ValueError(f"turns must be >= 1, got {turns}")
+    if feedback not in ("unary", "direction"):
+        raise ValueError(f"feedback must be 'unary' or 'direction', got {feedback!r}")
+    if not golds:
+        raise ValueError("no golds")
+    from collections import Counter
+
+    counts = sorted(Counter(g.strip() for g in golds).values(), reverse=True)
+    keep = turns if feedback == "unary" else 2**turns - 1
+    return sum(counts[:keep]) / len(golds)

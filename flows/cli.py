@@ -48,30 +48,35 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def format_results(summary: dict[str, Any]) -> str:
-    """One row per benchmark: problems, verifier, then per system (reference and trained side by
-    side) multi@1..T and corr@T (the correction rate at the last turn), in percent."""
+    """One row per benchmark: problems, verifier, the question-blind ceiling at T (when the summary
+    has it: ``ceilings``), then per system (reference and trained side by side) multi@1..T, corr@T
+    (the correction rate at the last turn) and fixed (multi@T - multi@1: solved after feedback), in
+    percent."""
     suite = summary.get("suite") or ({"eval": summary["eval"]} if summary.get("eval") else {})
     if not suite:
         return "(no evaluation)"
     verifiers = summary.get("verifiers", {})
+    ceilings = summary.get("ceilings", {})
     systems = list(dict.fromkeys(s for per in suite.values() for s in per))
     turns = max(len(m.get("multi_at", [])) for per in suite.values() for m in per.values())
-    cols = [f"multi@{t}" for t in range(1, turns + 1)] + [f"corr@{turns}"]
+    cols = [f"multi@{t}" for t in range(1, turns + 1)] + [f"corr@{turns}", "fixed"]
     group = "  ".join(f"{c:>7}" for c in cols)
     width = max(12, *(len(b) for b in suite))
-    lead = f"{'benchmark':<{width}} {'n':>5}  {'verifier':<8}"
+    lead = f"{'benchmark':<{width}} {'n':>5}  {'verifier':<9} {f'blind@{turns}':>8}"
     head = lead + "".join(f"  | {g}" for g in [group] * len(systems))
     names = " " * len(lead) + "".join(f"  | {s:<{len(group)}}" for s in systems)
     lines = [names.rstrip(), head, "-" * len(head)]
     for bench, per in suite.items():
         n = next((m.get("n_problems") for m in per.values()), None)
-        row = f"{bench:<{width}} {n if n is not None else '-':>5}  {verifiers.get(bench, '-'):<8}"
+        row = f"{bench:<{width}} {n if n is not None else '-':>5}  {verifiers.get(bench, '-'):<9}"
+        row += f" {_pct(ceilings.get(bench)):>8}"
         for system in systems:
             m = per.get(system, {})
             multi = list(m.get("multi_at", []))
+            fixed = multi[-1] - multi[0] if multi else None
             multi += [None] * (turns - len(multi))
             corr = (m.get("correction_rate") or [None] * turns)[-1]
-            row += "  | " + "  ".join(f"{_pct(v):>7}" for v in [*multi, corr])
+            row += "  | " + "  ".join(f"{_pct(v):>7}" for v in [*multi, corr, fixed])
         lines.append(row)
     for bench, per in suite.items():
         for system, m in per.items():

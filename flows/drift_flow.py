@@ -49,6 +49,7 @@ from flows.stages import (
 )
 from flows.train_flow import train_on_pool
 from tasks.caching import stage_key
+from tasks.ceilings import suite_ceilings
 from tasks.engines import release_engines
 from tasks.golds import checked_verifier
 from tasks.ingest import ingest, ingest_key
@@ -188,6 +189,7 @@ def _pipeline(run: PipelineRun, rollouts_from: str | None) -> dict:
         "eval": {name: m.meta for name, m in results.items()},  # the primary (first) benchmark
         "suite": {b: {name: m.meta for name, m in ms.items()} for b, ms in by_benchmark.items()},
         "verifiers": {ev.name: ev.verifier.kind for ev in suite},
+        "ceilings": suite_ceilings(run.store, suite),
         "weights": {k: v for k, v in weighted.meta.items() if k != "histogram"},
         "rollout": rollouts.meta,
         "registered": registered and {**registered.model_dump(), "uri": registered.uri},

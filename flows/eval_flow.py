@@ -19,6 +19,7 @@ from flows.stages import (
     run_tags,
     track_eval,
 )
+from tasks.ceilings import suite_ceilings
 from tasks.engines import release_engines
 from tasks.models import fingerprint_model, resolve_model
 from tasks.registry import pin_registered
@@ -71,6 +72,7 @@ def _evaluate_model(model: str, config_path: str, overrides: list[str] | None) -
             "eval": {"model": primary.meta},  # the first benchmark: the run's primary metric
             "suite": {name: {"model": m.meta} for name, m in results.items()},
             "verifiers": {ev.name: ev.verifier.kind for ev in suite},
+            "ceilings": suite_ceilings(store, suite),
             "stage_states": stages.states,
         }
     finally:

@@ -118,3 +118,44 @@ def test_bootstrap_ratio_ci_covers_a_known_ratio_about_95_percent():
         _, lo, hi = bootstrap_ratio_ci(num, den, n_boot=500, seed=seed)
         covered += lo <= true_ratio <= hi
     assert 180 <= covered <= 198, f"the 95% interval covered the true ratio in {covered} of 200 data sets"
+
+
+def test_fixed_after_feedback_is_multi_at_t_minus_multi_at_1():
+    from drift_core.metrics import fixed_after_feedback
+
+    assert fixed_after_feedback([0.25, 0.5, 0.625]) == 0.375
+
+
+def test_question_blind_ceiling_unary_and_direction():
+    from drift_core.metrics import question_blind_ceiling
+
+    # counts: 7 x4, 3 x3, 12 x2, 5 x1 (10 golds)
+    golds = ["7", "7", "7", "7", "3", " 3", "3", "12", "12", "5"]
+    assert question_blind_ceiling(golds, 1) == 0.4  # always 7
+    assert question_blind_ceiling(golds, 2) == 0.7  # 7 then 3
+    # direction: 2 turns search 3 values (guess the middle one, then the side the feedback names)
+    assert question_blind_ceiling(golds, 2, "direction") == 0.9
+    assert question_blind_ceiling(golds, 3, "direction") == 1.0
+    with pytest.raises(ValueError, match="feedback must be 'unary' or 'direction'"):
+        question_blind_ceiling(golds, 2, "hint")
+
+
+def test_suite_ceilings_read_each_benchmarks_golds_turns_and_feedback(tmp_path):
+    from types import SimpleNamespace
+
+    import polars as pl
+
+    from drift_core.schemas import ProtocolConfig
+    from tasks.ceilings import suite_ceilings
+    from tasks.store import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path))
+    golds = pl.DataFrame(
+        {"prompt_id": [str(i) for i in range(10)], "gold": ["7"] * 4 + ["3"] * 3 + ["12"] * 2 + ["5"]}
+    )
+    problems = store.write_parquet(golds, "ingest", "k1", "data.parquet")
+    unary = SimpleNamespace(name="a", problems=problems, protocol=ProtocolConfig(max_turns=2))
+    direction = SimpleNamespace(
+        name="b", problems=problems, protocol=ProtocolConfig(max_turns=2, feedback={"kind": "direction"})
+    )
+    assert suite_ceilings(store, [unary, direction]) == {"a": 0.7, "b": 0.9}

@@ -597,17 +597,27 @@ def test_results_table_has_one_row_per_benchmark_and_systems_side_by_side():
             "gpqa": {"reference": meta([0.0, 0.25], 0.25), "trained": meta([0.25, 0.25], 0.0)},
         },
         "verifiers": {"math": "math", "gpqa": "choice"},
+        "ceilings": {"gpqa": 0.5},
     }
     lines = format_results(summary).splitlines()
     assert lines[0].split() == ["|", "reference", "|", "trained"]
-    assert lines[1].split() == ["benchmark", "n", "verifier", "|", "multi@1", "multi@2", "corr@2"] + [
+    cols = ["|", "multi@1", "multi@2", "corr@2", "fixed"]
+    assert lines[1].split() == ["benchmark", "n", "verifier", "blind@2", *cols, *cols]
+    # fixed after feedback = multi@2 - multi@1; blind@2 only where the summary has the ceiling
+    assert lines[3].split() == ["math", "4", "math", "-", "|", "25.0", "50.0", "33.3", "25.0"] + [
         "|",
-        "multi@1",
-        "multi@2",
-        "corr@2",
+        "50.0",
+        "75.0",
+        "50.0",
+        "25.0",
     ]
-    assert lines[3].split() == ["math", "4", "math", "|", "25.0", "50.0", "33.3", "|", "50.0", "75.0", "50.0"]
-    assert lines[4].split() == ["gpqa", "4", "choice", "|", "0.0", "25.0", "25.0", "|", "25.0", "25.0", "0.0"]
+    assert lines[4].split() == ["gpqa", "4", "choice", "50.0", "|", "0.0", "25.0", "25.0", "25.0"] + [
+        "|",
+        "25.0",
+        "25.0",
+        "0.0",
+        "0.0",
+    ]
 
 
 @pytest.mark.slow
