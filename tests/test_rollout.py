@@ -19,6 +19,7 @@ from tasks.engines.base import GenerationStopped, allow_generation, cut_at_stop,
 from tasks.grade import Grader
 from tasks.rollout import records_to_frame, rollout_stats, run_episodes
 
+DEMO_SYSTEM_PROMPT = "You are a calculator. Reply with only the final number, for example: <answer>7</answer>"
 PROBLEMS = [
     {"prompt_id": "p0", "question": "What is 2 + 3?", "gold": "5"},
     {"prompt_id": "p1", "question": "What is 7 - 4?", "gold": "3"},
@@ -222,7 +223,9 @@ def test_real_smollm2_answers_in_the_protocol_format(smollm2_dir, grader):
         engine,
         engine.tokenizer,
         PROBLEMS,
-        ProtocolConfig(max_turns=2),
+        # the reference's prompt alone rarely gets the 135M model to close the tag within 16 tokens
+        # (1 of 12 turns, seed 0); the demo's calculator system prompt does (3 of the 6 first turns)
+        ProtocolConfig(max_turns=2, system_prompt=DEMO_SYSTEM_PROMPT),
         SamplingConfig(max_new_tokens=16),
         k=2,
         max_turns=2,
