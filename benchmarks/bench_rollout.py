@@ -39,7 +39,8 @@ def main() -> None:
     from drift_core.protocol import generation_prefill, initial_messages, stop_strings
     from drift_core.schemas import ArithConfig, DataConfig, EngineConfig, ModelConfig, ProtocolConfig
     from tasks.engines.base import SamplingParams, cut_at_stop
-    from tasks.engines.transformers_engine import TransformersEngine, _eos_ids
+    from tasks.engines.transformers_engine import TransformersEngine
+    from tasks.engines.transformers_engine import eos_ids as _eos_ids
     from tasks.ingest import load_problems
     from tasks.models import resolve_model
 

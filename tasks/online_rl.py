@@ -101,7 +101,7 @@ def problem_index(problems: list[Problem], protocol: ProtocolConfig) -> dict[str
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
-    from tasks.engines.transformers_engine import _eos_ids as engine_eos_ids
+    from tasks.engines.transformers_engine import eos_ids as engine_eos_ids
 
     return engine_eos_ids(model, tokenizer)
 

@@ -30,6 +30,7 @@ from drift_core.schemas import (
 )
 from tasks.caching import served_from_store
 from tasks.engines import Engine, SamplingParams, get_engine
+from tasks.engines.base import Completion, Finished, Request
 from tasks.grade import Grader, grader_for
 from tasks.store import ArtifactStore, Manifest
 
@@ -64,8 +65,18 @@ def run_episodes(
     grader: Grader,
     seed: int,
     progress: Callable[[int], None] | None = None,
+    per_trajectory: bool = False,
 ) -> list[TrajectoryRecord]:
-    """Play the multi-turn protocol for ``problems`` (dicts with prompt_id, question, gold)."""
+    """Play the multi-turn protocol for ``problems`` (dicts with prompt_id, question, gold): the one
+    turn loop of rollout and evaluation.
+
+    Turn 1 asks for K completions of each problem (one request, n=K); every graded turn that leaves
+    its episode open asks for the next (n=1) after the feedback message. The engine decides when
+    requests run (``Engine.serve``): in waves, one turn of every episode at a time, or, with
+    ``per_trajectory`` on an engine that schedules per request (vLLM), each episode's next turn as
+    soon as its own turn is graded. Turn t samples with seed ``seed * 1000 + t``; each request has
+    its own stream (problem index at turn 1, episode index after), so per-request-seeded engines give
+    the same tokens under both schedules."""
     prefill = generation_prefill(protocol)
     stop = stop_strings(protocol)
     episodes = [
@@ -75,21 +86,8 @@ def run_episodes(
     ]
     seconds = [0.0] * len(episodes)
 
-    def render(messages: list[dict]) -> str:
+    def request(key: tuple[str, int], messages: list[dict], turn: int, n: int) -> Request:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text + prefill
-
-    for turn in range(1, max_turns + 1):
-        if turn == 1:
-            targets = list(range(len(episodes)))
-            prompts = [render(episodes[i * k].messages) for i in range(len(problems))]
-            n = k
-        else:
-            targets = [i for i, ep in enumerate(episodes) if ep.is_open()]
-            prompts = [render(episodes[i].messages) for i in targets]
-            n = 1
-        if not targets:
-            break
         params = SamplingParams(
             n=n,
             temperature=sampling.temperature_at(turn),
@@ -98,22 +96,41 @@ def run_episodes(
             stop=stop,
             seed=seed * 1000 + turn,
         )
-        start = time.perf_counter()
-        completions = [c for per_prompt in engine.generate(prompts, params) for c in per_prompt]
-        elapsed = (time.perf_counter() - start) / max(1, len(targets))
+        return Request(key=key, prompt=text + prefill, params=params, stream=key[1])
+
+    clock = [time.perf_counter()]
+
+    def on_done(finished: Finished) -> list[Request]:
+        """Grade the finished turns, record them and ask for the turns that follow."""
+        targets: list[int] = []
+        completions: list[Completion] = []
+        for req, outputs in finished:
+            kind, index = req.key
+            targets += [index * k + j for j in range(k)] if kind == "problem" else [index]
+            completions += outputs
+        # generation time since the last hand-back, shared out over the turns it produced
+        elapsed = (time.perf_counter() - clock[0]) / max(1, len(targets))
         contents = [prefill + c.text for c in completions]
         verdicts = grader.grade(
             [
                 (content, episodes[i].gold, c.n_tokens)
-                for i, content, c in zip(targets, contents, completions, strict=False)
+                for i, content, c in zip(targets, contents, completions, strict=True)
             ]
         )
-        for i, content, verdict in zip(targets, contents, verdicts, strict=False):
+        follow: list[Request] = []
+        for i, content, verdict in zip(targets, contents, verdicts, strict=True):
             episodes[i].add_turn(content, verdict)
             seconds[i] += elapsed
-        if progress:  # counts trajectories, as its total does: those this turn ended
-            progress(sum(1 for i in targets if not episodes[i].is_open()))
-    return [ep.to_record(gen_seconds=s) for ep, s in zip(episodes, seconds, strict=False)]
+            if episodes[i].is_open():
+                follow.append(request(("episode", i), episodes[i].messages, len(episodes[i].turns) + 1, 1))
+        if progress:
+            progress(len(targets))
+        clock[0] = time.perf_counter()
+        return follow
+
+    first = [request(("problem", p), episodes[p * k].messages, 1, k) for p in range(len(problems))]
+    engine.serve(first, on_done, per_trajectory=per_trajectory)
+    return [ep.to_record(gen_seconds=s) for ep, s in zip(episodes, seconds, strict=True)]
 
 
 def rollout_stats(df: pl.DataFrame, max_turns: int) -> dict[str, float]:
@@ -179,6 +196,7 @@ def rollout_shard(
             grader,
             seed=seed * 100_003 + shard,
             progress=bar.update,
+            per_trajectory=engine_cfg.scheduling == "trajectory",
         )
     df = records_to_frame(records)
     meta = rollout_stats(df, max_turns)

@@ -14,10 +14,12 @@ from drift_core.schemas import (
     SamplingConfig,
     VerifierConfig,
 )
-from tasks.engines import SamplingParams, get_engine
+from tasks.engines import Engine, SamplingParams, get_engine
 from tasks.engines.base import GenerationStopped, allow_generation, cut_at_stop, stop_generation
 from tasks.grade import Grader
 from tasks.rollout import records_to_frame, rollout_stats, run_episodes
+
+pytestmark = pytest.mark.timeout(300)
 
 DEMO_SYSTEM_PROMPT = "You are a calculator. Reply with only the final number, for example: <answer>7</answer>"
 PROBLEMS = [
@@ -140,7 +142,7 @@ def test_run_episodes_gives_k_trajectories_that_follow_the_protocol(engine, grad
     assert stats["trajectories"] == 6 and stats["generated_tokens"] > 0
 
 
-class _RecordingEngine:
+class _RecordingEngine(Engine):
     """The tiny engine, recording the sampling parameters of each call (one call per turn)."""
 
     def __init__(self, engine):
@@ -173,8 +175,17 @@ def test_feedback_temperature_samples_the_turns_after_feedback(engine, grader):
         seed=0,
     )
     assert [p.temperature for p in plain.calls] == [0.5, 0.5, 0.5]
-    # turn 1 is the same draw either way (same temperature, same seed); only the retries differ
-    assert [r.answers[0] for r in again] == [r.answers[0] for r in records]
+
+    def replies(rs, turn: int) -> list[str]:
+        return [[m.content for m in r.messages if m.role == "assistant"][turn] for r in rs]
+
+    # turn 1 is the same draw either way (same temperature, same seed): the same text, token for
+    # token (the random model never closes the tag, so its parsed answers are all None); the retries
+    # are drawn at the other temperature, so their texts differ
+    assert all(len(text) > len("<answer>") for text in replies(records, 0))
+    assert replies(again, 0) == replies(records, 0)
+    for turn in (1, 2):
+        assert sum(a != b for a, b in zip(replies(again, turn), replies(records, turn), strict=True)) >= 1
 
 
 def test_unset_feedback_temperature_keeps_existing_rollout_keys():
@@ -237,3 +248,16 @@ def test_real_smollm2_answers_in_the_protocol_format(smollm2_dir, grader):
     # Measured (seed 0, CPU): 3 of the 12 turns; the 135M model often rambles past 16 tokens.
     answered = [a for r in records for a in r.answers if a is not None]
     assert len(answered) >= 2, [r.answers for r in records]
+    for r in records:  # per turn, read here from the message text: the answer is what the tags hold
+        replies = [m.content for m in r.messages if m.role == "assistant"]
+        assert len(replies) == r.n_turns == len(r.answers) == len(r.turn_valid)
+        for reply, answer, valid, correct in zip(
+            replies, r.answers, r.turn_valid, r.turn_correct, strict=True
+        ):
+            closed = reply.startswith("<answer>") and "</answer>" in reply
+            body = reply[len("<answer>") : reply.find("</answer>")].strip() if closed else ""
+            assert answer == (body or None), (reply, answer)
+            assert valid == (answer is not None), (reply, valid)  # valid exactly when an answer was read
+            assert not correct or valid
+    penalties = [sum(-0.1 for v in r.turn_valid if not v) for r in records]  # the protocol's default
+    assert [r.format_penalty for r in records] == pytest.approx(penalties)

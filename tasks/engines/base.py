@@ -7,8 +7,10 @@ tag pre-filled), so every engine produces exactly the same conversation format, 
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,17 +35,68 @@ class Completion:
     finish_reason: Literal["stop", "length"]
 
 
+@dataclass(frozen=True)
+class Request:
+    """One prompt to complete ``params.n`` times, as part of a stream of requests (``Engine.serve``).
+
+    ``stream`` names the request's random stream: an engine with per-request seeds (vLLM) samples it
+    with ``request_seed(params.seed, stream)``, so its completions do not depend on which other
+    requests share a step, and both schedulers give the same tokens. An engine with per-batch seeds
+    (transformers) samples every request of a wave with ``params.seed``, as ``generate`` does."""
+
+    key: Hashable  # the caller's handle (an episode, a problem)
+    prompt: str
+    params: SamplingParams
+    stream: int = 0
+
+
+Finished = list[tuple[Request, list[Completion]]]
+OnDone = Callable[[Finished], list[Request]]
+
+
+def request_seed(seed: int, stream: int) -> int:
+    """A 48-bit seed for one request's stream. Hashed, not added: vLLM seeds the ``n`` samples of a
+    request with ``seed + i``, so neighbouring sums would share streams between requests."""
+    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:6], "big")
+
+
 class Engine(ABC):
     """Generates completions; one instance holds one model."""
 
     name: str = "engine"
+    per_trajectory: bool = False  # whether ``serve`` can start a request while others are running
 
     @abstractmethod
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
         """Return ``params.n`` completions for each prompt, in prompt order."""
 
+    def serve(self, requests: list[Request], on_done: OnDone, per_trajectory: bool = False) -> None:
+        """Complete ``requests`` and every request ``on_done`` returns, until none is left.
+
+        The default runs in waves (turn-synchronous): all pending requests are generated (one
+        ``generate`` call per distinct sampling settings, in order), handed to ``on_done`` together,
+        and what it returns is the next wave. Engines that can schedule per request override this
+        and, with ``per_trajectory``, hand each request back as soon as it finishes."""
+        pending = list(requests)
+        while pending:
+            finished: Finished = []
+            for params, group in _by_params(pending):
+                outputs = self.generate([r.prompt for r in group], params)
+                finished.extend(zip(group, outputs, strict=True))
+            raise_if_stopped()
+            pending = on_done(finished)
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model (GPU memory) when the engine is no longer needed."""
+
+
+def _by_params(requests: list[Request]) -> list[tuple[SamplingParams, list[Request]]]:
+    """Requests grouped by identical sampling settings, groups and members in first-seen order."""
+    groups: dict[str, tuple[SamplingParams, list[Request]]] = {}
+    for r in requests:
+        groups.setdefault(r.params.model_dump_json(), (r.params, []))[1].append(r)
+    return list(groups.values())
 
 
 # ------------------------------------------------------------------------------------------
@@ -92,3 +145,44 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     if best < 0:
         return text, False
     return text[: best + best_len], True
+
+
+def completion_from_tokens(
+    token_ids: list[int],
+    params: SamplingParams,
+    eos_ids: set[int],
+    decode: Callable[[list[int]], str],
+    count: Callable[[str], int],
+) -> Completion:
+    """One completion from the generated token ids, the same way for every engine: the text up to
+    the end-of-turn token (dropped) or the first stop string (kept), and the tokens that took (the
+    end-of-turn token counted, tokens past the stop string not)."""
+    n = len(token_ids)
+    for k, tok in enumerate(token_ids):  # tokens after a finished sequence are padding
+        if tok in eos_ids:
+            n = k
+            break
+    text, stopped = cut_at_stop(decode(token_ids[:n]), params.stop)
+    hit_eos = n < len(token_ids)
+    n_tokens = n + (1 if hit_eos else 0)
+    if stopped:  # count tokens only up to the stop string
+        n_tokens = min(n_tokens, count(text))
+    return Completion(
+        text=text, n_tokens=n_tokens, finish_reason="stop" if (stopped or hit_eos) else "length"
+    )
+
+
+def eos_token_ids(generation_eos, tokenizer) -> set[int]:
+    """Tokens that end a turn: the generation config's eos ids, the tokenizer's eos and its pad
+    (padding after a finished sequence)."""
+    ids = set(
+        generation_eos
+        if isinstance(generation_eos, list)
+        else []
+        if generation_eos is None
+        else [generation_eos]
+    )
+    for tok in (tokenizer.eos_token_id, tokenizer.pad_token_id):
+        if tok is not None:
+            ids.add(tok)
+    return ids

