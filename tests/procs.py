@@ -7,6 +7,7 @@ directory."""
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -65,3 +66,33 @@ def children() -> set[int]:
         except psutil.NoSuchProcess:
             continue
     return out
+
+
+def wait_gone(mark: str, run_dir: Path | None = None, grace: float = 60.0) -> list[psutil.Process]:
+    """:func:`run_processes` once they had ``grace`` seconds to exit: a pool worker or a Dask nanny
+    told to stop is still on its way out for a moment after the call that stopped it returned.
+    Returns at once when none is left; what is still there after ``grace`` is a leftover."""
+    deadline = time.monotonic() + grace
+    while (left := run_processes(mark, run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def children_within(expected: set[int], grace: float = 60.0) -> set[int]:
+    """:func:`children` once it is ``expected`` or ``grace`` seconds have passed."""
+    deadline = time.monotonic() + grace
+    while (now := children()) != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return now
+
+
+def readline_within(stream, timeout: float) -> str:
+    """One line from a child's pipe, or "" when none came within ``timeout`` seconds (a child that
+    hangs before printing must fail the test, not block it)."""
+    import selectors
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(stream, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            return ""
+    return stream.readline()

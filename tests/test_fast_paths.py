@@ -15,6 +15,8 @@ from drift_core.loss import liger_available, weighted_sft_loss
 from drift_core.schemas import EngineConfig, ModelConfig, TrainConfig
 from tasks.engines.base import SamplingParams
 
+pytestmark = pytest.mark.timeout(300)
+
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 PROMPTS = [f"What is {a} + {b}?" for a, b in [(2, 3), (7, 1), (4, 4), (9, 0), (1, 8), (6, 2)]]
 
@@ -63,7 +65,19 @@ def test_static_cache_gives_the_standard_greedy_completions(tiny_answering_dir, 
 def test_static_cache_sampling_is_reproducible_per_shard(tiny_answering_dir, prompts):
     static = engine_for(tiny_answering_dir, "static")
     params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, stop=["</answer>"], seed=5)
-    assert static.generate(prompts, params) == static.generate(prompts, params)
+    first = static.generate(prompts, params)
+    assert first == static.generate(prompts, params)  # the same seed: the same completions
+
+    def texts(out) -> list[list[str]]:
+        return [[c.text for c in row] for row in out]
+
+    # ...and the seed and the temperature are used: another seed draws other completions, the two
+    # samples of one prompt are not all alike, and greedy decoding is not what was sampled
+    reseeded = static.generate(prompts, params.model_copy(update={"seed": 6}))
+    assert texts(reseeded) != texts(first)
+    assert any(row[0] != row[1] for row in texts(first)), texts(first)
+    greedy = static.generate(prompts, params.model_copy(update={"n": 1, "temperature": 0.0}))
+    assert [row[0] for row in texts(greedy)] != [row[0] for row in texts(first)]
 
 
 @pytest.mark.slow  # continuous batching's manager starts a thread and sizes a paged cache: slow on a CPU

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from procs import children, describe
+from procs import children, describe, readline_within
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(300)
 
 ITEMS = [("The answer is \\boxed{4}.", "4", 6), ("The answer is \\boxed{5}.", "4", 6)]
 
@@ -51,7 +51,8 @@ import time; time.sleep(600)
 
 def test_grading_pool_workers_exit_when_their_process_is_killed():
     """SIGKILL runs no cleanup: the pool's workers notice their parent is gone and exit (within
-    a poll interval; 10 s is the bound), instead of waiting forever as orphans."""
+    a poll interval of 0.5 s; the bound is 60 s, for a loaded machine: it costs nothing when they
+    exit at once), instead of waiting forever as orphans."""
     proc = subprocess.Popen(
         [sys.executable, "-c", _HOLDS_A_POOL],
         cwd=ROOT,
@@ -60,14 +61,16 @@ def test_grading_pool_workers_exit_when_their_process_is_killed():
         text=True,
     )
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+        assert proc.stdout is not None
+        line = readline_within(proc.stdout, 240)  # a pool of 2 spawned interpreters, on 2 busy cores
+        assert line.strip() == "up", f"no 'up' from the child within 240 s: {line!r}"
         pool = psutil.Process(proc.pid).children(recursive=True)
         workers = [p for p in pool if "spawn_main" in " ".join(p.cmdline())]
         assert len(workers) == 2, describe(pool)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    _, alive = psutil.wait_procs(pool, timeout=10)
+    _, alive = psutil.wait_procs(pool, timeout=60)
     for p in alive:  # clean up before failing
         p.kill()
     assert not alive, f"left after their parent was killed:\n{describe(alive)}"

@@ -109,7 +109,9 @@ def test_math_timeout_returns_quickly() -> None:
     verdict = verifier("9^{9^{9^{9}}}", "5")
     elapsed = time.monotonic() - start
     assert verdict == Verdict(correct=False, valid=True)
-    assert elapsed < 2.0
+    # cut off at the 1 s limit (unlimited, the expression runs for minutes); the margin is for a
+    # loaded machine: a 2 s bound failed when other jobs kept both cores busy
+    assert elapsed < 6.0, elapsed
     # the handler is restored, and so is the timer: none left armed, or the outer one still running
     assert signal.getsignal(signal.SIGALRM) == handler_before
     if outer_timer == (0.0, 0.0):
@@ -364,7 +366,7 @@ def test_time_limit_applies_in_process_pool_worker() -> None:
     with ProcessPoolExecutor(max_workers=1) as pool:
         verdict, elapsed = pool.submit(_timed_call, MathVerifier(timeout_s=0.5)).result(timeout=30)
     assert verdict == Verdict(False, True)
-    assert elapsed < 1.5
+    assert elapsed < 5.0, elapsed  # the 0.5 s limit, with a loaded machine's margin (see above)
 
 
 # --------------------------------------------------------------------------------------------

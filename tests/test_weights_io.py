@@ -14,7 +14,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-from drift_core.returns import trajectory_return
 from drift_core.schemas import WeightsConfig
 from flows import cli_weights
 from tasks.weights_io import (
@@ -158,15 +157,10 @@ def test_drift_parquet_input(tmp_path):
     out = tmp_path / "w.parquet"
     run_weights_command(inp, out, cfg)
     df = pl.read_parquet(out)
-    want = [
-        trajectory_return([float(c) for c in tc], fp, a, 0.9, 0.5, "answers_given")
-        for tc, fp, a in zip(
-            rows["turn_correct"], rows["format_penalty"], rows["normalized_answers"], strict=True
-        )
-    ]
-    # by hand: 0.9; 1.0; -0.1 - 0.5 * (1 - 1/2) = -0.35; -0.2 (no answers given)
-    np.testing.assert_allclose(want, [0.9, 1.0, -0.35, -0.2])
-    np.testing.assert_allclose(df["return"].to_numpy(), want)
+    # by hand: 0.9 (right at turn 2); 1.0; -0.1 - 0.5 * (1 - 1/2) = -0.35 ("4" twice, None not an
+    # answer given); -0.2 (no answers given: no repetition term)
+    want = [0.9, 1.0, -0.35, -0.2]
+    np.testing.assert_allclose(df["return"].to_numpy(), want, rtol=0, atol=1e-12)
     np.testing.assert_allclose(
         df["weight"].to_numpy(), reference_group_weights(rows["prompt_id"], want, 0.5), rtol=1e-12
     )
@@ -175,7 +169,11 @@ def test_drift_parquet_input(tmp_path):
 
 
 def test_modes_and_cli(tmp_path, capsys):
-    inp = write_jsonl(tmp_path / "t.jsonl", make_records(n_prompts=3, k=4))
+    recs = make_records(n_prompts=3, k=4)
+    inp = write_jsonl(tmp_path / "t.jsonl", recs)
+    # solved, from the input records: a positive reward at some turn
+    solved = [any(v > 0 for v in r["turn_rewards"].values()) for r in recs]
+    assert 0 < sum(solved) < len(solved)
     parser = argparse.ArgumentParser(prog="drift")
     cli_weights.add_weights_parser(parser.add_subparsers())
     out = tmp_path / "u.parquet"
@@ -189,15 +187,15 @@ def test_modes_and_cli(tmp_path, capsys):
     args = parser.parse_args(["weights", str(inp), "--mode", "success_only", "-o", str(out)])
     assert args.func(args) == 0
     df = pl.read_parquet(out)
-    assert df["weight"].to_list() == [float(s) for s in df["solved"].to_list()]
+    assert df["weight"].to_list() == [float(s) for s in solved]
     args = parser.parse_args(
         ["weights", str(inp), "--mode", "uniform", "--unsolved-groups", "drop", "-o", str(out)]
     )
     assert args.func(args) == 0
     df = pl.read_parquet(out)
-    solved_groups = set(df.filter(pl.col("solved"))["prompt_id"].to_list())
+    solved_groups = {r["prompt_id"] for r, s in zip(recs, solved, strict=True) if s}
     weights = df["weight"].to_list()
-    assert weights == [float(p in solved_groups) for p in df["prompt_id"].to_list()]
+    assert weights == [float(r["prompt_id"] in solved_groups) for r in recs]
     assert 0 < sum(weights) < len(weights)  # the records hold groups with and without a success
     assert "uniform, unsolved groups dropped" in capsys.readouterr().out
     args = parser.parse_args(["weights", str(inp), "--beta", "0", "-o", str(out)])
