@@ -3,9 +3,8 @@
 DRIFT's claim is that offline rollouts from a fixed reference plus weighted SFT match online
 multi-turn RL at a fraction of its cost. This module is that online RL, run from the same config:
 the same prompts (``data``), protocol (``drift_core.protocol``: prompt, pre-fill, stop string,
-"Incorrect. Please think again." after a wrong answer, stop at the first correct answer,
-``max_turns``), verifier and grader (``tasks.grade``), sampling settings (``rollout.sampling``)
-and reward (``drift_core.returns.trajectory_return`` with ``weights.gamma`` and
+the configured feedback after a wrong answer, stop at the first correct answer, ``max_turns``),
+verifier and grader (``tasks.grade``), sampling settings (``rollout.sampling``) and reward (``drift_core.returns.trajectory_return`` with ``weights.gamma`` and
 ``weights.repetition_lambda``). Only the learning differs: the current policy generates, GRPO
 updates it.
 
@@ -17,6 +16,21 @@ with each prompt already repeated ``num_generations`` times in a row (the traine
 ``completion_ids``, ``logprobs`` (one per completion token), and ``env_mask`` (1 = sampled by the
 model, 0 = inserted; multiplied into the loss mask). Every other key reaches the reward functions
 as a keyword argument: ``drift_return`` carries each trajectory's return.
+
+Which history later turns see. Rollout and evaluation condition every turn on the episode's
+messages: each answer in ``protocol.history``'s form (canonical: the reference's re-rendering,
+``<answer> 18 </answer>`` kept as ``<answer>18</answer>``) and the feedback ``Episode.add_turn``
+computed (fixed text, ``direction`` or a callable). GRPO needs one token sequence per episode in
+which every trained token follows exactly the tokens it was sampled after, and the sampled tokens
+with their own log-probabilities. Both hold at once except when the episode re-renders an answer
+that another turn follows: then the sequence cannot hold both the sampled tokens and the message
+the next turn must see. drift keeps the history (the next turn is sampled after the re-rendered
+message, as in rollout and evaluation; the message enters as environment tokens, ``env_mask`` 0)
+and leaves that one turn untrained (its sampled tokens are logged, ``sampled_ids``, and counted in
+the costs; ``rewritten_turns`` names them; the share is logged as ``episode/rewritten_turns``).
+The alternative, conditioning later turns on the raw sampled tokens, trains a policy on
+histories that evaluation never shows it. The last turn is always trained as sampled: nothing is
+conditioned on it. On the tiny model 1 turn in about 95 is re-rendered.
 
 Cost figures, the comparison's other half: generated tokens (every token the policy sampled),
 optimizer steps and wall seconds; they survive a resume through a file in each checkpoint.
@@ -41,6 +55,7 @@ from drift_core.multiturn import TokenEpisode, template_gap
 from drift_core.protocol import Episode, generation_prefill, initial_messages, stop_strings
 from drift_core.returns import trajectory_return
 from drift_core.schemas import DriftConfig, ProtocolConfig, SamplingConfig, WeightsConfig
+from tasks.engines.transformers_engine import eos_ids
 
 if TYPE_CHECKING:
     from trl import GRPOConfig
@@ -98,12 +113,6 @@ def problem_index(problems: list[Problem], protocol: ProtocolConfig) -> dict[str
 # ------------------------------------------------------------------------------------------
 # Generation: one turn for many episodes, token ids in, token ids and log-probabilities out
 # ------------------------------------------------------------------------------------------
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    from tasks.engines.transformers_engine import eos_ids as engine_eos_ids
-
-    return engine_eos_ids(model, tokenizer)
 
 
 def kept_length(row: list[int], eos: set[int], stop: list[str], decode: Callable[[list[int]], str]) -> int:
@@ -186,7 +195,7 @@ def sample_turn(
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]), reverse=True)
     out: list[tuple[list[int], list[float]] | None] = [None] * len(contexts)
 
@@ -309,12 +318,13 @@ class ProtocolRollout:
             )
             for i, p in enumerate(problems)
         ]
-        # the model's own history (raw decoded tokens, special tokens kept) renders the token sequence;
-        # the episode's messages hold the cleaned content that the grader and records see, as in rollout
-        raw = [[dict(m) for m in ep.messages] for ep in episodes]
-        texts = [self._render(r, open_turn=True) for r in raw]
+        # texts[i] is the decoded token sequence so far (tokens[i].context), which always renders the
+        # episode's own messages: see continue_history for the one place the two can part
+        texts = [self._render(ep.messages, open_turn=True) for ep in episodes]
         tokens = [TokenEpisode(prompt_ids=self._encode(t)) for t in texts]
-        eos = _eos_ids(model, self.tokenizer)
+        sampled_turns: list[list[list[int]]] = [[] for _ in episodes]
+        rewritten: list[list[int]] = [[] for _ in episodes]
+        eos = eos_ids(model, self.tokenizer)
         for turn in range(1, self.max_turns + 1):
             open_ = [i for i, ep in enumerate(episodes) if ep.is_open()]
             if not open_:
@@ -328,34 +338,24 @@ class ProtocolRollout:
                 self.batch_size,
                 seed=(self.seed * 1_000_003 + step) * 101 + turn,
             )
-            items, raws = [], []
-            for i, (ids, logps) in zip(open_, sampled, strict=True):
-                tokens[i].add_model(ids, logps)
+            items = []
+            for i, (ids, _) in zip(open_, sampled, strict=True):
                 self.generated_tokens += len(ids)
+                sampled_turns[i].append(ids)
                 body = ids[:-1] if ids and ids[-1] in eos else ids
-                content = self.prefill + self._clean(body)
-                items.append((content, episodes[i].gold, len(ids)))
-                raws.append((self.prefill + self.tokenizer.decode(body, skip_special_tokens=False), ids))
-            for i, verdict, (raw_content, ids), (content, _, _) in zip(
-                open_, self.grader.grade(items), raws, items, strict=True
+                items.append((self.prefill + self._clean(body), episodes[i].gold, len(ids)))
+            for i, (ids, logps), verdict, (content, _, _) in zip(
+                open_, sampled, self.grader.grade(items), items, strict=True
             ):
-                episodes[i].add_turn(content, verdict)
-                raw[i].append({"role": "assistant", "content": raw_content})
-                history = texts[i] + self.tokenizer.decode(ids, skip_special_tokens=False)
-                still_open = episodes[i].is_open()
-                if still_open:
-                    raw[i].append({"role": "user", "content": self.protocol.feedback})
-                rendered = self._render(raw[i], open_turn=still_open)
-                gap = template_gap(history, rendered, where=f"{episodes[i].prompt_id} turn {turn}")
-                gap_ids = self._encode(gap)
-                if not still_open:  # close the chat up to its end-of-turn token (unless sampled)
-                    gap_ids = _through_eos(tokens[i].completion_ids, gap_ids, eos)
-                tokens[i].add_inserted(gap_ids)
-                texts[i] = history + gap
+                episodes[i].add_turn(content, verdict)  # keeps protocol.history's form, adds the feedback
+                where = f"{episodes[i].prompt_id} turn {turn}"
+                texts[i], kept = self._continue(tokens[i], texts[i], ids, logps, episodes[i], eos, where)
+                if not kept:
+                    rewritten[i].append(turn)
         self.episodes += len(episodes)
         returns = [self._return(ep) for ep in episodes]
         if self.log_dir is not None:
-            self._log(step, episodes, tokens, returns)
+            self._log(step, episodes, tokens, returns, sampled_turns, rewritten)
         return {
             "prompt_ids": [t.prompt_ids for t in tokens],
             "completion_ids": [t.completion_ids for t in tokens],
@@ -364,7 +364,48 @@ class ProtocolRollout:
             "drift_return": returns,
             "solved": [ep.solved for ep in episodes],
             "n_turns": [len(ep.turns) for ep in episodes],
+            "rewritten_turns": [len(r) for r in rewritten],
         }
+
+    def _continue(
+        self,
+        tokens: TokenEpisode,
+        text: str,
+        ids: list[int],
+        logps: list[float],
+        episode: Episode,
+        eos: set[int],
+        where: str,
+    ) -> tuple[str, bool]:
+        """Extend one episode's token sequence past the turn just sampled (``ids``, graded and added
+        to ``episode``); return the new sequence text and whether the sampled tokens were kept.
+
+        The next turn must be conditioned on the episode's messages, the history rollout and
+        evaluation condition on (``protocol.history``; the feedback ``add_turn`` computed). When
+        the turn's text is what the episode kept, or the episode is over (nothing is conditioned
+        on it), the sampled tokens go in as the model's (``env_mask`` 1, their log-probabilities),
+        then the template's tokens up to the next generation prompt (or the chat's end-of-turn).
+        When the episode re-rendered an answer that continues (``<answer> 18 </answer>`` kept as
+        ``<answer>18</answer>``), the sampled tokens cannot stay: every later token would be
+        scored after them, not after the history it was sampled after. The re-rendered message
+        goes in as environment tokens (``env_mask`` 0) and that turn is not trained."""
+        open_ = episode.is_open()
+        messages = [dict(m) for m in episode.messages]
+        last = len(messages) - (2 if open_ else 1)  # the assistant message just added
+        sampled_text = self.tokenizer.decode(
+            ids[:-1] if ids and ids[-1] in eos else ids, skip_special_tokens=False
+        )
+        kept = not open_ or messages[last]["content"] == self.prefill + sampled_text
+        if kept:
+            messages[last]["content"] = self.prefill + sampled_text
+            tokens.add_model(ids, logps)
+            text = text + self.tokenizer.decode(ids, skip_special_tokens=False)
+        rendered = self._render(messages, open_turn=open_)
+        gap_ids = self._encode(template_gap(text, rendered, where=where))
+        if not open_:  # close the chat up to its end-of-turn token (unless sampled)
+            gap_ids = _through_eos(tokens.completion_ids, gap_ids, eos)
+        tokens.add_inserted(gap_ids)
+        return rendered, kept
 
     def _clean(self, ids: list[int]) -> str:
         """The message content exactly as the rollout engine makes it: special tokens dropped, cut
@@ -408,13 +449,21 @@ class ProtocolRollout:
         )
 
     def _log(
-        self, step: int, episodes: list[Episode], tokens: list[TokenEpisode], returns: list[float]
+        self,
+        step: int,
+        episodes: list[Episode],
+        tokens: list[TokenEpisode],
+        returns: list[float],
+        sampled: list[list[list[int]]],
+        rewritten: list[list[int]],
     ) -> None:
-        """One JSONL file per optimizer step (rewritten when a resumed run redoes the step)."""
+        """One JSONL file per optimizer step (rewritten when a resumed run redoes the step). Each
+        turn's sampled tokens are kept (``sampled_ids``): a re-rendered turn's are not in
+        ``completion_ids`` (``rewritten_turns``, 1-based)."""
         assert self.log_dir is not None
         self.log_dir.mkdir(parents=True, exist_ok=True)
         lines = []
-        for ep, tok, ret in zip(episodes, tokens, returns, strict=True):
+        for ep, tok, ret, ids, rew in zip(episodes, tokens, returns, sampled, rewritten, strict=True):
             record = ep.to_record(gen_seconds=0.0).model_dump()
             record.update(
                 step=step,
@@ -423,19 +472,23 @@ class ProtocolRollout:
                 completion_ids=tok.completion_ids,
                 env_mask=tok.env_mask,
                 logprobs=tok.logprobs,
+                sampled_ids=ids,
+                rewritten_turns=rew,
             )
             lines.append(json.dumps(record))
         _atomic_write(self.log_dir / f"step-{step:06d}.jsonl", "\n".join(lines) + "\n")
 
 
 def drift_return(
-    prompts, completions, drift_return, solved=None, n_turns=None, log_metric=None, **_
+    prompts, completions, drift_return, solved=None, n_turns=None, rewritten_turns=None, log_metric=None, **_
 ) -> list[float]:
     """The reward TRL optimises: each trajectory's DRIFT return, computed in the rollout (where the
     turns are graded) and passed through ``rollout_func``'s extra keys."""
     if log_metric is not None and solved:
         log_metric("episode/solved", sum(bool(s) for s in solved) / len(solved))
         log_metric("episode/turns", sum(n_turns) / len(n_turns))
+        if rewritten_turns is not None:  # share of turns whose sampled tokens were not trained
+            log_metric("episode/rewritten_turns", sum(rewritten_turns) / max(1, sum(n_turns)))
     return [float(r) for r in drift_return]
 
 
@@ -510,6 +563,7 @@ def run_dir(cfg: DriftConfig, fingerprint: str) -> Path:
         reward={"gamma": cfg.weights.gamma, "repetition_lambda": cfg.weights.repetition_lambda},
         online=cfg.online.model_dump(mode="json", exclude={"output_dir"}),
         batch_size=cfg.engine.batch_size,
+        turn_history="episode-messages",  # later turns conditioned on the episode's history, not raw tokens
     )
     return Path(cfg.online.output_dir).expanduser().resolve() / f"{cfg.run.name}-{key[:12]}"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from drift_core.protocol import Episode, grade_turn
+from drift_core.protocol import Episode, grade_turn, initial_messages
 from drift_core.verify import make_verifier
 from flows.config import load_config
 
@@ -76,31 +76,38 @@ def _segments(mask: list[int]) -> list[tuple[int, int, int]]:
 
 
 def _check_tokens(rec: dict, tokenizer, cfg) -> bool:
-    """Masks and token layout of one trajectory; returns whether the exact-text check applied."""
+    """Masks and token layout of one trajectory; returns whether the exact-text check applied.
+
+    A turn whose text the episode re-rendered before another turn (``rewritten_turns``) is in the
+    sequence as its re-rendered message (masked), not as its sampled tokens."""
     ids, mask = rec["completion_ids"], rec["env_mask"]
     assert len(ids) == len(mask) and set(mask) <= {0, 1}
+    rewritten = rec["rewritten_turns"]
+    kept = [t for t in range(1, rec["n_turns"] + 1) if t not in rewritten]
+    assert rec["n_turns"] not in rewritten, "the last turn is never re-rendered: nothing follows it"
+    assert [len(s) for s in rec["sampled_ids"]] == rec["gen_tokens"]
     runs = _segments(mask)
     model_runs = [(s, e) for m, s, e in runs if m == 1]
     gaps = [(s, e) for m, s, e in runs if m == 0]
-    assert runs[0][0] == 1, "a completion starts with the model's first turn"
-    assert len(model_runs) == rec["n_turns"], (len(model_runs), rec["n_turns"])
-    assert sum(mask) == sum(rec["gen_tokens"])
+    assert runs[0][0] == (0 if 1 in rewritten else 1), "a completion starts with the model's first turn"
+    assert len(model_runs) == len(kept), (len(model_runs), kept)
+    assert [ids[s:e] for s, e in model_runs] == [rec["sampled_ids"][t - 1] for t in kept]
+    assert sum(mask) == sum(rec["gen_tokens"][t - 1] for t in kept)
     assistant = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
-    feedback = cfg.protocol.feedback
-    for t, (s, e) in enumerate(model_runs):
-        text = tokenizer.decode(ids[s:e], skip_special_tokens=True)
-        assert (
-            assistant[t] == "<answer>" + text[: text.find("</answer>") + 9 if "</answer>" in text else None]
-        )
-    for t, (s, e) in enumerate(gaps):
-        text = tokenizer.decode(ids[s:e], skip_special_tokens=False)
-        if t < rec["n_turns"] - 1:  # between two model turns: end of turn, feedback, next prompt, pre-fill
-            assert text.count(feedback) == 1 and text.endswith("<|im_start|>assistant\n<answer>"), text
-        else:  # after the last turn: only the chat's closing end-of-turn token
-            assert text == "<|im_end|>" and feedback not in text, text
-    specials = set(tokenizer.all_special_ids)
-    if any(ids[k] in specials for s, e in model_runs for k in range(s, e - 1)):
-        return False  # the model sampled a special token mid-turn: its message text drops it
+    feedback = [m["content"] for m in rec["messages"][2:] if m["role"] == "user"]
+    assert len(feedback) == rec["n_turns"] - 1
+    for t, (s, e) in zip(kept[:-1], model_runs, strict=False):  # a kept turn before the last: as sampled
+        text = tokenizer.decode(ids[s:e], skip_special_tokens=False).removesuffix("<|im_end|>")
+        assert assistant[t - 1] == "<answer>" + text, (assistant[t - 1], text)
+    gap_text = "".join(tokenizer.decode(ids[s:e], skip_special_tokens=False) for s, e in gaps)
+    assert gap_text.endswith("<|im_end|>") and all(gap_text.count(f) >= 1 for f in feedback), gap_text
+    assert gap_text.count("<|im_start|>assistant\n<answer>") == rec["n_turns"] - 1, gap_text
+    last = rec["sampled_ids"][-1]
+    last_text = tokenizer.decode(
+        last[:-1] if last[-1] == tokenizer.eos_token_id else last, skip_special_tokens=False
+    )
+    if assistant[-1] != "<answer>" + last_text:
+        return False  # the last message is re-rendered (special token, spaces): the sequence holds the sample
     rendered = tokenizer.apply_chat_template(rec["messages"], tokenize=False)
     decoded = tokenizer.decode(rec["prompt_ids"] + ids, skip_special_tokens=False)
     assert rendered in (decoded, decoded + "\n"), (rendered, decoded)
@@ -173,7 +180,7 @@ def test_online_grpo_smoke(tmp_path):
     assert sorted(steps) == [1, 2] and all(len(rows) == 4 for rows in steps.values())
     exact = [_check_tokens(rec, tokenizer, cfg) for rows in steps.values() for rec in rows]
     assert sum(exact) >= len(exact) // 2
-    assert result.generated_tokens == sum(sum(r["env_mask"]) for rows in steps.values() for r in rows)
+    assert result.generated_tokens == sum(sum(r["gen_tokens"]) for rows in steps.values() for r in rows)
     _check_logprobs(steps[1], initial, cfg.rollout.sampling.temperature)
     assert any(r["n_turns"] > 1 for rows in steps.values() for r in rows), "no multi-turn episode sampled"
 
@@ -224,7 +231,7 @@ def test_online_grpo_resumes_after_interruption(tmp_path):
     steps = _records(Path(result.output_dir))
     # step 1 was sampled by the first attempt, step 2 by the resumed one; each is counted once
     assert sorted(steps) == [1, 2]
-    assert result.generated_tokens == sum(sum(r["env_mask"]) for rows in steps.values() for r in rows)
+    assert result.generated_tokens == sum(sum(r["gen_tokens"]) for rows in steps.values() for r in rows)
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs(
@@ -273,3 +280,114 @@ def test_online_run_directory_is_keyed_by_what_changes_the_training(tmp_path):
     assert base not in dirs and len(set(dirs)) == len(changed), dict(zip(changed, dirs, strict=True))
     for same in ("verifier.workers=2", "weights.beta=0.5"):
         assert run_dir(_config(tmp_path, same), "sha256:model-a") == base, same
+
+
+# ------------------------------------------------------------------------------------------
+# The history later turns are conditioned on: the episode's (canonical answers, configured feedback)
+# ------------------------------------------------------------------------------------------
+
+DIRECTION = "protocol.feedback={kind: direction}"
+
+
+def _rollout(cfg, grader=None):
+    from tasks.models import load_tokenizer, resolve_model
+    from tasks.online_rl import ProtocolRollout
+
+    tokenizer = load_tokenizer(resolve_model(cfg.train_model))
+    return ProtocolRollout(
+        tokenizer, {}, cfg.protocol, cfg.rollout.sampling, cfg.weights, 3, 4, grader, 8, seed=0
+    )
+
+
+@pytest.mark.parametrize(
+    ("sampled", "kept", "inserted"),
+    [
+        # sampled as the episode keeps it: the model's tokens stay, then the template and the feedback
+        ("5</answer>", True, "<|im_end|>\n<|im_start|>user\nIncorrect. The answer is larger.<|im_end|>\n"),
+        # re-rendered by the episode (<answer> 5 </answer> -> <answer>5</answer>): the kept message instead
+        (
+            " 5 </answer>",
+            False,
+            "5</answer><|im_end|>\n<|im_start|>user\nIncorrect. The answer is larger.<|im_end|>\n",
+        ),
+    ],
+)
+def test_next_turn_is_conditioned_on_the_episodes_history(tmp_path, sampled, kept, inserted):
+    """After a wrong "5" to gold 7 under direction feedback the next turn sees the episode's history:
+    "<answer>5</answer>", then "Incorrect. The answer is larger." (7 > 5), then the next prompt."""
+    from drift_core.multiturn import TokenEpisode
+    from drift_core.protocol import Episode, grade_turn
+    from drift_core.verify import make_verifier
+
+    cfg = _config(tmp_path, DIRECTION)
+    rollout = _rollout(cfg)
+    tok = rollout.tokenizer
+    episode = Episode.start("p", 0, "3 + 4 = ?", "7", cfg.protocol, max_turns=3)
+    context = rollout._render(episode.messages, open_turn=True)
+    tokens = TokenEpisode(prompt_ids=rollout._encode(context))
+    ids = tok(sampled, add_special_tokens=False)["input_ids"]
+    content = "<answer>" + sampled
+    episode.add_turn(content, grade_turn(content, "7", cfg.protocol, make_verifier(cfg.verifier)))
+    assert episode.messages[-2:] == [
+        {"role": "assistant", "content": "<answer>5</answer>"},
+        {"role": "user", "content": "Incorrect. The answer is larger."},
+    ]
+    text, was_kept = rollout._continue(
+        tokens, context, ids, [-0.5] * len(ids), episode, {tok.eos_token_id}, "p"
+    )
+    assert was_kept is kept
+    completion = tok.decode(tokens.completion_ids, skip_special_tokens=False)
+    expected = (sampled if kept else "") + inserted + "<|im_start|>assistant\n<answer>"
+    assert completion == expected
+    assert tokens.env_mask == [1] * len(ids) * kept + [0] * (len(tokens.completion_ids) - len(ids) * kept)
+    assert tokens.logprobs[: len(ids) * kept] == [-0.5] * len(ids) * kept
+    assert text == context + expected == rollout._render(episode.messages, open_turn=True)
+
+
+def test_online_episodes_carry_direction_feedback(tmp_path):
+    """One step of episodes played by the real tiny policy under direction feedback (no training):
+    after every wrong turn the sequence the next turn is sampled from holds the feedback worked out
+    here by hand from the turn's answer and the gold (larger when the gold is larger)."""
+    from tasks.grade import Grader
+    from tasks.ingest import load_problems
+    from tasks.models import load_model, resolve_model
+    from tasks.online_rl import Problem, problem_index
+
+    cfg = _config(tmp_path, DIRECTION, "protocol.max_turns=3", "data.arith.n=4")
+    df, _ = load_problems(cfg.data, ROOT)
+    problems = [Problem(r["prompt_id"], r["question"], r["gold"]) for r in df.iter_rows(named=True)]
+    model = load_model(resolve_model(cfg.train_model))
+    with Grader(cfg.protocol, cfg.verifier) as grader:
+        rollout = _rollout(cfg, grader)
+        rollout.problems = problem_index(problems, cfg.protocol)
+        rollout.log_dir = tmp_path / "rollouts"
+        prompts = [initial_messages(p.question, cfg.protocol) for p in problems for _ in range(4)]
+        out = rollout.play(model, prompts, step=1)
+    rows = _records(tmp_path)[1]
+    assert len(rows) == 16 and out["n_turns"] == [r["n_turns"] for r in rows]
+    directed = 0
+    for rec, prompt_ids, completion in zip(rows, out["prompt_ids"], out["completion_ids"], strict=True):
+        gold = int(dict(zip(df["prompt_id"], df["gold"], strict=True))[rec["prompt_id"]])
+        decoded = rollout.tokenizer.decode(completion, skip_special_tokens=False)
+        at = 0
+        for answer in rec["answers"][:-1]:  # every turn but the last was wrong and got feedback
+            try:
+                value = int(answer)
+            except (TypeError, ValueError):
+                value = None
+            if value is None or value == gold:
+                expected = "Incorrect. Please think again."
+            else:
+                expected = (
+                    "Incorrect. The answer is larger."
+                    if gold > value
+                    else "Incorrect. The answer is smaller."
+                )
+                directed += 1
+            block = f"<|im_start|>user\n{expected}<|im_end|>\n<|im_start|>assistant\n<answer>"
+            found = decoded.find(block, at)
+            assert found >= 0, (expected, decoded)
+            at = found + len(block)
+        assert "Please think again" in decoded or "The answer is" in decoded or rec["n_turns"] == 1
+        assert rec["prompt_ids"] == prompt_ids
+    assert directed >= 3, "too few wrong numeric answers to check the direction"
