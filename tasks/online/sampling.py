@@ -6,6 +6,11 @@ context goes in as token ids (a re-tokenised history can split differently), the
 back with their log-probabilities, and the model is the trainer's current policy, new every
 optimizer step. The turn ends as in the rollout engine: at the token completing ``</answer>`` or an
 end-of-turn token the model sampled.
+
+Not vLLM: TRL's vLLM integration cannot update vLLM's CPU build with the policy's new weights
+(its CPU GEMMs keep packed copies; the exact error is in docs/operations.md, "Online RL with
+vLLM"), so there is no ``online.generation`` setting; on a GPU, ``trainer.vllm_generation``
+(token ids in, ids and log-probabilities out) is where a vLLM path would plug in.
 """
 
 from __future__ import annotations
