@@ -323,8 +323,8 @@ def test_next_turn_is_conditioned_on_the_episodes_history(tmp_path, sampled, kep
     rollout = _rollout(cfg)
     tok = rollout.tokenizer
     episode = Episode.start("p", 0, "3 + 4 = ?", "7", cfg.protocol, max_turns=3)
-    context = rollout._render(episode.messages, open_turn=True)
-    tokens = TokenEpisode(prompt_ids=rollout._encode(context))
+    context = rollout.render(episode.messages, open_turn=True)
+    tokens = TokenEpisode(prompt_ids=rollout.encode(context))
     ids = tok(sampled, add_special_tokens=False)["input_ids"]
     content = "<answer>" + sampled
     episode.add_turn(content, grade_turn(content, "7", cfg.protocol, make_verifier(cfg.verifier)))
@@ -332,7 +332,7 @@ def test_next_turn_is_conditioned_on_the_episodes_history(tmp_path, sampled, kep
         {"role": "assistant", "content": "<answer>5</answer>"},
         {"role": "user", "content": "Incorrect. The answer is larger."},
     ]
-    text, was_kept = rollout._continue(
+    text, was_kept = rollout.continue_history(
         tokens, context, ids, [-0.5] * len(ids), episode, {tok.eos_token_id}, "p"
     )
     assert was_kept is kept
@@ -341,7 +341,7 @@ def test_next_turn_is_conditioned_on_the_episodes_history(tmp_path, sampled, kep
     assert completion == expected
     assert tokens.env_mask == [1] * len(ids) * kept + [0] * (len(tokens.completion_ids) - len(ids) * kept)
     assert tokens.logprobs[: len(ids) * kept] == [-0.5] * len(ids) * kept
-    assert text == context + expected == rollout._render(episode.messages, open_turn=True)
+    assert text == context + expected == rollout.render(episode.messages, open_turn=True)
 
 
 def test_online_episodes_carry_direction_feedback(tmp_path):

@@ -129,11 +129,13 @@ class ProtocolRollout:
         self.generated_tokens = 0  # every token the policy sampled, over the whole run
         self.episodes = 0
 
-    def _render(self, messages: list[dict[str, str]], open_turn: bool) -> str:
+    def render(self, messages: list[dict[str, str]], open_turn: bool) -> str:
+        """The chat as text: with an open turn, the generation prompt and the pre-fill."""
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_turn)
         return text + self.prefill if open_turn else text
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
+        """Token ids of template text (its special tokens are in the text)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def __call__(self, prompts: list, trainer) -> dict[str, Any]:
@@ -159,8 +161,8 @@ class ProtocolRollout:
         ]
         # texts[i] is the decoded token sequence so far (tokens[i].context), which always renders the
         # episode's own messages: see continue_history for the one place the two can part
-        texts = [self._render(ep.messages, open_turn=True) for ep in episodes]
-        tokens = [TokenEpisode(prompt_ids=self._encode(t)) for t in texts]
+        texts = [self.render(ep.messages, open_turn=True) for ep in episodes]
+        tokens = [TokenEpisode(prompt_ids=self.encode(t)) for t in texts]
         sampled_turns: list[list[list[int]]] = [[] for _ in episodes]
         rewritten: list[list[int]] = [[] for _ in episodes]
         eos = eos_ids(model, self.tokenizer)
@@ -188,7 +190,9 @@ class ProtocolRollout:
             ):
                 episodes[i].add_turn(content, verdict)  # keeps protocol.history's form, adds the feedback
                 where = f"{episodes[i].prompt_id} turn {turn}"
-                texts[i], kept = self._continue(tokens[i], texts[i], ids, logps, episodes[i], eos, where)
+                texts[i], kept = self.continue_history(
+                    tokens[i], texts[i], ids, logps, episodes[i], eos, where
+                )
                 if not kept:
                     rewritten[i].append(turn)
         self.episodes += len(episodes)
@@ -206,7 +210,7 @@ class ProtocolRollout:
             "rewritten_turns": [len(r) for r in rewritten],
         }
 
-    def _continue(
+    def continue_history(
         self,
         tokens: TokenEpisode,
         text: str,
@@ -239,8 +243,8 @@ class ProtocolRollout:
             messages[last]["content"] = self.prefill + sampled_text
             tokens.add_model(ids, logps)
             text = text + self.tokenizer.decode(ids, skip_special_tokens=False)
-        rendered = self._render(messages, open_turn=open_)
-        gap_ids = self._encode(template_gap(text, rendered, where=where))
+        rendered = self.render(messages, open_turn=open_)
+        gap_ids = self.encode(template_gap(text, rendered, where=where))
         if not open_:  # close the chat up to its end-of-turn token (unless sampled)
             gap_ids = _through_eos(tokens.completion_ids, gap_ids, eos)
         tokens.add_inserted(gap_ids)
