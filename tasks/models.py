@@ -24,12 +24,19 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from drift_core.schemas import ModelConfig
 from tasks.model_files import ModelError, atomic_dir, default_cache_root, model_lock
-from tasks.registry import materialize_registered, registry_fingerprint, registry_uri_for
+from tasks.registry import (
+    is_registry_uri,
+    materialize_registered,
+    pin_registered,
+    registry_fingerprint,
+    registry_uri_for,
+)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
@@ -79,9 +86,11 @@ def materialize_smollm2(cache_root: Path | None = None) -> Path:
         return atomic_dir(target, build)
 
 
-def materialize_tiny(cache_root: Path | None = None, seed: int = 0) -> Path:
-    """A 2-layer random model of SmolLM2's architecture with the real tokenizer (tests, smoke runs)."""
-    target = (cache_root or default_cache_root()) / f"tiny-smollm2-seed{seed}"
+def materialize_tiny(cache_root: Path | None = None, seed: int = 0, head_dim: int = 16) -> Path:
+    """A 2-layer random model of SmolLM2's architecture with the real tokenizer (tests, smoke runs).
+    ``head_dim=32`` gives the same model with heads vLLM's CPU attention supports (not 16)."""
+    variant = "" if head_dim == 16 else f"-hd{head_dim}"
+    target = (cache_root or default_cache_root()) / f"tiny-smollm2{variant}-seed{seed}"
 
     def build(tmp: Path) -> None:
         import torch
@@ -95,7 +104,7 @@ def materialize_tiny(cache_root: Path | None = None, seed: int = 0) -> Path:
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            head_dim=16,
+            head_dim=head_dim,
             max_position_embeddings=2048,
             tie_word_embeddings=True,
             bos_token_id=tokenizer.bos_token_id,
@@ -216,6 +225,30 @@ def fingerprint_model(cfg: ModelConfig, cache_root: Path | None = None) -> str:
     if local.is_dir():
         return "sha256:" + hash_directory(local)
     return "hub:" + _hub_revision(resolved, cfg.revision)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model reference as a run uses it, made once by :func:`resolved_model`: loading,
+    fingerprinting and every cache key then agree on one model, even if a registry alias moves."""
+
+    cfg: ModelConfig  # a models:/ alias or ``latest`` pinned to ``models:/<name>/<version>``
+    path: str  # what ``from_pretrained`` loads: a local directory or a hub id
+    fingerprint: str  # what cache keys hold (``fingerprint_model``)
+    version: str | None = None  # the registry version, for a models:/ reference
+
+    @property
+    def loadable_cfg(self) -> ModelConfig:
+        """``cfg`` pointing at the resolved path (what a task that loads the model is given)."""
+        return self.cfg.model_copy(update={"path": self.path})
+
+
+def resolved_model(cfg: ModelConfig, run_tracking_uri: str | None = None) -> ResolvedModel:
+    """Pin (a models:/ alias to one version, in ``run_tracking_uri``'s registry unless configured
+    otherwise), resolve and fingerprint ``cfg``: the one way a flow turns a reference into a model."""
+    pinned = pin_registered(cfg, run_tracking_uri)
+    version = pinned.path.rsplit("/", 1)[1] if is_registry_uri(pinned.path) else None
+    return ResolvedModel(pinned, resolve_model(pinned), fingerprint_model(pinned), version)
 
 
 def hash_directory(root: Path) -> str:

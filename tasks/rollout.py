@@ -199,8 +199,9 @@ def rollout_shard(
             per_trajectory=engine_cfg.scheduling == "trajectory",
         )
     df = records_to_frame(records)
-    meta = rollout_stats(df, max_turns)
+    meta: dict[str, float | str] = dict(rollout_stats(df, max_turns))
     meta["wall_seconds"] = time.perf_counter() - started
+    meta["engine"] = engine.name  # which engine made these tokens (kept, not keyed)
     return store.write_parquet(df, stage, key, meta=meta)
 
 

