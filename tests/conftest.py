@@ -125,6 +125,9 @@ def mlflow_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    # MLflow 3's job execution (huey consumers for GenAI jobs and periodic trace rollups: 5 extra
+    # interpreters polling all session long) is a feature drift never uses: off, on 2 cores
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     log = open(home / "server.log", "w")  # noqa: SIM115 - open for the whole session
     # fmt: off
     cmd = [
@@ -167,3 +170,18 @@ def drain_prefect_queues() -> None:
 
     APILogHandler().flush()
     EventsWorker.drain_all(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def deployed(prefect_server):
+    """The work pools and every deployment of prefect.yaml on the session's Prefect server, made
+    once (``prefect deploy --all``, a fresh interpreter that imports every flow) for the modules
+    that run deployments (test_deployments, test_iterate); each module starts its own workers.
+    Yields the env for the ``prefect`` CLI and workers (workers poll every 2 s)."""
+    from helpers import prefect_cli
+
+    env = {**prefect_server, "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    for pool in ("drift-cpu", "drift-gpu"):  # drift-gpu: no GPU here, a process pool all the same
+        prefect_cli(["work-pool", "create", pool, "--type", "process", "--overwrite"], env, check=True)
+    prefect_cli(["--no-prompt", "deploy", "--all"], env, check=True)
+    return env

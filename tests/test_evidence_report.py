@@ -16,6 +16,8 @@ from flows.config import load_config
 from tasks.ingest import load_problems
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.timeout(120)  # synthetic frames: seconds
+
 T = 3
 
 
