@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import polars as pl
 import pytest
 from helpers import (
     STAGE_TASKS,
@@ -46,9 +47,13 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     assert "multi@2" in first.stdout and "trained model:" in first.stdout
     run1 = mlflow_run_id(first.stdout)
     states = task_states(env, tracking, run1)
-    assert set(states) >= STAGE_TASKS, states  # task runs named for what they are (docs/operations.md)
+    # task runs named for what they are (docs/operations.md): the stages, then the registry's two
+    assert set(states) == STAGE_TASKS | {"register-model", "promote"}, states
     assert all(s == "Completed" for ss in states.values() for s in ss), states
     assert len(states["rollout-shard"]) == 2  # 8 prompts in shards of 4
+    assert {k: len(v) for k, v in states.items() if k != "rollout-shard"} == dict.fromkeys(
+        set(states) - {"rollout-shard"}, 1
+    ), states  # one run of every other task (4 eval problems: one shard per model)
     # The owner tags (host, pid) mark the flow run, where the next run looks for orphans, and no
     # task run: a tagged task run costs an API call for tag concurrency slots (docs/benchmarks.md).
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -59,7 +64,7 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
         )
     assert {t.split(":")[0] for t in flow_run.tags} >= {"drift.host", "drift.pid"}, flow_run.tags
-    assert len(task_runs) >= len(STAGE_TASKS), task_runs
+    assert len(task_runs) == len(STAGE_TASKS) + 1 + 2, task_runs  # 2 rollout shards; register, promote
     assert not [
         tr.name for tr in task_runs if any(t.startswith(("drift.host:", "drift.pid:")) for t in tr.tags)
     ]
@@ -116,7 +121,30 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     assert version.tags["drift.reference_fingerprint"] == parent.data.tags["drift.reference_fingerprint"]
     assert json.loads(version.tags["drift.weights"])["beta"] == 0.1
     assert registry.get_registered_model("drift-tiny").aliases["challenger"] == version.version
-    assert parent.data.tags["drift.promotion"].startswith(("promoted", "not promoted"))
+
+    # The gate's decision, by hand from the two evaluations' per-problem records (the same 4
+    # problems): the gain is the difference of the solved shares; no gain cannot promote.
+    def solved(stage: str) -> dict[str, bool]:
+        [uri] = [v for k, v in by_stage[stage].data.params.items() if k.rsplit(".", 1)[-1] == "artifact"]
+        df = pl.read_parquet(uri)
+        return {
+            p: any(c) for p, c in zip(df["prompt_id"].to_list(), df["turn_correct"].to_list(), strict=True)
+        }
+
+    reference, trained = solved("evaluate-reference"), solved("evaluate-trained")
+    assert set(reference) == set(trained) and len(trained) == 4
+    gain = (sum(trained.values()) - sum(reference.values())) / 4
+    assert parent.data.metrics["promote.delta"] == pytest.approx(gain)
+    promoted = parent.data.metrics["promote.promoted"] == 1.0
+    if gain <= 0:  # below min_delta 0, or a zero gain whose interval cannot lie above 0
+        assert not promoted, parent.data.tags["drift.promotion"]
+    else:  # a gain is promoted exactly when its interval lies above 0
+        assert promoted == (parent.data.metrics["promote.ci_low"] > 0), parent.data.metrics
+    outcome = "promoted" if promoted else "not promoted"
+    assert parent.data.tags["drift.promotion"].startswith(f"{outcome}: "), parent.data.tags["drift.promotion"]
+    assert version.tags["drift.promotion"] == outcome
+    champion = registry.get_registered_model("drift-tiny").aliases.get("champion")
+    assert (str(champion) == str(version.version)) == promoted, champion
     assert (
         "registered model: models:/drift-tiny/1" in first.stdout and "promotion: drift-tiny" in first.stdout
     )
