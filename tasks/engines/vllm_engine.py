@@ -83,6 +83,7 @@ class VLLMEngine(Engine):
         hf_eos = self.engine.model_config.hf_config.eos_token_id
         self.eos_ids = eos_token_ids(_generation_config_eos(model_path, default=hf_eos), self.tokenizer)
         self._ids = itertools.count()
+        self.steps = 0  # engine steps taken (a step prefills or decodes one token for each running request)
         log.info("vLLM engine on %s: %s", "CPU" if self.on_cpu else "GPU", kwargs)
 
     # -- Engine interface ----------------------------------------------------------------------
@@ -111,7 +112,9 @@ class VLLMEngine(Engine):
             while in_flight:
                 if generation_stopped():
                     break
-                for output in self.engine.step():
+                outputs = self.engine.step()
+                self.steps += 1
+                for output in outputs:
                     if not output.finished:
                         continue
                     request = in_flight.pop(output.request_id)
