@@ -64,9 +64,9 @@ def last_rollout(cfg: DriftConfig) -> dict[str, str] | None:
     config's reference model path (None: there is none)."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import _local_tracking_uri
+    from tasks.tracking import local_tracking_uri
 
-    client = MlflowClient(tracking_uri=_local_tracking_uri(cfg.run.tracking_uri))
+    client = MlflowClient(tracking_uri=local_tracking_uri(cfg.run.tracking_uri))
     experiment = client.get_experiment_by_name(cfg.run.experiment)
     if experiment is None:
         return None

@@ -499,6 +499,11 @@ class EvalConfig(StrictModel):
     answer_format: Literal["answer", "think"] | None = Field(
         default=None, description="overrides protocol.answer_format for evaluation (paper: think)"
     )
+    prompt_mode: Literal["simple", "full"] | None = Field(
+        default=None,
+        description="overrides protocol.prompt_mode for evaluation (the reference's eval script: "
+        "simple, whatever mode the rollouts used)",
+    )
     max_turns: int | None = Field(default=None, ge=1, description="defaults to protocol.max_turns")
     max_new_tokens: int | None = Field(default=None, ge=1)
     shard_size: int = Field(default=64, ge=1)
@@ -516,6 +521,12 @@ class EvalConfig(StrictModel):
             if dup:
                 raise ValueError(f"eval.suite: duplicate entry names {dup}; names must be unique")
         return self
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset_prompt_mode(self, handler):
+        """Unset, the field is absent from dumps: a run's params and lineage stay as they were
+        before it existed."""
+        return _without_field_at(handler(self), "prompt_mode", None)
 
     def entries(self) -> list[tuple[str, EvalEntry]]:
         """The suite as (config key, entry) pairs; ``eval.data`` is a suite of one whose name is

@@ -145,10 +145,27 @@ def _print_summary(summary: dict[str, Any]) -> None:
             f"registered model: {registered['uri']}{'' if registered['created'] else ' (already registered)'}"
         )
     if promotion := summary.get("promotion"):
-        from flows.stages import format_promotion
-
         print(format_promotion(promotion))
     _print_mlflow(summary)
+
+
+def format_promotion(result: dict) -> str:
+    """The promotion decision as the console shows it: outcome, the reason, and the numbers."""
+    head = f"promotion: {result['name']} version {result['version']} "
+    if result.get("outcome") == "already champion":
+        head += "already is the champion (nothing to compare)"
+    elif result["promoted"]:
+        head += "PROMOTED to champion"
+    else:
+        head += f"not promoted (champion: {result.get('champion')})"
+    lines = [head, f"  vs {result['baseline']}: {result['reason']}"]
+    if "delta" in result:
+        lines.append(
+            f"  multi@T {100 * result['challenger_multi_at_t']:.1f} vs {100 * result['baseline_multi_at_t']:.1f} "
+            f"on {result['n_problems']} problems; delta {100 * result['delta']:+.1f} pts, "
+            f"{100 * (1 - result['alpha']):.0f}% interval [{100 * result['ci_low']:+.1f}, {100 * result['ci_high']:+.1f}]"
+        )
+    return "\n".join(lines)
 
 
 def _print_mlflow(summary: dict[str, Any]) -> None:
@@ -209,9 +226,9 @@ def _online_urls(tracking_uri: str, run_id: str) -> dict[str, Any]:
     """What ``_print_mlflow`` needs for an online RL run: its experiment is looked up by run id."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import _local_tracking_uri, run_url
+    from tasks.tracking import local_tracking_uri, run_url
 
-    uri = _local_tracking_uri(tracking_uri)
+    uri = local_tracking_uri(tracking_uri)
     experiment = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
     return {"mlflow_run_id": run_id, "mlflow_url": run_url(uri, experiment, run_id), "tracking_uri": uri}
 

@@ -9,20 +9,13 @@ from prefect import flow
 
 from drift_core.schemas import ModelConfig
 from flows.config import load_config
+from flows.evaluation import System, evaluate, log_suite_params, prepare_eval_suite
 from flows.orphans import task_runs_without_owner_tags
-from flows.stages import (
-    StageRunner,
-    eval_label,
-    evaluate_stage,
-    log_suite_params,
-    prepare_eval_suite,
-    run_tags,
-    track_eval,
-)
+from flows.stages import StageRunner
+from flows.story import run_tags
 from tasks.ceilings import suite_ceilings
 from tasks.engines import release_engines
-from tasks.models import fingerprint_model, resolve_model
-from tasks.registry import pin_registered
+from tasks.models import resolved_model
 from tasks.store import ArtifactStore
 from tasks.tracking import Tracker
 
@@ -42,27 +35,31 @@ def _evaluate_model(model: str, config_path: str, overrides: list[str] | None) -
     store = ArtifactStore(cfg.run.artifact_store)
     stages = StageRunner(store)
     suite = prepare_eval_suite(cfg, stages, os.getcwd())  # every gold checked before the model loads
-    model_cfg = ModelConfig(path=model, trust_remote_code=cfg.reference_model.trust_remote_code)
-    model_cfg = pin_registered(model_cfg, cfg.run.tracking_uri)  # models:/: one version, run's registry
-    path = resolve_model(model_cfg)
-    fingerprint = fingerprint_model(model_cfg)
+    # a models:/ alias pinned to one version, in the run's registry
+    resolved = resolved_model(
+        ModelConfig(path=model, trust_remote_code=cfg.reference_model.trust_remote_code), cfg.run.tracking_uri
+    )
     tracker = Tracker(
         cfg,
         run_name=f"eval-{os.path.basename(model.rstrip('/'))}",
         tags={**run_tags(), "drift.flow": "drift-eval"},
         omit_sections=("online", "iterate", "weights", "train", "promote"),  # an evaluation uses none
     )
+    stages.tracker = tracker
     status = "FAILED"
     try:
         log_suite_params(tracker, suite)
-        resolved = model_cfg.model_copy(update={"path": path})
-        results = {}
-        for ev in suite:
-            label = eval_label("model", ev, suite)
-            manifest = evaluate_stage(cfg, stages, ev, label, "model", path, fingerprint, resolved)
-            params = {"model": model, "fingerprint": fingerprint}
-            track_eval(tracker, stages, label, ev, manifest, ev.name, params)
-            results[ev.name] = manifest
+        system = System(
+            "model",
+            resolved.path,
+            resolved.fingerprint,
+            resolved.loadable_cfg,
+            params={"model": model, "fingerprint": resolved.fingerprint},
+            named_metrics=False,
+        )
+        results = {
+            name: by_system["model"] for name, by_system in evaluate(cfg, stages, suite, [system]).items()
+        }
         status = "FINISHED"
         primary = results[suite[0].name]
         return {

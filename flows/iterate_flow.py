@@ -30,7 +30,7 @@ from prefect import flow, get_run_logger
 from drift_core.schemas import DriftConfig
 from flows.config import load_config
 from flows.drift_flow import drift
-from flows.stages import default_run_name
+from flows.story import default_run_name
 
 __all__ = ["IterateInFlight", "iterate", "next_round_overrides"]
 

@@ -1,5 +1,6 @@
-"""What a run tells the people who open it: URLs into the MLflow and Prefect UIs, the parent run's
-description, its cache tags, one log line per stage, and the Prefect artifact.
+"""What a run tells the people who open it: its name, URLs into the MLflow and Prefect UIs, the parent
+run's description, its cache tags, one log line per stage, and the Prefect artifacts (a link to the
+MLflow run, the summary).
 
 MLflow 3's UI opens an experiment on its GenAI pages unless told otherwise; the switch is a global
 "GenAI | Model training" setting the UI keeps in the browser and takes from a ``workflowType`` URL
@@ -10,20 +11,33 @@ A local store (``sqlite:///...``) has no web address of its own: its URLs assume
 
 from __future__ import annotations
 
-from typing import Any
+import re
+import time
+from typing import TYPE_CHECKING, Any
 
+from drift_core.schemas import DriftConfig
 from tasks.store import Manifest
-from tasks.tracking import UI_ENV, mlflow_ui_base, redact, run_url
+from tasks.tracking import UI_ENV, Tracker, mlflow_ui_base, redact, run_url
+
+if TYPE_CHECKING:
+    from flows.stages import StageRunner
+    from tasks.registry import RegisteredVersion
 
 __all__ = [
     "UI_ENV",
+    "artifact_key",
     "cache_tags",
+    "default_run_name",
     "describe_run",
+    "link_mlflow_run",
     "mlflow_ui_base",
     "per_turn_markdown",
     "prefect_flow_run_url",
+    "publish_summary",
+    "run_tags",
     "run_url",
     "stage_line",
+    "tell_the_story",
     "ui_command",
 ]
 
@@ -144,3 +158,104 @@ def stage_line(label: str, cached: bool, seconds: float, manifest: Manifest) -> 
     rows = f"; {manifest.rows} rows" if manifest.rows is not None else ""
     extra = f"; {', '.join(numbers)}" if numbers else ""
     return f"{label}: {'cached' if cached else 'computed'} in {seconds:.1f} s{rows}{extra} (key {manifest.key[:12]})"
+
+
+def run_tags() -> dict[str, str]:
+    """A drift flow's parent-run tags: the flow, and the Prefect flow run behind it when there is one."""
+    tags = {"drift.flow": "drift"}
+    try:
+        from prefect.runtime import flow_run
+
+        if flow_run.id:
+            tags["prefect.flow_run_id"] = str(flow_run.id)
+            tags["prefect.flow_run_name"] = str(flow_run.name)
+    except Exception:
+        pass
+    return tags
+
+
+def default_run_name(cfg: DriftConfig, suffix: str = "") -> str:
+    """``<run.name>[-<suffix>]-<UTC time>``: parent runs tell apart in MLflow's chart legends."""
+    stamp = time.strftime("%m%d-%H%M%S", time.gmtime())  # short: the MLflow runs table cuts names
+    return "-".join(p for p in (cfg.run.name, suffix, stamp) if p)
+
+
+def artifact_key(run_name: str, what: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes): ``drift-<run.name>-<what>``, so
+    each config's runs collect under one key in the Prefect UI's Artifacts page."""
+    slug = re.sub(r"[^a-z0-9]+", "-", run_name.lower()).strip("-") or "run"
+    return f"drift-{slug}-{what}"
+
+
+def link_mlflow_run(tracker: Tracker, key_name: str) -> None:
+    """A keyed Prefect link artifact on the flow run pointing at its MLflow run page (for a local
+    store: the address ``mlflow ui`` serves, see ``flows.story``); the MLflow run already carries the
+    flow run id (tag ``prefect.flow_run_id``)."""
+    try:
+        from prefect.artifacts import create_link_artifact
+        from prefect.runtime import flow_run
+
+        if not flow_run.id:
+            return
+        create_link_artifact(
+            key=artifact_key(key_name, "mlflow-run"),
+            link=tracker.ui_url(),
+            link_text=f"MLflow run {tracker.run_id}",
+            description=_ui_note(tracker),
+        )
+    except Exception as exc:  # a missing link must never fail a run
+        from prefect import get_run_logger
+
+        get_run_logger().warning("could not create the MLflow link artifact: %s", exc)
+
+
+def _ui_note(tracker: Tracker) -> str:
+    from flows.story import ui_command
+
+    command = ui_command(tracker.uri)
+    where = f"experiment {tracker.experiment_id}, run {tracker.run_id}"
+    return f"MLflow {where}" + (f"; start the UI with `{command}`" if command else "")
+
+
+def publish_summary(tracker: Tracker, key_name: str, description: str) -> None:
+    """The parent run's description as a keyed Prefect markdown artifact (the same story in both UIs)."""
+    try:
+        from prefect.artifacts import create_markdown_artifact
+        from prefect.runtime import flow_run
+
+        if not flow_run.id:
+            return
+        create_markdown_artifact(
+            key=artifact_key(key_name, "summary"),
+            markdown=f"[MLflow run {tracker.run_id}]({tracker.ui_url()})\n\n{description}",
+            description=_ui_note(tracker),
+        )
+    except Exception as exc:  # a missing summary must never fail a run
+        from prefect import get_run_logger
+
+        get_run_logger().warning("could not create the summary artifact: %s", exc)
+
+
+def tell_the_story(
+    tracker: Tracker,
+    stages: StageRunner,
+    config_name: str,
+    results: dict[str, Manifest],
+    benchmark: str,
+    registered: RegisteredVersion | None,
+    rollouts_run: str,
+) -> None:
+    """The parent run explains itself: cache tags, a description (per-turn table, stages, links),
+    and the same text as the flow run's keyed Prefect artifact."""
+    tracker.set_tags(cache_tags(stages.states))
+    experiment = tracker.experiment_id
+    links = {
+        "Prefect flow run": prefect_flow_run_url(run_tags().get("prefect.flow_run_id")),
+        "registered version": registered
+        and f"[{registered.name} version {registered.version}](#/models/{registered.name}/versions/{registered.version})",
+        "rollouts": rollouts_run
+        and f"[run {rollouts_run}, `rollouts/`](#/experiments/{experiment}/runs/{rollouts_run}/artifacts/rollouts)",
+    }
+    text = describe_run(tracker.run_name(), results, benchmark, stages.states, stages.timings, links)
+    tracker.set_tags({"mlflow.note.content": text})
+    publish_summary(tracker, config_name, text)

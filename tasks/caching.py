@@ -3,7 +3,9 @@
 A stage key is sha256 over the stage name, a schema version, and a JSON document of its inputs:
 upstream artifacts by their content hash, models by fingerprint, and only the config sections
 that change the stage's output. Settings that change speed but not results (batch sizes, worker
-counts, pool names) are left out, so tuning them never invalidates rollouts.
+counts, pool names) are left out, so tuning them never invalidates rollouts: every such list is
+here (``SPEED_ONLY`` for stage keys and the online run's directory, ``TRAIN_RESUME_IGNORES`` for
+a training run's resume identity), so the rule is written once.
 
 The same key names the Prefect cache entry and the artifact directory in the store. The store is
 the one record of "this stage is done" (docs/architecture.md, "Artifacts, manifests, cache keys"):
@@ -17,13 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect.context import TaskRunContext
 from prefect.states import Completed, State
 from pydantic import BaseModel
 
 from tasks.store import ArtifactStore, Manifest
+
+if TYPE_CHECKING:
+    from drift_core.schemas import EngineConfig
 
 # Bump when a stage's output format or semantics change: old cache entries stop matching.
 SCHEMA_VERSION = "1"
@@ -42,6 +47,73 @@ def _canonical(value: Any) -> Any:
 def stage_key(stage: str, **inputs: Any) -> str:
     doc = json.dumps({"stage": stage, "v": SCHEMA_VERSION, "inputs": _canonical(inputs)}, sort_keys=True)
     return hashlib.sha256(doc.encode()).hexdigest()[:32]
+
+
+# Per section (by config class): the settings that change where or how fast a stage runs, never
+# what it produces. (train.batch_size is NOT here: it changes the optimisation; the engine's
+# batch_size is not keyed.)
+SPEED_ONLY: dict[str, frozenset[str]] = {
+    "VerifierConfig": frozenset({"workers"}),
+    "RolloutConfig": frozenset({"shard_size"}),
+    # packing, loss_kernel and compile compute the same objective with other kernels (equal loss
+    # within bf16 tolerance, tests/test_fast_paths.py): speed settings, like the process count
+    "TrainConfig": frozenset(
+        {
+            "work_pool",
+            "checkpoint_every",
+            "num_processes",
+            "accelerate_config",
+            "packing",
+            "loss_kernel",
+            "compile",
+        }
+    ),
+    "OnlineConfig": frozenset({"output_dir"}),  # where the online run's directory lives
+}
+
+#: TrainConfig settings a resumed training run may differ in and still continue from its
+#: checkpoints (``tasks.trainer.run_fingerprint``). Narrower than ``SPEED_ONLY``: the process
+#: count, packing and kernels change the micro-batch plan or the state a checkpoint holds.
+TRAIN_RESUME_IGNORES = frozenset({"checkpoint_every", "work_pool"})
+
+
+def result_fields(model: BaseModel) -> dict:
+    """A config section without the fields that change speed, not results (kept out of cache keys).
+    Shard size stays out too: each shard's key holds its own prompt range, and a joined artifact's
+    key holds its shards' keys (not their content hashes, which include timings)."""
+    drop = SPEED_ONLY.get(type(model).__name__, frozenset())
+    return {k: v for k, v in model.model_dump(mode="json").items() if k not in drop}
+
+
+def engine_identity(engine: EngineConfig) -> str:
+    """What of the engine settings goes into rollout and evaluation keys: its kind, and its decoding
+    path unless standard (compiled kernels and paged attention may change the last bits of the
+    logits, hence sampled tokens), so keys made before decoding paths existed stay valid."""
+    return engine.kind if engine.decoding == "standard" else f"{engine.kind}/{engine.decoding}"
+
+
+def generation_key(
+    stage: str,
+    *,
+    model: str,
+    problems: str,
+    protocol: BaseModel,
+    verifier: BaseModel,
+    engine: EngineConfig,
+    **settings: Any,
+) -> str:
+    """The base key of a stage that plays the protocol with a model (rollout, evaluation): the
+    model's fingerprint, the problems' content hash, the protocol, the verifier's result fields and
+    the engine's identity, plus the stage's own ``settings``."""
+    return stage_key(
+        stage,
+        model=model,
+        problems=problems,
+        protocol=protocol,
+        verifier=result_fields(verifier),
+        engine=engine_identity(engine),
+        **settings,
+    )
 
 
 def key_from_parameters(context, parameters: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from tasks.store import ArtifactStore
 
 
 def suite_ceilings(store: ArtifactStore, suite: Iterable[Any]) -> dict[str, float]:
-    """``{benchmark: ceiling}`` for every ``flows.stages.EvalSet`` of the suite (its problems'
+    """``{benchmark: ceiling}`` for every ``flows.evaluation.EvalSet`` of the suite (its problems'
     golds, its protocol's turns and feedback). Never fails the run: a benchmark whose golds cannot
     be read is left out (the table shows '-')."""
     out: dict[str, float] = {}

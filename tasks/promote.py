@@ -20,8 +20,9 @@ from drift_core.promotion import PromotionDecision, decide_promotion
 from drift_core.schemas import PromoteConfig
 from tasks.registry import registry_client
 from tasks.store import ArtifactStore, Manifest
+from tasks.tracking import Tracker
 
-__all__ = ["CHALLENGER", "CHAMPION", "current_champion", "promote", "solved_within"]
+__all__ = ["CHALLENGER", "CHAMPION", "current_champion", "log_promotion", "promote", "solved_within"]
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -145,3 +146,17 @@ def promotion_table(result: dict) -> pl.DataFrame:
     return pl.DataFrame(
         {"quantity": [k for k in keys if k in result], "value": [str(result[k]) for k in keys if k in result]}
     )
+
+
+def log_promotion(tracker: Tracker, result: dict) -> None:
+    """This run's promotion outcome on its parent run: a tag, a table artifact, and as metrics
+    ``promote.is_champion`` (every run) and, only when this run compared, ``promote.promoted`` and
+    the gain with its interval; a cached re-run's version already is the champion, it compared
+    nothing, and logs no 0 that would read like a failed promotion."""
+    tracker.set_tags({"drift.promotion": f"{result['outcome']}: {result['reason']}"})
+    metrics = {"promote.is_champion": float(result.get("champion") == result["version"])}
+    if result["outcome"] != ALREADY_CHAMPION:
+        metrics["promote.promoted"] = float(result["promoted"])
+        metrics |= {f"promote.{k}": result[k] for k in ("delta", "ci_low", "ci_high") if k in result}
+    tracker.log_metrics(tracker.run_id, metrics)
+    tracker.log_table(tracker.run_id, promotion_table(result).to_pandas(), "promotion.json")

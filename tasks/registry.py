@@ -47,7 +47,7 @@ from pydantic import BaseModel
 
 from drift_core.schemas import ModelConfig
 from tasks.model_files import ModelError, atomic_dir, default_cache_root, model_lock
-from tasks.tracking import _local_tracking_uri, redact
+from tasks.tracking import local_tracking_uri, redact
 
 PREFIX = "models:/"
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$")
@@ -97,7 +97,7 @@ def registry_uri_for(configured: str | None, run_tracking_uri: str | None = None
             "a models:/ model reference needs a registry: set reference_model.registry_uri "
             "(or base_model.registry_uri), MLFLOW_REGISTRY_URI or MLFLOW_TRACKING_URI"
         )
-    return _local_tracking_uri(uri)
+    return local_tracking_uri(uri)
 
 
 def _client(registry_uri: str):
@@ -139,7 +139,7 @@ def resolve_version(uri: str, registry_uri: str) -> tuple[str, str]:
 def registry_fingerprint(uri: str, tracking_uri: str) -> str:
     """``mlflow:<name>/<version>`` for ``models:/name@alias``, ``models:/name/<n>`` or ``/latest``:
     registered model versions are immutable, so the version number names the weights."""
-    name, version = resolve_version(uri, _local_tracking_uri(tracking_uri))
+    name, version = resolve_version(uri, local_tracking_uri(tracking_uri))
     return f"mlflow:{name}/{version}"
 
 
@@ -243,7 +243,7 @@ class RegisteredVersion(BaseModel):
 
 def registry_client(tracking_uri: str):
     """A client whose registry is the tracking server's (MLflow's default; said explicitly)."""
-    return _client(_local_tracking_uri(tracking_uri))
+    return _client(local_tracking_uri(tracking_uri))
 
 
 def ensure_registered_model(client, name: str) -> None:
@@ -308,7 +308,7 @@ def register_model(
     # the MLflow UI links a version to its logged model through that source. The registry stores
     # the logged model's artifact location as the version's download location, so loading
     # (materialize_registered) still reads the files directly.
-    with _global_tracking_uri(_local_tracking_uri(tracking_uri)):
+    with _global_tracking_uri(local_tracking_uri(tracking_uri)):
         version = client.create_model_version(
             name,
             source=f"models:/{logged.model_id}",

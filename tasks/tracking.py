@@ -16,9 +16,12 @@ import re
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drift_core.schemas import DriftConfig, flatten
+
+if TYPE_CHECKING:
+    from tasks.store import Manifest
 
 _SECRET_ENDINGS = ("token", "secret", "password", "passwd", "apikey", "credential", "credentials")
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
@@ -46,7 +49,7 @@ def redact(key: str, value: Any) -> Any:
     return value
 
 
-def _local_tracking_uri(uri: str) -> str:
+def local_tracking_uri(uri: str) -> str:
     """Make a relative sqlite path absolute and its directory present."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         path = Path(uri[len("sqlite:///") :]).expanduser().resolve()
@@ -63,7 +66,7 @@ def open_tracking_store(uri: str) -> None:
     start-up work (the temporary Prefect server) proceeds in parallel."""
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(tracking_uri=_local_tracking_uri(uri))
+    MlflowClient(tracking_uri=local_tracking_uri(uri))
 
 
 class Tracker:
@@ -80,7 +83,7 @@ class Tracker:
         run), left out of its params so that no unused setting looks like one that mattered."""
         from mlflow.tracking import MlflowClient
 
-        self.uri = _local_tracking_uri(cfg.run.tracking_uri)
+        self.uri = local_tracking_uri(cfg.run.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         experiment = self.client.get_experiment_by_name(cfg.run.experiment)
         if experiment is None:
@@ -171,6 +174,103 @@ class Tracker:
             self.log_params(run_id, {k: redact(k, v) for k, v in params.items()})
         return run_id
 
+    def record_stage(
+        self,
+        name: str,
+        manifest: Manifest,
+        params: dict[str, Any],
+        *,
+        cached: bool,
+        seconds: float,
+        plots_dir: Path | None = None,
+        histogram: bool = False,
+        loss_history: bool = False,
+        eval_metrics: bool = False,
+        prefix: str | None = None,
+        files: tuple[Path, ...] = (),
+    ) -> str:
+        """A stage's nested run, filled and ended. Its params carry their section's prefix
+        (``weights.beta``, ``rollout.artifact``, ``eval.system``: the names the parent's config params
+        use); its metrics carry the same names on the stage run and on the parent run,
+        ``<prefix>.<metric>`` (default prefix: the stage name), so one quantity has one name
+        everywhere. The loss is a series by step with its tail mean beside it; per-turn values are one
+        metric per turn (``arith.trained.multi_at_t2``)."""
+        prefix = prefix or name
+        section = stage_section(name)
+        params = {**params, "artifact": manifest.uri, "sha256": manifest.sha256}
+        run_id = self.stage(
+            name, params={k if "." in k else f"{section}.{k}": v for k, v in params.items()}, cached=cached
+        )
+        meta = manifest.meta
+        scalars = {
+            k: v
+            for k, v in meta.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k not in _NOT_METRICS
+        }
+        if eval_metrics:
+            scalars.pop("n_problems", None)  # a count, logged as the stage's rows
+        if manifest.rows is not None:
+            scalars["rows"] = manifest.rows
+        scalars["stage_seconds"] = seconds
+        # one write per run: every metric write is a database transaction
+        rows = [(f"{prefix}.{k}", v, 0) for k, v in scalars.items()]
+        if histogram and "histogram" in meta:
+            self._log_weight_histogram(run_id, meta, params.get("beta"), plots_dir)
+        if loss_history and (history := meta.get("loss_history", [])):
+            for step, loss, lr in history:
+                rows += [(f"{prefix}.loss", loss, int(step)), (f"{prefix}.lr", lr, int(step))]
+            tail = [loss for _step, loss, _lr in history[-LOSS_TAIL_STEPS:]]
+            rows.append((f"{prefix}.loss_tail_mean", sum(tail) / len(tail), 0))
+            self.log_params(run_id, {f"{section}.loss_tail_steps": len(tail)})
+        if eval_metrics:
+            rows += per_turn_rows(prefix, meta)
+        self.log_metric_steps(run_id, rows)
+        self.log_metric_steps(self.run_id, rows)
+        for path in files:
+            self.log_file(run_id, path)
+        self.log_dict(run_id, manifest.model_dump(mode="json"), "manifest.json")
+        self.end_stage(name)
+        return run_id
+
+    def _log_weight_histogram(self, run_id: str, meta: dict, beta: Any, plots_dir: Path | None) -> None:
+        """The weights stage's histogram, on its stage run and on the parent run."""
+        from tasks.plots import plot_file, plot_weight_histogram
+
+        hist = meta["histogram"]
+        notes = {k: meta.get(k) for k in ("ess_overall", "max_weight")}
+        notes["beta"] = beta
+        draw = lambda path: plot_weight_histogram(hist["counts"], hist["edges"], path, **notes)  # noqa: E731
+        with plot_file(plots_dir, "weights.png", draw, {"hist": hist, "notes": notes}) as png:
+            self.log_file(run_id, png)
+            self.log_file(self.run_id, png)
+
+    def set_tags(self, tags: dict[str, Any], run_id: str | None = None) -> None:
+        """Tags on ``run_id`` (default: the parent run)."""
+        for key, value in tags.items():
+            self.client.set_tag(run_id or self.run_id, key, value)
+
+    def get_run(self, run_id: str):
+        """Any run of this tracking store, as MLflow returns it (raises when there is no such run)."""
+        return self.client.get_run(run_id)
+
+    def run_name(self, run_id: str | None = None) -> str:
+        return self.client.get_run(run_id or self.run_id).info.run_name
+
+    def log_inputs(self, run_id: str, datasets: list) -> None:
+        """Datasets a run used (the MLflow UI's "Datasets used")."""
+        self.client.log_inputs(run_id, datasets)
+
+    def log_table(self, run_id: str, table: Any, name: str) -> None:
+        """A pandas table as a run's table artifact."""
+        self.client.log_table(run_id, data=table, artifact_file=name)
+
+    def log_artifacts(self, run_id: str, directory: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(directory), artifact_path=artifact_path)
+
+    def model_metric_keys(self, model_id: str) -> set[str]:
+        """The metric names a logged model already has."""
+        return {m.key for m in self.client.get_logged_model(model_id).metrics or []}
+
     def ui_url(self, run_id: str | None = None) -> str:
         """The run's page in the MLflow UI, opening on runs (``run_url``)."""
         return run_url(self.uri, self.experiment_id, run_id or self.run_id)
@@ -185,6 +285,31 @@ class Tracker:
             if run.info.status == "RUNNING":
                 self.client.set_terminated(run_id, status=status)
         self.client.set_terminated(self.run_id, status=status)
+
+
+#: trailing steps of the loss series whose mean is the run's train-loss summary
+LOSS_TAIL_STEPS = 10
+#: per-turn evaluation quantities, logged as ``<prefix>.<name>_t<t>`` (one name per turn)
+PER_TURN = ("multi_at", "accuracy_at_turn", "correction_rate")
+#: manifest meta that is not a metric of its stage (its loss curve is logged by step instead)
+_NOT_METRICS = {"final_loss", "max_turns"}
+
+
+def stage_section(name: str) -> str:
+    """The config section a stage's params belong to: ``eval`` for the evaluate stages, else the
+    stage itself (``rollout``, ``weights``, ``train``, ``ingest``)."""
+    return "eval" if name.startswith("evaluate") else name
+
+
+def per_turn_rows(prefix: str, meta: dict) -> list[tuple[str, Any, int]]:
+    """``(<prefix>.<quantity>_t<t>, value, 0)`` for each per-turn evaluation quantity: a per-turn
+    value has the turn in its name, so no metric's "last value" means a different turn per run."""
+    return [
+        (f"{prefix}.{key}_t{t}", value, 0)
+        for key in PER_TURN
+        for t, value in enumerate(meta.get(key, []), start=1)
+        if value is not None
+    ]
 
 
 EXPERIMENT_KIND = "mlflow.experimentKind"

@@ -236,7 +236,9 @@ def run_fingerprint(
 ) -> str:
     """Identity of a run for resuming: data, model, settings that change the result, process count."""
     h = hashlib.sha256()
-    settings = cfg.model_dump(mode="json", exclude={"checkpoint_every", "work_pool"})
+    from tasks.caching import TRAIN_RESUME_IGNORES
+
+    settings = cfg.model_dump(mode="json", exclude=set(TRAIN_RESUME_IGNORES))
     h.update(
         json.dumps([settings, model_path, model_cfg.model_dump(mode="json"), world], sort_keys=True).encode()
     )

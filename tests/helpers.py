@@ -5,6 +5,7 @@ from the Prefect API."""
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import subprocess
 import sys
@@ -127,3 +128,12 @@ def stop_session(proc: subprocess.Popen, grace: float = 60) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+def write_jsonl(path: Path, rows: list, raw_lines: dict[int, str] | None = None) -> Path:
+    """``rows`` as JSON lines, with ``raw_lines`` (malformed on purpose) inserted at their indices."""
+    lines = [json.dumps(r) for r in rows]
+    for at, line in sorted((raw_lines or {}).items()):
+        lines.insert(at, line)
+    path.write_text("\n".join(lines) + "\n")
+    return path

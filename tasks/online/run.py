@@ -103,17 +103,17 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
 
 def run_dir(cfg: DriftConfig, fingerprint: str) -> Path:
     """One directory per training setting, so a re-run of the same command resumes or reuses it."""
-    from tasks.caching import stage_key
+    from tasks.caching import result_fields, stage_key
 
     key = stage_key(
         "online",
         model=fingerprint,
         data=cfg.data.model_dump(mode="json"),
         protocol=cfg.protocol.model_dump(mode="json"),
-        verifier=cfg.verifier.model_dump(mode="json", exclude={"workers"}),
+        verifier=result_fields(cfg.verifier),  # speed-only fields out (tasks.caching.SPEED_ONLY)
         sampling=cfg.rollout.sampling.model_dump(mode="json"),
         reward={"gamma": cfg.weights.gamma, "repetition_lambda": cfg.weights.repetition_lambda},
-        online=cfg.online.model_dump(mode="json", exclude={"output_dir"}),
+        online=result_fields(cfg.online),
         batch_size=cfg.engine.batch_size,
         turn_history="episode-messages",  # later turns conditioned on the episode's history, not raw tokens
     )
@@ -165,12 +165,10 @@ def train_online(
 
     if trl.__version__ != TRL_VERSION_TESTED:
         log.warning("drift online is tested with trl==%s, found %s", TRL_VERSION_TESTED, trl.__version__)
-    from tasks.models import fingerprint_model, resolve_model
-    from tasks.registry import pin_registered
+    from tasks.models import resolved_model
 
-    model_cfg = pin_registered(cfg.train_model, cfg.run.tracking_uri)
-    model_path = resolve_model(model_cfg)
-    fingerprint = fingerprint_model(model_cfg)
+    model = resolved_model(cfg.train_model, cfg.run.tracking_uri)
+    model_cfg, model_path, fingerprint = model.cfg, model.path, model.fingerprint
     out = run_dir(cfg, fingerprint)
     out.mkdir(parents=True, exist_ok=True)
     result_file = out / RESULT_FILE
@@ -245,10 +243,10 @@ def _record_result(tracker, result: OnlineResult, out: Path) -> None:
     marks the run finished) last; then the checkpoints go (the finished model replaces them)."""
     final = {"generated_tokens": result.generated_tokens, "optimizer_steps": result.optimizer_steps}
     tracker.log_metrics(tracker.run_id, {**final, "wall_s": result.wall_s}, step=result.optimizer_steps)
-    tracker.client.set_tag(tracker.run_id, "drift.model_dir", result.model_dir)
+    tracker.set_tags({"drift.model_dir": result.model_dir})
     tracker.log_dict(tracker.run_id, result.model_dump(mode="json"), RESULT_FILE)
     if (out / ROLLOUTS_DIR).is_dir():
-        tracker.client.log_artifacts(tracker.run_id, str(out / ROLLOUTS_DIR), artifact_path=ROLLOUTS_DIR)
+        tracker.log_artifacts(tracker.run_id, out / ROLLOUTS_DIR, artifact_path=ROLLOUTS_DIR)
     atomic_write(out / RESULT_FILE, result.model_dump_json())
     for checkpoint in out.glob("checkpoint-*"):  # GBs each
         shutil.rmtree(checkpoint, ignore_errors=True)
