@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from drift_core.schemas import DriftConfig
@@ -45,3 +46,24 @@ def test_next_run_closes_runs_of_a_killed_process(tmp_path):
     assert client.get_run(second.run_id).info.status == "RUNNING"
     second.finish()
     assert Tracker(cfg).closed_orphans == []  # finished runs are never touched
+
+
+@pytest.mark.timeout(900)  # as in tests/test_robustness.py, where it was
+def test_redact_masks_credentials_and_keeps_ordinary_keys():
+    from tasks.tracking import redact
+
+    assert (
+        redact("run.tracking_uri", "https://alice:pw@mlflow.internal:5000")
+        == "https://***@mlflow.internal:5000"
+    )
+    assert redact("run.artifact_store", "s3://KEY:SECRET@bucket/drift") == "s3://***@bucket/drift"
+    for key in ("hf_token", "HF_TOKEN", "accessToken", "api_key", "client_secret", "db.password"):
+        assert redact(key, "value") == "***", key
+    for key in ("rollout.sampling.max_new_tokens", "eval.max_new_tokens", "tokens_per_s", "tokenizer"):
+        assert redact(key, 64) == 64, key
+    nested = {"run": {"tracking_uri": "http://u:p@h"}, "auth_token": "t", "n": [1, "ftp://a:b@c"]}
+    assert redact("", nested) == {
+        "run": {"tracking_uri": "http://***@h"},
+        "auth_token": "***",
+        "n": [1, "ftp://***@c"],
+    }

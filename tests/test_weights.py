@@ -299,3 +299,17 @@ def test_weights_stage_prints_the_diagnostics_and_warnings(capsys):
         "  max weight                        7.5 (group size 8)\n"
         "WARNING: 56% of the weight ...\n"
     )
+
+
+@pytest.mark.timeout(900)  # as in tests/test_robustness.py, where it was
+def test_non_finite_values_never_reach_the_weights():
+    from drift_core.returns import returns_from_arrays
+    from drift_core.schemas import WeightsConfig
+    from drift_core.weights import compute_weights
+
+    with pytest.raises(ValueError, match=r"turn reward 2 of trajectory 1 is not finite: .*nan"):
+        returns_from_arrays(
+            np.array([1.0, 0.0, np.nan]), np.zeros(2), np.ones(2), np.ones(2), 0.9, 0.5, np.array([1, 2])
+        )
+    with pytest.raises(ValueError, match=r"return at index 1 is not finite: .*inf"):
+        compute_weights(np.array([0.0, np.inf]), np.array([0, 0]), None, WeightsConfig())

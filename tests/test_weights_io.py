@@ -8,11 +8,13 @@ import math
 import os
 import random
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+from helpers import write_jsonl
 
 from drift_core.schemas import WeightsConfig
 from flows import cli_weights
@@ -24,6 +26,8 @@ from tasks.weights_io import (
     run_weights_command,
     write_parquet_atomic,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # --- the reference formulas, written plainly (no max subtraction, moderate values) -----------------
 
@@ -89,14 +93,6 @@ def make_records(n_prompts: int = 40, k: int = 8, max_turns: int = 5, seed: int 
         rec["prompt_id"] = first.setdefault(base, rec["prompt_id"])
     rnd.shuffle(recs)  # groups interleaved: output must keep this order
     return recs
-
-
-def write_jsonl(path: Path, records: list, raw_lines: dict[int, str] | None = None) -> Path:
-    lines = [json.dumps(r) for r in records]
-    for pos, text in sorted((raw_lines or {}).items()):
-        lines.insert(pos, text)
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.mark.parametrize(("gamma", "beta", "lam"), [(0.9, 0.1, 0.5), (0.7, 1.0, 0.0), (1.0, 0.3, 1.5)])
@@ -560,3 +556,76 @@ def test_gamma_and_lambda_reach_the_reference_rule(tmp_path):
     )
     # gamma 0.5: 0.25; lambda 2: 2 distinct non-empty of 4 -> 2 * (1 - 2/4) = 1; R = -0.75
     _close(_returns_of(tmp_path, [line], gamma=0.5, repetition_lambda=2.0), [-0.75])
+
+
+@pytest.mark.timeout(900)  # as in tests/test_robustness.py, where it was
+def test_streamed_weights_equal_the_in_memory_table(tmp_path):
+    from drift_core.schemas import WeightsConfig
+    from tasks.weights_io import compute_weight_table, read_weight_inputs, weigh_parquet
+
+    rng = np.random.default_rng(0)
+    n = 103
+    turns = [list(rng.random(rng.integers(1, 4)) < 0.4) for _ in range(n)]
+    rows = {
+        "prompt_id": [f"p{i // 8}" for i in range(n)],
+        "traj_idx": [i % 8 for i in range(n)],
+        "messages": [[{"role": "user", "content": f"q{i}"}] for i in range(n)],
+        "turn_correct": turns,
+        "normalized_answers": [[str(rng.integers(0, 3)) for _ in t] for t in turns],
+        "format_penalty": [-0.1 * float(rng.integers(0, 2)) for _ in range(n)],
+    }
+    rows["format_penalty"][50] = float("nan")  # a bad row, in the fourth batch of 16
+    rows["turn_correct"][77] = []
+    inp = tmp_path / "traj.parquet"
+    pl.DataFrame(rows).write_parquet(inp, row_group_size=40)
+    cfg = WeightsConfig(beta=0.5)
+    with pytest.raises(ValueError, match=r"traj\.parquet: row 50: format_penalty.*\(2 bad rows in all\)"):
+        weigh_parquet(inp, tmp_path / "x.parquet", cfg, batch_rows=16)
+    assert not (tmp_path / "x.parquet").exists()
+    streamed = weigh_parquet(inp, tmp_path / "s.parquet", cfg, on_bad_rows="skip", batch_rows=16)
+    df, report = read_weight_inputs(inp, on_bad_rows="skip")
+    table, diag = compute_weight_table(df, cfg)
+    assert streamed.rows == n - 2 and streamed.report.n_skipped == report.n_skipped == 2
+    assert streamed.report.examples == report.examples
+    assert pl.read_parquet(tmp_path / "s.parquet").equals(table)
+    assert streamed.diagnostics.model_dump() == pytest.approx(diag.model_dump(), rel=1e-12)
+    np.testing.assert_array_equal(streamed.weights, table["weight"].to_numpy())
+
+    # published as a store artifact (hashed, renamed into place, manifested) without a frame in memory
+    from tasks.store import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    manifest = store.write_file(
+        "weights", "k", lambda tmp: (weigh_parquet(inp, tmp, cfg, on_bad_rows="skip").rows, {"x": 1})
+    )
+    assert store.find("weights", "k") == manifest and manifest.rows == n - 2
+    assert store.read_parquet(manifest).equals(table)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # as in tests/test_robustness.py, where it was
+def test_weights_of_a_million_trajectories_in_bounded_memory(tmp_path):
+    """1,000,000 trajectories with 4 messages of 150 characters each: 572 MiB of text in memory if
+    the table were loaded whole. The streamed weights computation stays far below that."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_weights_memory as bench
+        from bench_weights import make_parquet
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    n, chars = 1_000_000, 150
+    inp, out = tmp_path / "trajectories.parquet", tmp_path / "weighted.parquet"
+    make_parquet(inp, n)
+    bench.add_messages(inp, chars)
+    text_mib = n * bench.MESSAGES_PER_ROW * chars / 2**20
+    baseline = bench.baseline_rss()
+    result = bench.run_child("streaming", inp, out)
+    extra = result["peak_rss_mib"] - baseline
+    print(
+        f"streamed weights of {n:,} rows: {result['seconds']:.1f} s, peak RSS {result['peak_rss_mib']:.0f} MiB"
+    )
+    assert result["rows"] == n
+    assert extra < 0.75 * text_mib, f"peak RSS {extra:.0f} MiB above the interpreter: the text was loaded"
+    weighted = pl.scan_parquet(out).group_by("prompt_id").agg(pl.col("weight").mean()).collect()
+    np.testing.assert_allclose(weighted["weight"].to_numpy(), 1.0, rtol=1e-9)

@@ -1,0 +1,349 @@
+"""The ``drift`` command (flows/cli.py) on bad input, each claim exercised on the real thing
+(docs/reliability.md, section 1): one paragraph on stderr, exit code 2, no traceback; ``--debug``
+shows it. Config errors stop before Prefect, MLflow or the artifact store are touched. The servers
+drift starts listen on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from helpers import (
+    drift_cli,
+    write_jsonl,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+pytestmark = pytest.mark.timeout(900)
+
+
+def assert_one_paragraph(stderr: str, *needles: str) -> None:
+    """A user error: our paragraph and the --debug hint, nothing else (no traceback, no log lines)."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1] == "(run with --debug for the traceback)", stderr
+    body = [line for line in lines[:-1] if "INFO mlflow" not in line]  # MLflow's first-use DB notice
+    assert body and body[0].startswith("drift "), stderr
+    assert len(body) <= 5, stderr
+    text = " ".join(body)
+    for needle in needles:
+        assert needle in text, (needle, stderr)
+
+
+# ============================================================================================
+# 1. Bad input
+# ============================================================================================
+
+
+@pytest.fixture
+def no_compute(monkeypatch, tmp_path):
+    """Fail loudly if the flow or a Prefect server would start; run in an empty directory."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    import flows.drift_flow
+    from flows.prefect_server import TemporaryServer
+
+    def forbidden(*a, **k):
+        raise AssertionError("compute started for an invalid config")
+
+    monkeypatch.setattr(flows.drift_flow, "drift", forbidden)
+    monkeypatch.setattr(SubprocessASGIServer, "start", forbidden)
+    monkeypatch.setattr(TemporaryServer, "start", forbidden)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("yaml_extra", "overrides", "needles"),
+    [
+        ("weights: {beat: 0.1}\n", [], ["{config}", "unknown key 'weights.beat'"]),
+        ("trainer: {epochs: 1}\n", [], ["{config}", "unknown key 'trainer'"]),
+        ("", ["rollout.k=0"], ["{config}", "rollout.k", "greater than or equal to 1", "(got 0)"]),
+        ("", ["weights.beta=-1"], ["{config}", "weights.beta", "greater than 0"]),
+        ("", ["weights.gamma=1.5"], ["{config}", "weights.gamma", "less than or equal to 1"]),
+        ("", ["verifier.timeout_s=0"], ["{config}", "verifier.timeout_s"]),
+        ("", ["protocol.format_penalty=0.5"], ["{config}", "protocol.format_penalty"]),
+        ("", ["rollout.sampling.top_p=2"], ["{config}", "rollout.sampling.top_p"]),
+        ("", ["rollout.k=eight"], ["{config}", "rollout.k", "valid integer"]),
+        ("", ["weights.beta"], ["override 'weights.beta': expected key=value"]),
+        (
+            "",
+            ["run.name=sweep/a"],
+            ["{config}", "run.name='sweep/a'", "'drift-sweep/a'", "run.registered_model"],
+        ),
+    ],
+)
+def test_bad_config_is_rejected_before_any_compute(no_compute, capsys, yaml_extra, overrides, needles):
+    from flows.cli import main
+
+    config = no_compute / "bad.yaml"
+    store = no_compute / "store"
+    config.write_text(TINY.read_text() + yaml_extra)
+    argv = ["run", str(config), "--set", f"run.artifact_store={store}"]
+    for item in overrides:
+        argv += ["--set", item]
+    assert main(argv) == 2
+    needles = [n.replace("{config}", str(config)) for n in needles]
+    assert_one_paragraph(capsys.readouterr().err, "ConfigError", *needles)
+    assert not store.exists() and not (no_compute / ".drift").exists()  # no store, no MLflow db
+
+
+def test_debug_shows_the_traceback(no_compute, capsys):
+    from flows.cli import main
+    from flows.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key 'weights.beat'"):
+        main(["--debug", "run", str(TINY), "--set", "weights.beat=1"])
+    # and through the real command line: a traceback, the same exit code as Python's uncaught errors
+    proc = drift_cli(["--debug", "run", str(TINY), "--set", "weights.beat=1"], no_compute, dict(os.environ))
+    assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
+    assert "flows.config.ConfigError: invalid config" in proc.stderr
+
+
+def _listening_sockets(root_pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every listening TCP socket of ``root_pid`` and its descendants."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children[int(fields[1])].append(int(stat.parent.name))
+    pids, stack = set(), [root_pid]
+    while stack:
+        pid = stack.pop()
+        pids.add(pid)
+        stack.extend(children.get(pid, []))
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+    found = set()
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                cols = line.split()
+                if cols[3] != "0A" or cols[9] not in inodes:  # 0A = LISTEN
+                    continue
+                addr, port = cols[1].split(":")
+                raw = bytes.fromhex(addr)
+                if v6:  # four little-endian 32-bit words
+                    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+                    found.add((socket.inet_ntop(socket.AF_INET6, raw), int(port, 16)))
+                else:
+                    found.add((socket.inet_ntoa(raw[::-1]), int(port, 16)))
+    return found
+
+
+@pytest.mark.slow
+def test_malformed_jsonl_through_the_cli_and_servers_bind_localhost(tmp_path):
+    """The real command with no Prefect server configured: drift starts Prefect's temporary API
+    server for the run. It must listen on 127.0.0.1 only, and the user sees one paragraph naming
+    the file and line of the malformed record, exit code 2."""
+    data = write_jsonl(
+        tmp_path / "problems.jsonl",
+        [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "What is 2 + 2?", "answer": "4"}],
+        raw_lines={1: '{"question": "What is 3 + 3?", "answer": '},
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API") and k != "PREFECT_HOME"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(TINY), "--set", f"data.source={data}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    listening: set[tuple[str, int]] = set()
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        listening |= _listening_sockets(proc.pid)
+        time.sleep(0.2)
+    if proc.poll() is None:
+        proc.kill()
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2, stderr
+    assert_one_paragraph(stderr, "IngestError", f"{data}: line 2: malformed JSON", "on_bad_rows=skip")
+    print("listening sockets of drift and its children:", sorted(listening))
+    assert listening, "the temporary Prefect server was never seen listening"
+    assert {addr for addr, _ in listening} <= {"127.0.0.1", "::1"}, listening
+
+
+# Data and model errors surface inside the flow run. Every case goes through ``flows.cli.main`` in
+# one fresh interpreter (one start-up for all), against the session's Prefect server, with file
+# descriptor 2 captured per case: what a user's terminal would show, Prefect's log lines included.
+DRIVER = """
+import json, os, sys, tempfile
+from flows.cli import main
+
+results = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    with tempfile.TemporaryFile(mode="w+") as err:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            rc = main(argv)
+        except BaseException as exc:  # --debug: main re-raises
+            import traceback
+            traceback.print_exc()
+            rc = "raised " + type(exc).__name__
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        results[name] = {"rc": rc, "stderr": err.read()}
+print("RESULTS=" + json.dumps(results))
+"""
+
+BAD_DATA = {  # case: (rows, raw lines to insert, extra overrides, what the message must say)
+    "missing_columns": (
+        [{"problem": "What is 1 + 1?", "solution": "2"}],
+        {},
+        [],
+        [
+            "missing column(s) ['question', 'answer']",
+            "found columns ['problem', 'solution']",
+            "question_field='question', answer_field='answer'",
+        ],
+    ),
+    "empty_question": (
+        [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "  ", "answer": "3"}],
+        {},
+        [],
+        ["line 2: empty question (field 'question')"],
+    ),
+    "empty_gold": (
+        [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "What is 2 + 2?", "answer": ""}],
+        {},
+        [],
+        ["line 2: empty answer (field 'answer')"],
+    ),
+    "duplicate_ids": (
+        [
+            {"id": "a", "question": "What is 1 + 1?", "answer": "2"},
+            {"id": "b", "question": "What is 2 + 2?", "answer": "4"},
+            {"id": "a", "question": "What is 3 + 3?", "answer": "6"},
+        ],
+        {},
+        ["data.id_field=id"],
+        ["duplicate prompt ids 'a' (line 1 and line 3)", "ids must be unique"],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_input(tmp_path_factory, prefect_server, tiny_model_dir):
+    d = tmp_path_factory.mktemp("bad-input")
+    common = [
+        "--set",
+        f"run.artifact_store={d / 'store'}",
+        "--set",
+        f"run.tracking_uri=sqlite:///{d / 'mlflow.db'}",
+    ]
+    cases: dict[str, list[str]] = {}
+    expect: dict[str, tuple[str, list[str]]] = {}
+    for name, (rows, raw, extra, needles) in BAD_DATA.items():
+        data = write_jsonl(d / f"{name}.jsonl", rows, raw)
+        cases[name] = ["run", str(TINY), *common, "--set", f"data.source={data}"]
+        for item in extra:
+            cases[name] += ["--set", item]
+        expect[name] = ("IngestError", [str(data), *needles])
+
+    missing = d / "no-such-model"
+    cases["missing_model"] = ["run", str(TINY), *common, "--set", f"reference_model.path={missing}"]
+    expect["missing_model"] = ("ModelError", [f"model path '{missing}' does not exist"])
+
+    no_template = d / "no-template"  # the tiny model without its chat template
+    shutil.copytree(tiny_model_dir, no_template)
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    tok_config = json.loads((no_template / "tokenizer_config.json").read_text())
+    tok_config.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    cases["no_chat_template"] = ["run", str(TINY), *common, "--set", f"reference_model.path={no_template}"]
+    expect["no_chat_template"] = ("ModelError", [str(no_template), "has no chat template"])
+
+    # chmod does not stop root; a directory below a regular file cannot be created by anyone
+    (d / "file.txt").write_text("not a directory")
+    store = d / "file.txt" / "store"
+    cases["unwritable_store"] = ["run", str(TINY), *common, "--set", f"run.artifact_store={store}"]
+    expect["unwritable_store"] = ("StoreError", [repr(str(store)), "is not writable", "NotADirectoryError"])
+
+    debug_data = write_jsonl(d / "debug.jsonl", [{"question": "", "answer": "1"}])
+    cases["debug"] = ["--debug", "run", str(TINY), *common, "--set", f"data.source={debug_data}"]
+
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps(cases)],
+        cwd=d,
+        env={**prefect_server, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULTS=")), None)
+    assert line, proc.stderr[-5000:]
+    return json.loads(line[len("RESULTS=") :]), expect
+
+
+@pytest.mark.parametrize("case", [*BAD_DATA, "missing_model", "no_chat_template", "unwritable_store"])
+def test_bad_data_model_or_store_gives_one_paragraph(bad_input, case):
+    results, expect = bad_input
+    kind, needles = expect[case]
+    assert results[case]["rc"] == 2, results[case]["stderr"]
+    assert_one_paragraph(results[case]["stderr"], kind, *needles)
+
+
+def test_debug_shows_the_traceback_of_a_data_error_inside_the_flow(bad_input):
+    results, _ = bad_input
+    assert results["debug"]["rc"] == "raised IngestError"
+    err = results["debug"]["stderr"]
+    assert "Traceback (most recent call last)" in err and 'ingest.py", line' in err
+    assert "line 1: empty question" in err
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("NaN", "turn_rewards['t1'] is not finite: nan"),
+        ("Infinity", "is not finite: inf"),
+        ("1e999", "not finite"),
+    ],
+)
+def test_non_finite_rewards_are_rejected_or_skipped(tmp_path, capsys, value, message):
+    from flows.cli import main
+
+    good = {
+        "prompt_id": "p",
+        "turn_rewards": {"t1": 0, "t2": 1},
+        "answer_norms": ["1", "2"],
+        "format_penalty": 0.0,
+    }
+    bad = f'{{"prompt_id": "p", "turn_rewards": {{"t1": {value}}}, "answer_norms": ["1"], "format_penalty": 0.0}}'
+    data = write_jsonl(tmp_path / "traj.jsonl", [good, good], raw_lines={1: bad})
+    out = tmp_path / "weighted.parquet"
+    assert main(["weights", str(data), "--output", str(out)]) == 1  # drift weights: 1 = bad data
+    err = capsys.readouterr().err
+    assert f"{data}: line 2 (row 2)" in err and message in err and "Traceback" not in err
+    assert not out.exists()
+    assert main(["weights", str(data), "--output", str(out), "--on-bad-rows", "skip"]) == 0
+    captured = capsys.readouterr()
+    assert re.search(r"skipped rows\s+1", captured.out) and "skipped: " in captured.err
+    weighted = pl.read_parquet(out)
+    assert weighted.height == 2 and np.isfinite(weighted["weight"].to_numpy()).all()
