@@ -101,16 +101,12 @@ def mlflow_parent(stack: Stack, flow_run_id: str):
 
 
 @pytest.fixture(scope="module")
-def stack(prefect_server, tmp_path_factory, tiny_model_dir):
-    """Work pools, deployments from prefect.yaml, and a worker on each pool."""
+def stack(deployed, tmp_path_factory, tiny_model_dir):
+    """Work pools, deployments from prefect.yaml (the session's, tests/conftest.py: what they hold is
+    the next test), and a worker on each pool."""
     work = tmp_path_factory.mktemp("deployments")
     shutil.copytree(tiny_model_dir, work / "reference")  # a local reference model we can change
-    env = {**prefect_server, "PREFECT_WORKER_QUERY_SECONDS": "2"}
-    prefect_cli(["work-pool", "create", "drift-cpu", "--type", "process", "--overwrite"], env, check=True)
-    prefect_cli(
-        ["work-pool", "create", "drift-gpu", "--type", "process", "--overwrite"], env, check=True
-    )  # no GPU here
-    prefect_cli(["--no-prompt", "deploy", "--all"], env, check=True)  # what they hold: the next test
+    env = dict(deployed)
     mark = uuid.uuid4().hex
     env = {**env, MARK: mark}  # only the workers (and what they start) carry it
     workers, logs = [], []
