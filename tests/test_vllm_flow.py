@@ -81,6 +81,8 @@ def test_drift_run_on_vllm_resumes_after_a_kill_evaluates_and_caches(tmp_path, p
     states = states_by_task(raw_task_states(env, flow_run_of(tracking, run1)))
     assert set(states) == STAGE_TASKS, states
     assert sorted(states.pop("rollout-shard")) == ["Cached", "Completed"]
+    # the killed run had ingested both problem sets before its rollout began
+    assert states.pop("ingest-train") == ["Cached"] and states.pop("ingest-eval") == ["Cached"], states
     assert all(s == "Completed" for ss in states.values() for s in ss), states
 
     # every shard of the rollout and of both evaluations says vLLM made it
