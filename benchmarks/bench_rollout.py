@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--eval-tokens", type=int, default=64)
     parser.add_argument("--engines", default="transformers,vllm")
-    parser.add_argument("--out", default="benchmarks/results/bench_rollout.json")
+    parser.add_argument("--out", default="benchmarks/results/rollout_engines.json")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -171,8 +171,16 @@ def _multi_turn(engine, greedy: bool, per_trajectory: bool, args) -> dict:
         "trajectories": len(records),
         "turns": sum(r.n_turns for r in records),
         "solved": sum(r.solved for r in records) / len(records),
+        "multi_at": [sum(any(r.turn_correct[:t]) for r in records) / len(records) for t in (1, 2, 3)],
         "completions_sha": _digest([r.messages for r in records]),
+        "replies": [[m.content for m in r.messages if m.role == "assistant"] for r in records]
+        if greedy
+        else None,
     }
+
+
+def _pct(values: list[float]) -> str:
+    return " / ".join(f"{v:.1%}" for v in values)
 
 
 def _digest(messages) -> str:
@@ -223,6 +231,17 @@ def _report(results: dict) -> None:
                 print(f"  {label}: x{ratio:.2f}")
             else:  # speed-up: the slower wall over the faster
                 print(f"  {label}: x{rows[b]['wall_s'] / rows[a]['wall_s']:.2f} faster")
+    a, b = rows.get("vllm/greedy-3turn/turn"), rows.get("transformers/greedy-3turn/turn")
+    if a and b and a.get("replies") and b.get("replies"):
+        same = total = 0
+        for va, vb in zip(a["replies"], b["replies"], strict=True):
+            for ra, rb in zip(va, vb, strict=False):  # turns both played, up to where they part
+                total += 1
+                same += ra == rb
+                if ra != rb:
+                    break
+        print(f"  greedy 3-turn, vLLM vs transformers: {same}/{total} turns identical ({same / total:.1%})")
+        print(f"  multi@1..3: vLLM {_pct(a['multi_at'])}, transformers {_pct(b['multi_at'])}")
     for name in ("greedy-3turn", "sampled-3turn"):
         a, b = rows.get(f"vllm/{name}/trajectory"), rows.get(f"vllm/{name}/turn")
         if a and b:
