@@ -13,7 +13,11 @@ wasted time and most of the memory. Two ways to get those rows, same result:
   LMs): call the model itself with ``logits_to_keep=<bool [B, T] mask>``; the model applies its
   output head to the kept hidden states only and returns ``[N, V]``. The forward runs through
   whatever wraps the model (DDP, PEFT, accelerate, FSDP), so DDP's gradient all-reduce fires and
-  model-specific logit processing (soft-capping, scaling) is kept.
+  model-specific logit processing (soft-capping, scaling) is kept. A transformers without boolean
+  masks (before ``slice_logits_to_keep``; 5.19, which vLLM's CPU build pins, is one) takes the
+  positions instead: ``logits_to_keep=<the sorted positions supervised in any row>`` gives
+  ``[B, K, V]``, and the supervised rows are gathered from it (more rows than needed where rows
+  differ, never the whole ``[B, T, V]`` for a short terminal response; same loss).
 * ``method="decoder"``: run the base transformer (``get_decoder()``), gather the hidden states at
   the supervised positions and apply ``get_output_embeddings()`` to those rows. Works on older
   transformers, but it bypasses the wrapper's ``forward``: a DistributedDataParallel model would
@@ -141,15 +145,19 @@ def _combine(
 
 def _accepts_logits_to_keep(base: nn.Module) -> bool:
     try:
-        import transformers.modeling_utils as mu
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    if not hasattr(mu, "slice_logits_to_keep"):  # bool-mask support arrived with this helper
-        return False
-    try:
         return "logits_to_keep" in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def logits_to_keep_takes_masks() -> bool:
+    """Whether this transformers' causal LMs accept a boolean ``[B, T]`` ``logits_to_keep`` (support
+    arrived with ``modeling_utils.slice_logits_to_keep``); else they take a 1-D tensor of positions."""
+    try:
+        import transformers.modeling_utils as mu
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return hasattr(mu, "slice_logits_to_keep")
 
 
 def weighted_sft_loss(
@@ -178,8 +186,13 @@ def weighted_sft_loss(
         inputs["position_ids"] = batch["position_ids"]
 
     if method == "logits_to_keep":
-        out = model(**inputs, logits_to_keep=keep, use_cache=False)
-        logits = out.logits if hasattr(out, "logits") else out[0]
+        if logits_to_keep_takes_masks():
+            out = model(**inputs, logits_to_keep=keep, use_cache=False)
+            logits = out.logits if hasattr(out, "logits") else out[0]
+        else:  # positions supervised in any row, ascending: [B, K, V], then the supervised rows
+            positions = keep.any(dim=0).nonzero().squeeze(1)
+            out = model(**inputs, logits_to_keep=positions, use_cache=False)
+            logits = (out.logits if hasattr(out, "logits") else out[0])[keep[:, positions]]
         if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:
             raise RuntimeError(
                 f"model returned logits of shape {tuple(logits.shape)} for a boolean logits_to_keep "

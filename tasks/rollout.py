@@ -64,7 +64,7 @@ def run_episodes(
     max_turns: int,
     grader: Grader,
     seed: int,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None,  # called with the number of trajectories just finished
     per_trajectory: bool = False,
 ) -> list[TrajectoryRecord]:
     """Play the multi-turn protocol for ``problems`` (dicts with prompt_id, question, gold): the one
@@ -123,8 +123,8 @@ def run_episodes(
             seconds[i] += elapsed
             if episodes[i].is_open():
                 follow.append(request(("episode", i), episodes[i].messages, len(episodes[i].turns) + 1, 1))
-        if progress:
-            progress(len(targets))
+        if progress:  # trajectories finished by these turns (a bar of K x problems ends at its total)
+            progress(len(targets) - len(follow))
         clock[0] = time.perf_counter()
         return follow
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from drift_core.batching import TokenizedExample, collate, tokenize_trajectory
-from drift_core.loss import full_logits_loss, unwrap_model, weighted_sft_loss
+from drift_core.loss import full_logits_loss, logits_to_keep_takes_masks, unwrap_model, weighted_sft_loss
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 FEEDBACK = {"role": "user", "content": "Incorrect. Please think again."}
@@ -111,7 +111,13 @@ def test_auto_uses_logits_to_keep_and_never_builds_full_logits(tiny_model, smol_
     finally:
         hook.remove()
     v = tiny_model.config.vocab_size
-    assert shapes == [(out.n_tokens, v), (out.n_tokens, v)]  # [N, V], never [B, T, V]
+    if logits_to_keep_takes_masks():
+        assert shapes == [(out.n_tokens, v), (out.n_tokens, v)]  # [N, V], never [B, T, V]
+    else:  # positions: [B, K, V] for the K positions supervised in any row, never all T of them
+        labels = batch["labels"][:, 1:]
+        k = int((labels != -100).any(dim=0).sum())
+        assert k < labels.shape[1]
+        assert shapes == [(labels.shape[0], k, v), (out.n_tokens, v)]
 
 
 def test_batch_without_supervised_tokens(tiny_model):

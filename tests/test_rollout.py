@@ -262,3 +262,22 @@ def test_real_smollm2_answers_in_the_protocol_format(smollm2_dir, grader):
             assert not correct or valid
     penalties = [sum(-0.1 for v in r.turn_valid if not v) for r in records]  # the protocol's default
     assert [r.format_penalty for r in records] == pytest.approx(penalties)
+
+
+def test_progress_counts_finished_trajectories(engine, grader):
+    """The rollout bar's total is K x problems: progress reports trajectories as they finish (all
+    at turn 3 for a random model), not turns, so the bar ends at its total."""
+    done: list[int] = []
+    run_episodes(
+        engine,
+        engine.tokenizer,
+        PROBLEMS,
+        ProtocolConfig(max_turns=3),
+        SamplingConfig(temperature=0.5, max_new_tokens=4),
+        2,
+        3,
+        grader,
+        seed=0,
+        progress=done.append,
+    )
+    assert done == [0, 0, 2 * len(PROBLEMS)]

@@ -100,7 +100,10 @@ class TransformersEngine(Engine):
         with self._lock:
             if decoding == "continuous":  # no per-step hook: checked before and after
                 raise_if_stopped()
-                results = list(self._generate_continuous(encoded, params))
+                # generate_batch decodes in a thread of its own, outside this inference mode; tensors
+                # made in here would be inference tensors it may not update (transformers 5.19)
+                with torch.inference_mode(False), torch.no_grad():
+                    results = list(self._generate_continuous(encoded, params))
                 raise_if_stopped()
             else:
                 order = sorted(range(len(expanded)), key=lambda j: len(encoded[j]), reverse=True)
