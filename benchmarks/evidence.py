@@ -87,7 +87,17 @@ ROLLOUT_SETTINGS: dict[str, list[str]] = {
     "k16-retry1.0": ["rollout.k=16", "rollout.sampling.feedback_temperature=1.0"],
     # K = 16 alone: separates the two changes of k16-retry1.0
     "k16": ["rollout.k=16"],
+    # Issue 30, item 7: feedback the reference can act on ("Incorrect. The answer is larger." /
+    # "... smaller.") in rollouts and evaluation, retries at temperature 1.0 (the probe's setting
+    # with the most corrections, benchmarks/results/probe_feedback.jsonl), rollouts and evaluations
+    # by vLLM's CPU build.
+    "direction": [
+        "protocol.feedback={kind: direction}",
+        "rollout.sampling.feedback_temperature=1.0",
+        "engine.kind=vllm",
+    ],
 }
+FEEDBACK_SETTINGS = ["direction"]
 SYSTEMS = ["reference", *PIPELINE_SYSTEMS, "online_rl", "rounds"]
 # v2's online rows ran 12 GRPO steps (``--online-steps 12``); a run of any other length is its own
 # system (``online_rl_<N>steps``), so a longer run sits beside them instead of replacing them.
@@ -506,6 +516,83 @@ def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> t
     return "\n".join(lines), summary
 
 
+# Issue 30, item 7: the settings whose feedback is not the paper's unary text get a summary in the
+# issue's schema (percent units), the question "does DRIFT teach a 135M model to use a feedback it
+# can use" in one file.
+FEEDBACK_SUMMARY = RESULTS / "feedback_summary.json"
+FEEDBACK_SYSTEMS = ["reference", "drift", "success_only", "uniform"]
+
+
+def _fixed_per_problem(df, T: int) -> np.ndarray:
+    """Per problem: 1 when solved within T turns but not at turn 1 (fixed after feedback)."""
+    return np.array(
+        [float(any(list(c)[:T]) and not bool(list(c)[0])) for c in df["turn_correct"].to_list()],
+        dtype=np.float64,
+    )
+
+
+def feedback_summary(records: list[dict], rollouts: str, n_boot: int = 2000) -> dict:
+    """The reference, DRIFT and its two baselines on one rollout setting, in issue 30's schema:
+    multi@1, multi@T, fixed after feedback (multi@T - multi@1) and multi@T's 95% CI per system (seeds
+    pooled); paired differences per problem (seeds averaged) for multi@T and, against the
+    reference, for fixed after feedback. Reference rollout corrections: the share of the reference's
+    rollout trajectories solved after a wrong first turn (solved by turn T minus solved at turn 1)."""
+    from drift_core.metrics import bootstrap_ratio_ci, paired_bootstrap_ci, question_blind_ceiling
+    from flows.config import load_config
+
+    records = [r for r in records if r.get("rollouts", "base") == rollouts]
+    cfg = load_config(str(ROOT / CONFIG), ROLLOUT_SETTINGS[rollouts])
+    T = cfg.eval.max_turns or cfg.protocol.max_turns
+    feedback = cfg.protocol.feedback if isinstance(cfg.protocol.feedback, str) else cfg.protocol.feedback.kind
+    frames, reference = collect(records)
+    if reference is None:
+        return {}
+    golds = _golds(reference)
+    blind = question_blind_ceiling(golds, T, "direction" if feedback == "direction" else "unary")
+    first = next((r for r in records if f"rollout_solved_by_turn_{T}" in r), None)
+    corrections = None
+    if first is not None:
+        corrections = 100 * (first[f"rollout_solved_by_turn_{T}"] - first["rollout_solved_by_turn_1"])
+    runs = {"reference": [reference]} | {
+        name: [df for df, _ in frames[name]] for name in FEEDBACK_SYSTEMS[1:] if name in frames
+    }
+    systems, solved, fixed = {}, {}, {}
+    for name, dfs in runs.items():
+        at_1 = np.concatenate(
+            [np.array([float(bool(list(c)[0])) for c in df["turn_correct"].to_list()]) for df in dfs]
+        )
+        at_t = np.concatenate([per_problem_solved(df) for df in dfs])
+        _, lo, hi = bootstrap_ratio_ci(at_t, np.ones_like(at_t), n_boot=n_boot)
+        systems[name] = {
+            "seeds": 0 if name == "reference" else len(dfs),
+            "multi_at_1": round(100 * float(at_1.mean()), 2),
+            "multi_at_T": round(100 * float(at_t.mean()), 2),
+            "fixed_after_feedback": round(100 * float(at_t.mean() - at_1.mean()), 2),
+            "ci": [round(100 * lo, 2), round(100 * hi, 2)],
+        }
+        solved[name] = np.mean([per_problem_solved(df) for df in dfs], axis=0)
+        fixed[name] = np.mean([_fixed_per_problem(df, T) for df in dfs], axis=0)
+    paired = {}
+    if "drift" in runs:
+        for other in FEEDBACK_SYSTEMS:
+            if other != "drift" and other in runs:
+                d, lo, hi = paired_bootstrap_ci(solved["drift"], solved[other], n_boot=n_boot)
+                paired[f"drift-{other}"] = [round(100 * d, 2), round(100 * lo, 2), round(100 * hi, 2)]
+        d, lo, hi = paired_bootstrap_ci(fixed["drift"], fixed["reference"], n_boot=n_boot)
+        paired["drift-reference_fixed"] = [round(100 * d, 2), round(100 * lo, 2), round(100 * hi, 2)]
+    return {
+        "task": cfg.eval.data.source + " " + json.dumps(cfg.eval.data.arith.model_dump(), sort_keys=True),
+        "feedback": feedback,
+        "turns": T,
+        "n_eval": reference.height,
+        "question_blind_ceiling": round(100 * blind, 2),
+        "reference_rollout_corrections": None if corrections is None else round(corrections, 2),
+        "systems": systems,
+        "paired": paired,
+        "rollout_overrides": ROLLOUT_SETTINGS[rollouts],
+    }
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
@@ -525,6 +612,10 @@ def write_report(records: list[dict]) -> None:
             _write_atomic(
                 SUMMARY.with_name(f"{SUMMARY.stem}{suffix}.json"), json.dumps(summary, indent=2) + "\n"
             )
+        if rollouts in FEEDBACK_SETTINGS:
+            fs = feedback_summary(records, rollouts)
+            if fs:
+                _write_atomic(FEEDBACK_SUMMARY, json.dumps(fs, indent=2) + "\n")
 
 
 def read_runs() -> list[dict]:

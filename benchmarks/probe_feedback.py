@@ -67,6 +67,14 @@ def main() -> None:
     parser.add_argument("--config", default="configs/evidence.yaml")
     parser.add_argument("--k", type=int, default=None, help="trajectories per prompt (default: the config's)")
     parser.add_argument("--feedback-temperatures", type=float, nargs="+", default=[0.5, 1.0, 1.5])
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, as `drift run --set` (e.g. 'protocol.feedback={kind: direction}')",
+    )
     args = parser.parse_args()
 
     from flows.config import load_config
@@ -76,18 +84,19 @@ def main() -> None:
     from tasks.models import load_tokenizer, resolve_model
     from tasks.rollout import run_episodes
 
-    cfg = load_config(ROOT / args.config)
+    cfg = load_config(ROOT / args.config, args.overrides)
     k = args.k or cfg.rollout.k
+    overrides = sorted(args.overrides)
     done = set()
     if ROWS.exists():
         done = {
-            (r["config"], r["k"], r["temperature"], r["feedback_temperature"])
+            (r["config"], r["k"], r["temperature"], r["feedback_temperature"], tuple(r.get("overrides", [])))
             for r in map(json.loads, ROWS.open())
         }
     todo = [
         t
         for t in args.feedback_temperatures
-        if (args.config, k, cfg.rollout.sampling.temperature, t) not in done
+        if (args.config, k, cfg.rollout.sampling.temperature, t, tuple(overrides)) not in done
     ]
     if todo:
         df, _ = load_problems(cfg.data, ROOT)
@@ -113,6 +122,10 @@ def main() -> None:
                 )
             row = {
                 "config": args.config,
+                "overrides": overrides,
+                "feedback": cfg.protocol.feedback
+                if isinstance(cfg.protocol.feedback, str)
+                else cfg.protocol.feedback.kind,
                 "temperature": sampling.temperature,
                 "feedback_temperature": feedback,
                 "prompts": len(problems),
@@ -123,7 +136,11 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
 
-    rows = [r for r in map(json.loads, ROWS.open()) if r["config"] == args.config]
+    rows = [
+        r
+        for r in map(json.loads, ROWS.open())
+        if r["config"] == args.config and r.get("overrides", []) == overrides
+    ]
     turns = cfg.protocol.max_turns
     head = ["K", "turn-1 T", "feedback T"] + [f"solved by {t}" for t in range(1, turns + 1)]
     head += ["corrected", "groups w/ success", "groups w/ correction", "format errors", "repeated", "tokens"]
