@@ -288,6 +288,8 @@ def snapshot(rec: dict) -> dict:
             for key, value in rollout.meta.items():
                 if key.startswith("solved_by_turn_") or key == "format_error_rate":
                     rec[f"rollout_{key}"] = float(value)
+        if m.get("weights") is not None:
+            rec["weights"] = weights_diagnostics(m["weights"].meta)
     elif rec["system"] == "online_rl":
         m = stage_manifests(rec["eval_run_id"])
         rec["frames"] = {"trained": _save_frame(_eval_frame(m, ""), tag, "trained")}
@@ -304,6 +306,42 @@ def snapshot(rec: dict) -> dict:
             rec["frames"][f"round_{i}"] = _save_frame(_eval_frame(m, "trained"), tag, f"round_{i}")
             rec["cost"][f"round_{i}"] = dict(total)
     return rec
+
+
+WEIGHTS_DIAGNOSTICS = [
+    "n_trajectories",
+    "ess_overall",
+    "ess_fraction",
+    "max_weight",
+    "share_groups_no_success",
+    "share_weight_no_success",
+]
+
+
+def weights_diagnostics(meta: dict) -> dict:
+    """What the weights stage reported about the weights every system of a run trained with (the
+    figures docs/results.md quotes: ESS, max weight, weight on groups with no success)."""
+    return {k: round(float(meta[k]), 4) for k in WEIGHTS_DIAGNOSTICS if k in meta}
+
+
+def complete_snapshots() -> None:
+    """Give finished pipeline records the weights diagnostics they lack (recorded before snapshots
+    kept them) while their run is still in the store; the runs file is rewritten atomically."""
+    records = read_runs()
+    changed = False
+    for rec in records:
+        if rec["system"] in PIPELINE_SYSTEMS and "weights" not in rec and (STORE / "mlflow.db").exists():
+            try:
+                weights = stage_manifests(rec["run_id"]).get("weights")
+            except Exception:  # a run of a store since lost
+                continue
+            if weights is not None:
+                rec["weights"], changed = weights_diagnostics(weights.meta), True
+    if changed:
+        with RUNS.open("a") as f:  # the append lock of record(): no sweep writes meanwhile
+            fcntl.flock(f, fcntl.LOCK_EX)
+            _write_atomic(RUNS, "".join(json.dumps(r) + "\n" for r in records))
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 ONLINE_STEP_METRICS = {
@@ -580,6 +618,7 @@ def feedback_summary(records: list[dict], rollouts: str, n_boot: int = 2000) -> 
                 paired[f"drift-{other}"] = [round(100 * d, 2), round(100 * lo, 2), round(100 * hi, 2)]
         d, lo, hi = paired_bootstrap_ci(fixed["drift"], fixed["reference"], n_boot=n_boot)
         paired["drift-reference_fixed"] = [round(100 * d, 2), round(100 * lo, 2), round(100 * hi, 2)]
+    weights = next((r["weights"] for r in records if "weights" in r and r["system"] == "drift"), None)
     return {
         "task": cfg.eval.data.source + " " + json.dumps(cfg.eval.data.arith.model_dump(), sort_keys=True),
         "feedback": feedback,
@@ -590,6 +629,20 @@ def feedback_summary(records: list[dict], rollouts: str, n_boot: int = 2000) -> 
         "systems": systems,
         "paired": paired,
         "rollout_overrides": ROLLOUT_SETTINGS[rollouts],
+        "reference_rollouts": {
+            f"solved_by_turn_{t}": round(100 * first[f"rollout_solved_by_turn_{t}"], 2)
+            for t in range(1, T + 1)
+            if first is not None and f"rollout_solved_by_turn_{t}" in first
+        },
+        "drift_weights": weights,
+        "fixed_after_feedback_by_seed": {
+            name: [round(100 * float(_fixed_per_problem(df, T).mean()), 2) for df in dfs]
+            for name, dfs in runs.items()
+        },
+        "multi_at_T_by_seed": {
+            name: [round(100 * float(per_problem_solved(df).mean()), 2) for df in dfs]
+            for name, dfs in runs.items()
+        },
     }
 
 
@@ -643,6 +696,7 @@ def main() -> None:
             "--rollouts applies to the pipeline systems: online_rl and rounds make their own rollouts"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
+    complete_snapshots()
 
     def record(rec: dict) -> None:
         snapshot(rec)

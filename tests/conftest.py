@@ -4,9 +4,21 @@ under DRIFT_MODEL_CACHE (default ~/.cache/drift/models)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# `make test` runs the suite in two pytest-xdist workers (one per core here, whole files per
+# worker): each worker and every process it starts computes on one thread, so two workers never
+# oversubscribe the cores (OpenMP threads spinning against each other), and what one worker waits
+# on (a server starting, a CLI run's interpreter) overlaps the other's work.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -185,3 +197,26 @@ def deployed(prefect_server):
         prefect_cli(["work-pool", "create", pool, "--type", "process", "--overwrite"], env, check=True)
     prefect_cli(["--no-prompt", "deploy", "--all"], env, check=True)
     return env
+
+
+# The files that take longest run first: `make test` hands whole files to two xdist workers in
+# collection order, and a long file started last would leave one worker running it alone at the end.
+# Measured under `make test` (docs/benchmarks.md, "The test suite"); the rest keep their order.
+LONGEST_FIRST = [
+    "test_vllm.py",
+    "test_vllm_flow.py",
+    "test_iterate.py",
+    "test_stages.py",
+    "test_flow.py",
+    "test_train.py",
+    "test_deployments.py",
+    "test_mlflow_ui.py",
+    "test_suite.py",
+    "test_cli.py",
+    "test_distributed.py",
+]
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept

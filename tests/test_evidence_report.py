@@ -184,3 +184,69 @@ def test_the_ablation_is_paired_with_drift_and_success_only(evidence, prompt_ids
     assert "drift_solved_groups-uniform" not in paired
     assert "- drift_solved_groups − success_only: -25.0" in table
     assert table.index("| success_only |") < table.index("| drift_solved_groups |")
+
+
+def test_feedback_summary_has_the_issue_schema_and_hand_computed_values(
+    evidence, prompt_ids, tmp_path, monkeypatch
+):
+    """Issue 30's feedback_summary.json on the direction setting: percent units, seeds pooled for
+    multi@t, fixed after feedback = multi@T - multi@1, paired differences per problem (seeds
+    averaged), the question-blind ceiling of direction feedback (2**T - 1 guesses) and the
+    reference rollouts' corrections (solved by turn T - solved at turn 1)."""
+    from collections import Counter
+
+    monkeypatch.setattr(evidence, "RESULTS", tmp_path)
+    monkeypatch.setattr(evidence, "FRAMES", tmp_path / "evidence_frames")
+    n = len(prompt_ids)
+    ref = write(evidence, frame(prompt_ids, {i: 1 for i in range(n) if i % 10 == 0}), "d-s0", "reference")
+
+    def rec(system: str, seed: int, solved_at: dict[int, int], rollouts: str = "direction") -> dict:
+        tag = f"{system}-{rollouts}-s{seed}"
+        trained = write(evidence, frame(prompt_ids, solved_at), tag, "trained")
+        return {
+            "tag": tag, "system": system, "seed": seed, "rollouts": rollouts,
+            "frames": {"reference": ref, "trained": trained}, "cost": cost(9000, 24, 100.0),
+        }  # fmt: skip
+
+    records = [
+        rec("drift", 0, {i: 2 for i in range(n) if i % 5 == 0})  # 60 problems, all after feedback
+        | {
+            "rollout_solved_by_turn_1": 0.05,
+            "rollout_solved_by_turn_3": 0.0575,
+            "weights": {"ess_overall": 139.1},
+        },
+        rec("drift", 1, {i: 3 for i in range(n) if i % 4 == 0}),  # 75, all at turn 3
+        rec("success_only", 0, {i: 1 for i in range(n) if i % 3 == 0}),  # 100, all at turn 1
+        rec("drift", 0, {}, rollouts="k16"),  # another rollout setting: not in this summary
+    ]
+    summary = evidence.feedback_summary(records, "direction", n_boot=400)
+
+    assert {"task", "feedback", "turns", "n_eval", "question_blind_ceiling", "reference_rollout_corrections",
+            "systems", "paired"} <= set(summary)  # fmt: skip
+    assert summary["feedback"] == "direction" and summary["turns"] == 3 and summary["n_eval"] == 300
+    cfg = load_config(str(ROOT / evidence.CONFIG), [])
+    golds = load_problems(cfg.eval.data)[0]["gold"].to_list()
+    top7 = sum(c for _, c in Counter(golds).most_common(7))  # a binary search over 7 values
+    assert summary["question_blind_ceiling"] == round(100 * top7 / 300, 2)
+    assert summary["reference_rollout_corrections"] == pytest.approx(0.75)
+    systems = summary["systems"]
+    assert set(systems) == {"reference", "drift", "success_only"}  # no uniform run: none invented
+    assert {k: systems["reference"][k] for k in ("seeds", "multi_at_1", "multi_at_T", "fixed_after_feedback")} == {
+        "seeds": 0, "multi_at_1": 10.0, "multi_at_T": 10.0, "fixed_after_feedback": 0.0}  # fmt: skip
+    assert {k: systems["drift"][k] for k in ("seeds", "multi_at_1", "multi_at_T", "fixed_after_feedback")} == {
+        "seeds": 2, "multi_at_1": 0.0, "multi_at_T": 22.5, "fixed_after_feedback": 22.5}  # fmt: skip
+    assert (
+        systems["success_only"]["multi_at_T"] == 33.33
+        and systems["success_only"]["fixed_after_feedback"] == 0.0
+    )
+    lo, hi = systems["drift"]["ci"]
+    assert lo < 22.5 < hi
+    paired = summary["paired"]
+    assert set(paired) == {"drift-reference", "drift-success_only", "drift-reference_fixed"}
+    assert paired["drift-reference"][0] == 12.5  # (60 + 75) / 2 / 300 - 30 / 300
+    assert paired["drift-success_only"][0] == round(100 * (67.5 - 100) / 300, 2)
+    assert paired["drift-reference_fixed"][0] == 22.5
+    d, lo, hi = paired["drift-reference_fixed"]
+    assert 0 < lo < d < hi
+    assert summary["fixed_after_feedback_by_seed"]["drift"] == [20.0, 25.0]
+    assert summary["drift_weights"] == {"ess_overall": 139.1}

@@ -196,14 +196,17 @@ def test_seeded_sampling_survives_rollout_sized_batches_and_reproduces(vllm_engi
     assert sum(len(tok(p)["input_ids"]) for p in prompts) * 8 > 2 * 4096
     params = SamplingParams(n=8, temperature=1.0, max_new_tokens=4, stop=stop_strings(PROTOCOL), seed=11)
     first = vllm_engine.generate(prompts, params)
-    again = vllm_engine.generate(prompts, params)
-    assert first == again
     assert sum(len({c.text for c in per_prompt}) > 1 for per_prompt in first) >= 12  # really sampled
-    # per-request seeds: prompt 2 alone (its stream is its index in a call) samples as in the batch
-    alone = vllm_engine.generate(prompts[:3], params)[2]
-    assert alone == first[2]
+    # reproduced, request by request: the first three prompts alone (a prompt's stream is its index
+    # in a call) sample as they did inside the rollout-sized batch
+    assert vllm_engine.generate(prompts[:3], params) == first[:3]
     other_seed = vllm_engine.generate(prompts[:2], params.model_copy(update={"seed": 12}))
     assert other_seed != first[:2]
+    # streams get hashed seeds: vLLM seeds the n samples of a request with seed + i, so with seed +
+    # stream a prompt's stream 1 would repeat its stream 0 shifted by one sample
+    pairs = [prompts[0], prompts[0], prompts[1], prompts[1]]
+    twice = vllm_engine.generate(pairs, params)
+    assert [twice[0][1:], twice[2][1:]] != [twice[1][:-1], twice[3][:-1]]
 
 
 def test_greedy_equals_the_transformers_engine_over_three_turns(vllm_engine, transformers_engine):
