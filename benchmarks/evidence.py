@@ -530,6 +530,15 @@ def report(records: list[dict], n_boot: int = 2000, rollouts: str = "base") -> t
         f"reads them) a system gives; the golds hold {len(set(golds))} distinct answers in {len(golds)} "
         f"problems ({100 * gold_distinct:.0f}%), what a model right at turn 1 everywhere shows.",
     ]
+    feedback = cfg.protocol.feedback if isinstance(cfg.protocol.feedback, str) else cfg.protocol.feedback.kind
+    if feedback == "direction":
+        from drift_core.metrics import question_blind_ceiling
+
+        lines.append(
+            f"With direction feedback a question-blind policy can search: a binary search over the "
+            f"{2**T - 1} most common golds solves {100 * question_blind_ceiling(golds, T, 'direction'):.1f}% "
+            f"by turn {T} (the ceiling feedback_summary.json gives)."
+        )
     if rollout_acc is not None:
         sampling = cfg.rollout.sampling
         by_turn = [

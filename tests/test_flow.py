@@ -51,6 +51,12 @@ def test_tiny_pipeline_runs_caches_and_tracks(workdir, prefect_server):
     assert set(states) == STAGE_TASKS | {"register-model", "promote"}, states
     assert all(s == "Completed" for ss in states.values() for s in ss), states
     assert len(states["rollout-shard"]) == 2  # 8 prompts in shards of 4
+    # every rollout and evaluation shard records the engine that made its tokens
+    shard_engines = [
+        json.loads(m.read_text())["meta"].get("engine")
+        for m in (workdir / ".drift" / "artifacts").glob("*shard*/*/manifest.json")
+    ]
+    assert len(shard_engines) == 2 + 1 + 1 and set(shard_engines) == {"transformers"}, shard_engines
     assert {k: len(v) for k, v in states.items() if k != "rollout-shard"} == dict.fromkeys(
         set(states) - {"rollout-shard"}, 1
     ), states  # one run of every other task (4 eval problems: one shard per model)

@@ -27,7 +27,10 @@ else:  # in CI vLLM must be there: a missing install fails, never skips
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500)]
+# `extended`: not in `make test` (CI), which checks its parts one by one (the engine, equivalence
+# and stop request in test_vllm.py; kill and resume, caching and shard manifests in test_stages.py
+# and test_flow.py); `make test-vllm` and `make test-all` run it (about 3 minutes).
+pytestmark = [pytest.mark.vllm, pytest.mark.extended, pytest.mark.timeout(1500)]
 
 
 def test_drift_run_on_vllm_resumes_after_a_kill_evaluates_and_caches(tmp_path, prefect_server):
