@@ -570,12 +570,59 @@ FEEDBACK_SUMMARY = RESULTS / "feedback_summary.json"
 FEEDBACK_SYSTEMS = ["reference", "drift", "success_only", "uniform"]
 
 
+def pl_concat(frames: list):
+    import polars as pl
+
+    return pl.concat(frames)
+
+
 def _fixed_per_problem(df, T: int) -> np.ndarray:
     """Per problem: 1 when solved within T turns but not at turn 1 (fixed after feedback)."""
     return np.array(
         [float(any(list(c)[:T]) and not bool(list(c)[0])) for c in df["turn_correct"].to_list()],
         dtype=np.float64,
     )
+
+
+def _number(answer) -> float | None:
+    try:
+        return float(answer)
+    except (TypeError, ValueError):
+        return None
+
+
+def moved_as_told(df, golds: dict[str, str]) -> dict:
+    """Whether the turn after a wrong first answer moves the way direction feedback said: over the
+    problems whose turn 1 is a wrong number and whose turn 2 is a number, the share that changed
+    the answer and the share of those changes that go toward the gold's side; then the same split
+    by what the feedback said ("larger": the gold is above the answer). A policy deaf to the
+    direction shows it in the split: one that always counts up is right after "larger" and wrong
+    after "smaller"."""
+    moves: dict[str, list[tuple[bool, bool]]] = {"told_larger": [], "told_smaller": []}
+    for pid, answers, correct in zip(
+        df["prompt_id"].to_list(),
+        df["normalized_answers"].to_list(),
+        df["turn_correct"].to_list(),
+        strict=True,
+    ):
+        answers, correct = list(answers), list(correct)
+        if len(answers) < 2 or correct[0]:
+            continue
+        a1, a2, gold = _number(answers[0]), _number(answers[1]), _number(golds[pid])
+        if a1 is None or a2 is None or gold is None or gold == a1:
+            continue
+        told = "told_larger" if gold > a1 else "told_smaller"
+        moves[told].append((a2 != a1, a2 != a1 and (a2 > a1) == (gold > a1)))
+
+    def shares(pairs: list[tuple[bool, bool]]) -> dict:
+        changed = sum(c for c, _ in pairs)
+        return {
+            "problems": len(pairs),
+            "changed": round(100 * changed / len(pairs), 2) if pairs else None,
+            "toward_gold": round(100 * sum(t for _, t in pairs) / changed, 2) if changed else None,
+        }
+
+    return shares(moves["told_larger"] + moves["told_smaller"]) | {k: shares(v) for k, v in moves.items()}
 
 
 def feedback_summary(records: list[dict], rollouts: str, n_boot: int = 2000) -> dict:
@@ -646,6 +693,12 @@ def feedback_summary(records: list[dict], rollouts: str, n_boot: int = 2000) -> 
         "drift_weights": weights,
         "fixed_after_feedback_by_seed": {
             name: [round(100 * float(_fixed_per_problem(df, T).mean()), 2) for df in dfs]
+            for name, dfs in runs.items()
+        },
+        "turn_2_after_a_wrong_number": {
+            name: moved_as_told(
+                pl_concat(dfs), dict(zip(reference["prompt_id"].to_list(), golds, strict=True))
+            )
             for name, dfs in runs.items()
         },
         "multi_at_T_by_seed": {

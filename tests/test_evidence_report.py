@@ -250,3 +250,22 @@ def test_feedback_summary_has_the_issue_schema_and_hand_computed_values(
     assert 0 < lo < d < hi
     assert summary["fixed_after_feedback_by_seed"]["drift"] == [20.0, 25.0]
     assert summary["drift_weights"] == {"ess_overall": 139.1}
+    # turn 2 after a wrong number: the reference repeats 7 after 7 (270 problems, none changed);
+    # DRIFT's fixed problems go 0 -> 1, toward the gold exactly when the gold is above 0
+    moved = summary["turn_2_after_a_wrong_number"]
+    gold_of = dict(zip(load_problems(cfg.eval.data)[0]["prompt_id"].to_list(), golds, strict=True))
+    seven = [p for i, p in enumerate(prompt_ids) if i % 10 and gold_of[p] != "7"]  # 7 is no feedback
+    above = sum(float(gold_of[p]) > 7 for p in seven)  # told "larger" after 7
+    assert moved["reference"] == {
+        "problems": len(seven), "changed": 0.0, "toward_gold": None,
+        "told_larger": {"problems": above, "changed": 0.0, "toward_gold": None},
+        "told_smaller": {"problems": len(seven) - above, "changed": 0.0, "toward_gold": None},
+    }  # fmt: skip
+    # DRIFT's fixed problems go 0 -> 1: toward the gold exactly when it was told "larger"
+    fixed = [p for i, p in enumerate(prompt_ids) if i % 5 == 0] + [
+        p for i, p in enumerate(prompt_ids) if i % 4 == 0
+    ]
+    up = sum(float(gold_of[p]) > 0 for p in fixed)
+    larger, smaller = moved["drift"]["told_larger"], moved["drift"]["told_smaller"]
+    assert larger["toward_gold"] == 100.0 and round(larger["changed"] * larger["problems"] / 100) == up
+    assert smaller["toward_gold"] == 0.0 and round(smaller["changed"] * smaller["problems"] / 100) == 135 - up
