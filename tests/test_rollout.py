@@ -163,17 +163,7 @@ def test_feedback_temperature_samples_the_turns_after_feedback(engine, grader):
     assert [(p.n, p.temperature) for p in recording.calls] == [(2, 0.5), (1, 1.5), (1, 1.5)]
 
     plain = _RecordingEngine(engine)
-    again = run_episodes(
-        plain,
-        engine.tokenizer,
-        PROBLEMS,
-        ProtocolConfig(max_turns=3),
-        SamplingConfig(temperature=0.5, max_new_tokens=4),
-        2,
-        3,
-        grader,
-        seed=0,
-    )
+    again = _two_per_problem_three_turns(plain, engine.tokenizer, grader)
     assert [p.temperature for p in plain.calls] == [0.5, 0.5, 0.5]
 
     def replies(rs, turn: int) -> list[str]:
@@ -268,9 +258,15 @@ def test_progress_counts_finished_trajectories(engine, grader):
     """The rollout bar's total is K x problems: progress reports trajectories as they finish (all
     at turn 3 for a random model), not turns, so the bar ends at its total."""
     done: list[int] = []
-    run_episodes(
+    _two_per_problem_three_turns(engine, engine.tokenizer, grader, progress=done.append)
+    assert done == [0, 0, 2 * len(PROBLEMS)]
+
+
+def _two_per_problem_three_turns(engine, tokenizer, grader, **kwargs):
+    """K = 2 trajectories of up to 3 turns per problem, sampled at 0.5 with 4 new tokens a turn."""
+    return run_episodes(
         engine,
-        engine.tokenizer,
+        tokenizer,
         PROBLEMS,
         ProtocolConfig(max_turns=3),
         SamplingConfig(temperature=0.5, max_new_tokens=4),
@@ -278,6 +274,5 @@ def test_progress_counts_finished_trajectories(engine, grader):
         3,
         grader,
         seed=0,
-        progress=done.append,
+        **kwargs,
     )
-    assert done == [0, 0, 2 * len(PROBLEMS)]
