@@ -31,9 +31,8 @@ from contextlib import contextmanager
 
 from prefect import task
 
-from drift_core.protocol import grade_turn
 from drift_core.schemas import ProtocolConfig, TurnResult, VerifierConfig
-from drift_core.verify import make_verifier
+from tasks import grading_worker
 
 log = logging.getLogger(__name__)
 
@@ -42,37 +41,6 @@ POOL_START_TIMEOUT_S = 300.0
 
 # A turn to grade: (assistant content incl. prefill, gold answer, generated token count)
 GradeItem = tuple[str, str, int]
-
-
-#: How often a pool worker checks that the process that started it is still there.
-PARENT_POLL_S = 0.5
-
-
-def _exit_with_parent(parent: int) -> None:
-    """Exit this worker once ``parent`` is gone: a killed parent (SIGKILL, a Dask nanny killing its
-    worker, a cancelled flow run) never shuts its pool down, and the worker would wait forever on
-    a queue whose write end it holds itself."""
-    while os.getppid() == parent:
-        time.sleep(PARENT_POLL_S)
-    os._exit(0)
-
-
-def _warm_worker(verifier_json: str, parent: int) -> None:
-    """Pool initializer: watch the parent (above), then run the verifier once outside any time
-    limit, so that importing sympy and math-verify (seconds) is not charged to the first answer a
-    fresh worker grades, which would then time out and be graded incorrect."""
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="parent-watch").start()
-    make_verifier(VerifierConfig.model_validate_json(verifier_json)).check("\\frac{1}{2}", "0.5")
-
-
-def _ready() -> bool:
-    return True
-
-
-def _grade_one(content: str, gold: str, n_tokens: int, protocol_json: str, verifier_json: str) -> dict:
-    protocol = ProtocolConfig.model_validate_json(protocol_json)
-    verifier = make_verifier(VerifierConfig.model_validate_json(verifier_json))
-    return grade_turn(content, gold, protocol, verifier, n_tokens=n_tokens).model_dump()
 
 
 class Grader:
@@ -96,12 +64,12 @@ class Grader:
             self._pool = cf.ProcessPoolExecutor(
                 self.verifier.workers,
                 mp_context=mp.get_context("spawn"),
-                initializer=_warm_worker,
+                initializer=grading_worker.warm_worker,
                 initargs=(self._verifier_json, os.getpid()),
             )
             # per-answer limits start once the workers are up: a cold start (spawn, imports) is
             # neither charged to the first answers nor mistaken for a stuck worker
-            for ready in [self._pool.submit(_ready) for _ in range(self.verifier.workers)]:
+            for ready in [self._pool.submit(grading_worker.ready) for _ in range(self.verifier.workers)]:
                 ready.result(timeout=POOL_START_TIMEOUT_S)
         return self._pool
 
@@ -127,7 +95,9 @@ class Grader:
             while pending:
                 pool = self._get_pool()
                 futures = {
-                    i: pool.submit(_grade_one, *items[i], self._protocol_json, self._verifier_json)
+                    i: pool.submit(
+                        grading_worker.grade_one, *items[i], self._protocol_json, self._verifier_json
+                    )
                     for i in pending
                 }
                 retry: list[int] = []

@@ -97,6 +97,104 @@ def test_continuous_batching_falls_back_to_standard_for_sampling(tiny_answering_
     assert "no stop strings" in caplog.text
 
 
+# ---------------------------------------------------------------------------------- stop strings
+
+
+def _first_stop_step(criterion, prompt: list[int], generated: list[int]) -> int | None:
+    """The step (1-based count of generated tokens) at which ``criterion`` first ends the sequence."""
+    for t in range(1, len(generated) + 1):
+        if bool(criterion(torch.tensor([prompt + generated[:t]]), None)[0]):
+            return t
+    return None
+
+
+def test_stop_strings_end_a_sequence_at_the_token_that_completes_them(smol_tokenizer):
+    """drift's stop-string check (tasks.engines.transformers_engine.StopOnStrings) against the
+    definition, computed independently: a sequence ends at the first step whose generated text
+    (decoded whole) contains a stop string. Sequences are random concatenations of pieces that split
+    ``</answer>`` and a two-character CJK stop string across tokens in many ways, after a prompt
+    ending in a stop string's first half (which must not count: it is not the reply)."""
+    import random
+
+    from tasks.engines.transformers_engine import StopOnStrings
+
+    tok = smol_tokenizer
+    stops = ["</answer>", "答案"]
+    pieces = [
+        "</",
+        "answer",
+        ">",
+        "</answer>",
+        "</ans",
+        "wer>",
+        "<",
+        "/",
+        "a",
+        "7",
+        " ",
+        "answer>\n",
+        "答",
+        "案",
+        "答案",
+        "x",
+    ]
+    piece_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in pieces]
+    # ...and spelled one character per token: a stop string of B bytes spanning B tokens
+    piece_ids.append([i for ch in "</answer>" for i in tok(ch, add_special_tokens=False)["input_ids"]])
+    assert len(piece_ids[-1]) == len("</answer>")
+    prompt = tok("What is 3 + 4? </answ", add_special_tokens=False)["input_ids"]
+    rng = random.Random(0)
+    for stops in (["</answer>"], ["答案"], ["</answer>", "答案"]):  # 答案: 5 byte-level tokens
+        criterion = StopOnStrings(tok, stops, prompt_width=len(prompt))
+        fired = 0
+        for _ in range(200):
+            generated = [
+                i for _ in range(rng.randint(1, 8)) for i in piece_ids[rng.randrange(len(piece_ids))]
+            ]
+            want = next(
+                (
+                    t
+                    for t in range(1, len(generated) + 1)
+                    if any(s in tok.decode(generated[:t]) for s in stops)
+                ),
+                None,
+            )
+            assert _first_stop_step(criterion, prompt, generated) == want, (
+                stops,
+                tok.convert_ids_to_tokens(generated),
+            )
+            fired += want is not None
+        assert 20 < fired < 200, (stops, fired)  # both outcomes were exercised
+    criterion = StopOnStrings(tok, ["</answer>"], prompt_width=len(prompt))
+    # the prompt's "</answ" completed by the reply's "er>": a reply that never wrote the stop string
+    assert _first_stop_step(criterion, prompt, tok("er> 7", add_special_tokens=False)["input_ids"]) is None
+
+
+def test_stop_strings_give_the_completions_of_transformers_own_check(
+    tiny_answering_dir, prompts, monkeypatch
+):
+    """Sampled and greedy, one batch of many lengths: the completions (text, token count, finish
+    reason) with drift's check are those with transformers' ``StopStringCriteria``."""
+    from transformers import StopStringCriteria
+
+    from tasks.engines import transformers_engine
+
+    engine = engine_for(tiny_answering_dir, "standard", batch_size=12)
+    params = [GREEDY, SamplingParams(n=2, temperature=1.0, max_new_tokens=16, stop=["</answer>"], seed=3)]
+    ours = [engine.generate(prompts, p) for p in params]
+    monkeypatch.setattr(
+        transformers_engine,
+        "StopOnStrings",
+        lambda tokenizer, stop, prompt_width: StopStringCriteria(tokenizer, stop),
+    )
+    theirs = [engine.generate(prompts, p) for p in params]
+    assert ours == theirs
+    finishes = [c.finish_reason for out in ours for row in out for c in row]
+    assert "stop" in finishes and any(
+        c.text.endswith("</answer>") for out in ours for row in out for c in row
+    )
+
+
 # ------------------------------------------------------------------------------------- training
 
 
