@@ -97,6 +97,53 @@ def test_continuous_batching_falls_back_to_standard_for_sampling(tiny_answering_
     assert "no stop strings" in caplog.text
 
 
+# ------------------------------------------------------------------------------ shared prefixes
+
+
+def test_shared_prefix_length_by_hand():
+    from tasks.engines.transformers_engine import MIN_SHARED_PREFIX, shared_prefix_length
+
+    head = list(range(100, 100 + MIN_SHARED_PREFIX))
+    assert shared_prefix_length([head + [1, 2], head + [1, 3, 4]]) == MIN_SHARED_PREFIX + 1
+    assert shared_prefix_length([head + [1, 2], head + [1, 2]]) == MIN_SHARED_PREFIX + 1  # one token left
+    assert shared_prefix_length([head + [1], head + [1]]) == MIN_SHARED_PREFIX
+    assert shared_prefix_length([head[:-1] + [1, 2], head[:-1] + [3, 2]]) == 0  # too short to pay
+    assert shared_prefix_length([head + [1, 2]]) == 0  # a batch of one: nothing to share
+    assert shared_prefix_length([head + [1], head + [2], [7] + head]) == 0
+
+
+def test_a_shared_prefix_computed_once_gives_the_same_completions(tiny_answering_dir, monkeypatch):
+    """A batch whose rows share the chat template's header and the system prompt has that prefix
+    prefilled once, then the padding, then each row's own tokens. Against the whole prompt per row
+    (sharing turned off): the same completions, greedy and sampled, for prompts of different
+    lengths (padding between prefix and rows) and for n copies of one prompt (the whole prompt
+    shared but its last token)."""
+    from tasks.engines import transformers_engine
+
+    engine = engine_for(tiny_answering_dir, "standard", batch_size=12)
+    questions = [*PROMPTS[:4], "What is 12 + 345?", "What is 2 + 3 + 4 + 5 + 6 + 7?"]
+    prompts = [rendered(engine.tokenizer, q) for q in questions]
+    sampled = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, stop=["</answer>"], seed=4)
+    copies = SamplingParams(n=4, temperature=1.0, max_new_tokens=12, stop=["</answer>"], seed=9)
+    calls = [(prompts, GREEDY), (prompts, sampled), (prompts[:1], copies)]
+    assert len({len(engine.tokenizer(p)["input_ids"]) for p in prompts}) > 1  # rows of several lengths
+
+    prefixes: list[int] = []
+    real_cache = transformers_engine.TransformersEngine._prefix_cache
+    monkeypatch.setattr(
+        transformers_engine.TransformersEngine,
+        "_prefix_cache",
+        lambda self, prefix, rows: prefixes.append(len(prefix)) or real_cache(self, prefix, rows),
+    )
+    shared = [engine.generate(p, params) for p, params in calls]
+    assert len(prefixes) == len(calls) and min(prefixes) >= 40, prefixes  # every batch shared a prefix
+    monkeypatch.setattr(transformers_engine, "MIN_SHARED_PREFIX", 10**9)
+    whole = [engine.generate(p, params) for p, params in calls]
+    assert len(prefixes) == len(calls)  # ...and the second time none did
+    assert shared == whole
+    assert any(c.finish_reason == "stop" for out in shared for row in out for c in row)
+
+
 # ---------------------------------------------------------------------------------- stop strings
 
 

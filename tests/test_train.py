@@ -231,14 +231,15 @@ def assert_two_ranks_ran(ranks: list[list], launcher_module: str) -> None:
     assert all(parent == f"-m {launcher_module}" for _, _, parent in ranks), ranks
 
 
-@pytest.mark.slow  # ~17-25 s each (two fresh interpreters importing torch + transformers)
-@pytest.mark.parametrize("normalize", ["weight_sum", "mean"])
-def test_two_process_torchrun_matches_single_process(tiny_model_dir, tmp_path, normalize):
+@pytest.mark.slow  # ~17-25 s (two fresh interpreters importing torch + transformers)
+def test_two_process_torchrun_matches_single_process(tiny_model_dir, tmp_path):
     """The Prefect task with num_processes=2 runs `torchrun -m tasks.trainer` (gloo on the CPU).
 
     11 rows, global micro-batch 5 (ranks get 3 + 2 samples, the epoch's last batch 1 + a zero-weight
     placeholder), 2 micro-batches per step: the per-rank loss scaling must turn DDP's gradient average
-    into the single-process objective, for both normalisations."""
+    into the single-process objective. ``normalize: mean`` here; ``weight_sum``, whose scaling
+    divides by the weight summed over all ranks, in the accelerate test below (the same trainer)."""
+    normalize = "mean"
     from tasks.store import ArtifactStore
     from tasks.train import train
 
@@ -261,14 +262,21 @@ def test_accelerate_config_launches_through_accelerate(tiny_model_dir, tmp_path)
     """`train.accelerate_config` runs `accelerate launch --config_file ... -m tasks.trainer`. On the
     CPU accelerate does not apply FSDP (GPU process groups only), so the 2 processes train as a gloo
     group: the launcher plumbing (config file, process count, result hand-back) is what runs here,
-    and the result must equal the single-process run. FSDP itself: benchmarks/gpu_check.py."""
+    and the result must equal the single-process run, under ``normalize: weight_sum`` (the torchrun
+    test covers ``mean``). FSDP itself: benchmarks/gpu_check.py."""
     from tasks.store import ArtifactStore
     from tasks.train import train
 
     data = make_data(11)
     store = ArtifactStore(str(tmp_path / "store"))
     weighted = store.write_parquet(data, "weights", "w")
-    cfg = cfg_for(max_steps=3, batch_size=5, grad_accum=2, accelerate_config="configs/accelerate/fsdp.yaml")
+    cfg = cfg_for(
+        max_steps=3,
+        batch_size=5,
+        grad_accum=2,
+        normalize="weight_sum",
+        accelerate_config="configs/accelerate/fsdp.yaml",
+    )
     launched = train.fn(
         weighted, ModelConfig(path=str(tiny_model_dir)), cfg, store.url, "acc", num_processes=2
     )

@@ -195,20 +195,20 @@ def test_completions_mean_what_the_transformers_engine_means(vllm_engine):
 
 
 def test_seeded_sampling_survives_rollout_sized_batches_and_reproduces(vllm_engine):
-    """16 prompts x n=8: about 12k prompt tokens, three times the CPU build's default step budget, so
-    with chunked prefill a prompt would be split across steps and the engine crash ("CPU Generator
-    does not use offset"). The engine's CPU settings prefill each prompt in one step."""
+    """11 prompts x n=8: about 8.8k prompt tokens, over twice the CPU build's default step budget,
+    so with chunked prefill a prompt would be split across steps and the engine crash ("CPU
+    Generator does not use offset"). The engine's CPU settings prefill each prompt in one step."""
     from tasks.engines.vllm_engine import engine_args
 
     args = engine_args("unused", ModelConfig(), EngineConfig(kind="vllm", max_model_len=2048), on_cpu=True)
     assert args["enable_chunked_prefill"] is False and args["max_num_batched_tokens"] >= 2048
 
     tok = vllm_engine.tokenizer
-    prompts = _prompts(tok, 16, offset=20)
+    prompts = _prompts(tok, 11, offset=20)
     assert sum(len(tok(p)["input_ids"]) for p in prompts) * 8 > 2 * 4096
     params = SamplingParams(n=8, temperature=1.0, max_new_tokens=4, stop=stop_strings(PROTOCOL), seed=11)
     first = vllm_engine.generate(prompts, params)
-    assert sum(len({c.text for c in per_prompt}) > 1 for per_prompt in first) >= 12  # really sampled
+    assert sum(len({c.text for c in per_prompt}) > 1 for per_prompt in first) >= 8  # really sampled
     # reproduced, request by request: the first three prompts alone (a prompt's stream is its index
     # in a call) sample as they did inside the rollout-sized batch
     assert vllm_engine.generate(prompts[:3], params) == first[:3]

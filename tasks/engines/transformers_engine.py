@@ -125,13 +125,22 @@ class TransformersEngine(Engine):
         self, batch: list[list[int]], params: SamplingParams, seed: int, static: bool = False
     ) -> list[Completion]:
         pad = self.tokenizer.pad_token_id
-        width = max(len(ids) for ids in batch)
+        shared = 0 if static else shared_prefix_length(batch)
+        rests = [ids[shared:] for ids in batch]
+        width = max(len(ids) for ids in rests)
         if static:  # a few repeated shapes, so the compiled step is reused across batches
             width = -(-width // self.cfg.pad_multiple) * self.cfg.pad_multiple
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=self.device)
-        attention = torch.tensor(
-            [[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=self.device
+        # [shared prefix][left padding][the row's own tokens]: the padding sits after the prefix, so
+        # the prefix's keys and values, computed once, serve every row at the same positions
+        # (transformers derives positions from the attention mask, which skips the padding)
+        head = batch[0][:shared]
+        input_ids = torch.tensor(
+            [head + [pad] * (width - len(ids)) + ids for ids in rests], device=self.device
         )
+        attention = torch.tensor(
+            [[1] * shared + [0] * (width - len(ids)) + [1] * len(ids) for ids in rests], device=self.device
+        )
+        width += shared
         sample = params.temperature > 0
         kwargs = {"do_sample": sample, "max_new_tokens": params.max_new_tokens, "pad_token_id": pad}
         if sample:
@@ -143,6 +152,8 @@ class TransformersEngine(Engine):
             criteria.append(StopOnStrings(self.tokenizer, params.stop, prompt_width=width))
         if static:
             kwargs["cache_implementation"] = "static"
+        if shared:
+            kwargs["past_key_values"] = self._prefix_cache(head, len(batch))
         torch.manual_seed(seed)
         generated = self.model.generate(
             input_ids=input_ids,
@@ -152,6 +163,20 @@ class TransformersEngine(Engine):
         )
         raise_if_stopped()  # the batch ended early because the process is stopping: not a result
         return [self._completion(row, params) for row in generated[:, width:].tolist()]
+
+    def _prefix_cache(self, prefix: list[int], rows: int):
+        """The KV cache of ``prefix`` computed once, repeated for ``rows`` rows."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        self.model(
+            input_ids=torch.tensor([prefix], device=self.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache.batch_repeat_interleave(rows)
+        return cache
 
     def _generate_continuous(self, encoded: list[list[int]], params: SamplingParams) -> list[Completion]:
         """Greedy decoding of every sequence through ``generate_batch`` (continuous batching)."""
@@ -203,6 +228,24 @@ class TransformersEngine(Engine):
         if message not in self._said:
             self._said.add(message)
             log.warning(message)
+
+
+#: Shortest prefix worth computing once for a batch (below it, the extra forward pass costs more).
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix_length(batch: list[list[int]]) -> int:
+    """How many leading tokens every row of ``batch`` shares (the chat template's header and the
+    system prompt, for a batch of one rollout's prompts), or 0 when that is not worth a pass of its
+    own: fewer than ``MIN_SHARED_PREFIX`` tokens, or a batch of one. One token of every row is left
+    out, as ``generate`` starts from a token it has not seen."""
+    if len(batch) < 2:
+        return 0
+    first, shortest = batch[0], min(len(ids) for ids in batch)
+    n = 0
+    while n < shortest - 1 and all(ids[n] == first[n] for ids in batch):
+        n += 1
+    return n if n >= MIN_SHARED_PREFIX else 0
 
 
 class StopWhenProcessStops(StoppingCriteria):
