@@ -262,11 +262,11 @@ class StopOnStrings(StoppingCriteria):
     """Ends a sequence once its generated text contains a stop string (``</answer>``).
 
     transformers' own ``stop_strings`` does this from tables over the whole vocabulary, and every
-    ``generate`` call builds its criterion anew, walking the vocabulary again: 0.3-0.4 s per batch
-    for SmolLM2's 49k tokens on one core (benchmarks/bench_transformers_engine.py), paid by every
-    batch of every turn. Here each step decodes only the last B
-    generated tokens of each sequence, B the longest stop string's length in bytes: checked every
-    step, a stop string ends in the newest token, and as every token decodes to at least one byte it
+    ``generate`` call builds its criterion anew, walking the vocabulary again: about 0.26 s per
+    batch for SmolLM2's 49k tokens on one core (benchmarks/bench_transformers_engine.py), paid by
+    every batch of every turn. Here each step decodes only the last B generated tokens of each
+    sequence, B the longest stop string's length in bytes: checked every step, a stop string ends
+    in the newest token, and as every token decodes to at least one byte it
     begins within the last B (a character cut at the window's start decodes to a replacement
     character, which neither makes nor breaks a match). Only generated tokens are read, so a stop
     string that would begin in the prompt cannot end a reply before it starts.
