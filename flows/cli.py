@@ -10,8 +10,10 @@
     drift weights INPUT --gamma G --beta B [--lambda L] --output OUT
                                                returns and weights for a trajectories file
 
-Errors in what the user gave (config, data, model path, store) end with a one-paragraph message
-and exit code 2; ``--debug`` shows the traceback.
+Errors in what the user gave or chose (``drift_core.errors.UserError``: config, data, model path,
+store, flags, an engine that cannot run here) end with a one-paragraph message and exit code 2;
+``--debug`` shows the traceback. Any other exception is a bug in drift: its traceback, then a line
+asking to report it, exit code 1.
 """
 
 from __future__ import annotations
@@ -23,28 +25,17 @@ import logging
 import os
 import sys
 import textwrap
+import traceback
 from pathlib import Path
 from typing import Any
 
+from drift_core.errors import InputError, UserError
 from flows import cli_weights
 from flows.prefect_server import start_if_needed, use_temporary_server
 
 EXIT_USAGE = 2
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from flows.config import ConfigError
-    from tasks.models import ModelError
-    from tasks.store import StoreError
-
-    errors: list[type[BaseException]] = [ConfigError, ModelError, StoreError, FileNotFoundError, ValueError]
-    try:
-        from tasks.ingest import IngestError
-
-        errors.append(IngestError)
-    except ImportError:
-        pass
-    return tuple(errors)
+EXIT_BUG = 1
+BUG_LINE = "this is a bug in drift: please report it with this traceback"
 
 
 def format_results(summary: dict[str, Any]) -> str:
@@ -97,10 +88,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = [*args.set, *([f"iterate.rounds={args.rounds}"] if args.rounds else [])]
     cfg = load_config(args.config, overrides)  # validate before importing the pipeline or any compute
     if cfg.iterate.rounds > 1 and args.rollouts_from:
-        raise ValueError("--rollouts-from re-uses one run's rollouts; it cannot be combined with --rounds")
-    from tasks.golds import check_eval_suite
+        raise InputError("--rollouts-from re-uses one run's rollouts; it cannot be combined with --rounds")
+    _check_engine(
+        cfg, {"reference_model.path": cfg.reference_model.path, "base_model.path": cfg.train_model.path}
+    )
+    from tasks.golds import check_eval_suite, check_training_data
 
-    check_eval_suite(cfg, os.getcwd())  # every eval gold readable by its verifier, in seconds
+    if not args.rollouts_from:  # the training data read and its golds checked: a bad row fails now
+        check_training_data(cfg, os.getcwd())
+    verifiers = check_eval_suite(cfg, os.getcwd())  # every eval gold readable by its verifier, in seconds
+    _print_protocol(cfg, verifiers, rollout=not args.rollouts_from)
     server = start_if_needed()  # starts while the pipeline's modules and the MLflow store load
     if cfg.iterate.rounds > 1:
         from flows.iterate_flow import iterate as flow
@@ -186,10 +183,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     if args.data:  # one data set instead of the config's eval data or suite
         overrides += ["eval.suite=null", f"eval.data.source={args.data}"]
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)  # no --config: the schema's defaults
+    _check_engine(cfg, {"--model": args.model})
     from tasks.golds import check_eval_suite
 
-    check_eval_suite(cfg, os.getcwd())  # every gold readable by its verifier, before Prefect starts
+    verifiers = check_eval_suite(cfg, os.getcwd())  # every gold readable by its verifier, before Prefect
+    _print_protocol(cfg, verifiers, rollout=False)
     server = start_if_needed()
     from flows.eval_flow import evaluate_model
     from flows.orphans import crash_orphaned_flow_runs, owned_by_this_process
@@ -204,6 +203,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(format_results(summary))
     _print_mlflow(summary)
     return 0
+
+
+def _check_engine(cfg, models: dict[str, str]) -> None:
+    """The engine installed and able to run ``models`` ({flag or key: reference}), in milliseconds."""
+    from tasks.engines.preflight import check_engine
+
+    check_engine(cfg.engine, models)
+
+
+def _print_protocol(cfg, verifiers: dict[str, str], rollout: bool) -> None:
+    """The effective protocol, before anything generates (the flow logs it as protocol.txt)."""
+    from flows.evaluation import protocol_block
+
+    print(protocol_block(cfg, verifiers, rollout=rollout), flush=True)
 
 
 def _cmd_online(args: argparse.Namespace) -> int:
@@ -267,7 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help="model directory, hub id, builtin:... or models:/name@alias"
     )
     ev.add_argument("--data", default=None, help="eval source (builtin:gsm8k, a file, hf:...)")
-    ev.add_argument("--config", default="configs/demo.yaml", help="protocol/eval settings")
+    ev.add_argument(
+        "--config",
+        default=None,
+        help="YAML config with the protocol, engine and eval settings (default: the schema's "
+        "defaults: no task-specific system prompt, verifier auto, its token budget)",
+    )
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ev.set_defaults(func=_cmd_eval)
 
@@ -342,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             ensure_logging_setup()  # Prefect's console handler exists from here on
         with _quiet_run_errors(args.debug):
             return args.func(args)
-    except _user_errors() as exc:
+    except UserError as exc:  # what the user gave or chose: the message says what to change
         if args.debug:
             raise
         message = f"drift {args.command}: {exc.__class__.__name__}: {exc}"
@@ -354,6 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception:  # anything else is drift's to fix: the traceback locates it
+        if args.debug:
+            raise
+        traceback.print_exc()
+        print(f"drift {args.command}: {BUG_LINE}", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from drift_core.errors import UserError
 from drift_core.schemas import DriftConfig, apply_overrides
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names the file and the keys."""
 
 

@@ -22,15 +22,16 @@ from tasks.tracking import Tracker
 
 @flow(name="drift-eval", log_prints=True, persist_result=False)
 def evaluate_model(
-    model: str, config_path: str = "configs/demo.yaml", overrides: list[str] | None = None
+    model: str, config_path: str | None = None, overrides: list[str] | None = None
 ) -> dict[str, Any]:
     """Evaluate ``model`` (a directory, hub id, builtin or models:/ URI) on every benchmark of the
-    config's eval suite (``eval.data`` is a suite of one), with the config's protocol."""
+    config's eval suite (``eval.data`` is a suite of one), with the config's protocol; without
+    ``config_path``, the schema's defaults (``DriftConfig()``) and ``overrides``."""
     with task_runs_without_owner_tags():
         return _evaluate_model(model, config_path, overrides)
 
 
-def _evaluate_model(model: str, config_path: str, overrides: list[str] | None) -> dict[str, Any]:
+def _evaluate_model(model: str, config_path: str | None, overrides: list[str] | None) -> dict[str, Any]:
     cfg = load_config(config_path, overrides or [])
     store = ArtifactStore(cfg.run.artifact_store)
     stages = StageRunner(store)
@@ -48,7 +49,7 @@ def _evaluate_model(model: str, config_path: str, overrides: list[str] | None) -
     stages.tracker = tracker
     status = "FAILED"
     try:
-        log_suite_params(tracker, suite)
+        log_suite_params(tracker, suite, cfg, rollout=False)
         system = System(
             "model",
             resolved.path,

@@ -27,8 +27,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from drift_core.errors import UserError
 from drift_core.schemas import DriftConfig
-from flows.config import load_config
+from flows.config import ConfigError, load_config
 from flows.drift_flow import drift
 from flows.story import default_run_name
 
@@ -37,7 +38,7 @@ __all__ = ["IterateInFlight", "iterate", "next_round_overrides"]
 LOCK_TAG = "drift.iterate.owner"
 
 
-class IterateInFlight(RuntimeError):
+class IterateInFlight(UserError, RuntimeError):
     """Another iterate run of the same registered model is still running."""
 
 
@@ -47,7 +48,7 @@ def next_round_overrides(cfg: DriftConfig, summary: dict[str, Any]) -> list[str]
     ``iterate.stop_on_no_promotion`` is on)."""
     registered = summary.get("registered")
     if not registered:
-        raise ValueError("iterate: the round registered no model (run.register_model is off)")
+        raise ConfigError("iterate: the round registered no model (run.register_model is off)")
     promotion = summary.get("promotion")
     promoted = bool(promotion and promotion.get("promoted"))
     if cfg.iterate.stop_on_no_promotion and not promoted:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from drift_core.errors import InputError
 from flows.stages import StageRunner
 from tasks.caching import stage_key
 from tasks.reference_rollouts import import_reference_rollouts, is_reference_file
@@ -48,7 +49,7 @@ def _imported_rollouts(stages: StageRunner, path: str, base_dir: str) -> Manifes
     content: the same file is imported once, and weights onwards are keyed by its hash."""
     file = Path(path) if Path(path).is_absolute() else Path(base_dir) / path
     if not file.is_file():
-        raise ValueError(f"rollouts_from={path!r}: no such reference rollout file")
+        raise InputError(f"rollouts_from={path!r}: no such reference rollout file")
     return stages.run(
         "rollout-import",
         import_reference_rollouts,
@@ -90,17 +91,17 @@ def _find_rollouts(ref: str, store: ArtifactStore, tracker: Tracker) -> Manifest
         try:
             tags = tracker.get_run(ref).data.tags
         except Exception as exc:
-            raise ValueError(
+            raise InputError(
                 f"rollouts_from={ref!r}: not a manifest file and not an MLflow run id ({exc})"
             ) from exc
         tag = tags.get("drift.rollout_manifest")
         if not tag:
-            raise ValueError(
+            raise InputError(
                 f"rollouts_from={ref!r}: MLflow run has no rollouts (tag drift.rollout_manifest)"
             )
         manifest = Manifest.model_validate(json.loads(tag))
     if manifest.stage != "rollout" or not store.verify(manifest):
-        raise ValueError(
+        raise InputError(
             f"rollouts_from={ref!r}: the rollout artifact {manifest.uri} is missing or fails its hash check; "
             "run the full pipeline to regenerate it"
         )

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from drift_core.schemas import DriftConfig
+from flows.config import ConfigError
 from tasks.grade import grading_scope
 
 
@@ -29,7 +30,7 @@ def task_runner_for(cfg: DriftConfig) -> TaskRunner:
         import dask
         from prefect_dask import DaskTaskRunner
     except ImportError as exc:  # pragma: no cover - the dask extra is part of `make setup`
-        raise ValueError(
+        raise ConfigError(
             "run.task_runner=dask needs prefect-dask and distributed: pip install 'drift[dask]'"
         ) from exc
     if cfg.run.dask_address:

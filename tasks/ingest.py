@@ -80,6 +80,7 @@ from prefect import task
 from pydantic import BaseModel, Field
 
 from drift_core.choices import gold_index, render_choices
+from drift_core.errors import UserError
 from drift_core.schemas import ArithConfig, DataConfig
 from drift_core.verify import GoldStyle, extract_gold
 from tasks.caching import served_from_store
@@ -112,7 +113,7 @@ SCHEMA = {c: pl.String for c in COLUMNS}
 _MAX_EXAMPLES = 5
 
 
-class IngestError(ValueError):
+class IngestError(UserError, ValueError):
     """The data source cannot be turned into a problem table; the message says where and why."""
 
 

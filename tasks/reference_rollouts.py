@@ -29,6 +29,7 @@ from pathlib import Path
 import polars as pl
 from prefect import task
 
+from drift_core.errors import InputError
 from tasks.caching import served_from_store
 from tasks.store import ArtifactStore, Manifest
 from tasks.weights_jsonl import BadRowsReport, parquet_storable, read_reference_jsonl
@@ -66,15 +67,15 @@ def reference_rollout_frame(path: str | Path) -> pl.DataFrame:
     path = Path(path)
     df = read_reference_jsonl(path, "error", BadRowsReport())
     if df.height == 0:
-        raise ValueError(f"{path}: no trajectories in the file")
+        raise InputError(f"{path}: no trajectories in the file")
     if "messages" not in df.columns:
-        raise ValueError(
+        raise InputError(
             f"{path}: the records have no 'messages' (the conversation to train on); found {df.columns}"
         )
     try:
         messages = df["messages"].cast(MESSAGES)
     except pl.exceptions.PolarsError as exc:
-        raise ValueError(
+        raise InputError(
             f"{path}: 'messages' must be a list of {{'role', 'content'}} objects in every record ({exc})"
         ) from None
     bad_role = messages.list.eval(
@@ -82,7 +83,7 @@ def reference_rollout_frame(path: str | Path) -> pl.DataFrame:
     ).list.any()
     if bad_role.any():
         row = int(bad_role.arg_true()[0])
-        raise ValueError(f"{path}: row {row + 1}: a message role is not system, user or assistant")
+        raise InputError(f"{path}: row {row + 1}: a message role is not system, user or assistant")
     trimmed = [_last_assistant(m) for m in messages.to_list()]
     df = df.with_columns(
         pl.Series("messages", [m for m, _ in trimmed], dtype=MESSAGES),
@@ -97,10 +98,10 @@ def _with_traj_idx(df: pl.DataFrame, path: Path) -> pl.DataFrame:
     if "traj_idx" not in df.columns:
         return df.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).over("prompt_id").alias("traj_idx"))
     if not df.schema["traj_idx"].is_integer() or df["traj_idx"].null_count():
-        raise ValueError(f"{path}: traj_idx must be an integer in every record, got {df.schema['traj_idx']}")
+        raise InputError(f"{path}: traj_idx must be an integer in every record, got {df.schema['traj_idx']}")
     dup = df.group_by("prompt_id").agg(pl.col("traj_idx").is_duplicated().any().alias("d")).filter("d")
     if dup.height:
-        raise ValueError(f"{path}: traj_idx repeats within prompt_id {dup['prompt_id'][0]!r}")
+        raise InputError(f"{path}: traj_idx repeats within prompt_id {dup['prompt_id'][0]!r}")
     return df.with_columns(pl.col("traj_idx").cast(pl.Int64))
 
 

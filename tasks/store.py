@@ -28,10 +28,12 @@ from typing import Any
 import polars as pl
 from pydantic import BaseModel, Field
 
+from drift_core.errors import UserError
+
 MANIFEST_NAME = "manifest.json"
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """The artifact store cannot be used (unwritable root, missing or corrupt artifact)."""
 
 

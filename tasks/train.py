@@ -30,10 +30,11 @@ from typing import TYPE_CHECKING
 
 from prefect import task
 
+from drift_core.errors import MissingFileError
 from drift_core.schemas import ModelConfig, TrainConfig
 from tasks.caching import served_from_store
 from tasks.models import resolve_model
-from tasks.store import ArtifactStore, Manifest
+from tasks.store import ArtifactStore, Manifest, StoreError
 
 if TYPE_CHECKING:  # torch comes with the trainer: imported only when a model is trained here
     from tasks.trainer import TrainResult
@@ -72,7 +73,7 @@ def accelerate_config_path(cfg: TrainConfig) -> Path | None:
     if not path.is_absolute():  # relative to the working directory, else to the repository
         path = path.resolve() if path.exists() else REPO_ROOT / path
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"train.accelerate_config: {cfg.accelerate_config!r} is not a file (expected an accelerate "
             "config YAML such as configs/accelerate/fsdp.yaml)"
         )
@@ -204,7 +205,7 @@ def train(
     try:
         if launched:
             if not store.verify(weighted):
-                raise RuntimeError(f"weighted artifact {weighted.uri} is missing or corrupt")
+                raise StoreError(f"weighted artifact {weighted.uri} is missing or corrupt")
             data_path = store.local_path(weighted)
             result = _run_launched(
                 cfg, processes, data_path, model_path, model_cfg, staging, checkpoint_dir, logger

@@ -89,6 +89,7 @@ from drift_core.batching import (
     tokenize_trajectory,
     unsupervised_token_ids,
 )
+from drift_core.errors import InputError
 from drift_core.loss import liger_available, weighted_sft_loss
 from drift_core.schemas import ModelConfig, TrainConfig
 from tasks.models import load_model, load_tokenizer, pick_device, resolve_model, torch_dtype
@@ -190,7 +191,10 @@ def prepare_examples(
         weights.append(float(row["weight"]))
     stats = {"dropped_zero_weight": len(rows) - len(kept), "dropped_too_long": too_long}
     if not examples:
-        raise ValueError(f"no training examples left ({stats}, {len(rows)} rows in)")
+        raise InputError(
+            f"no training examples left ({stats}, {len(rows)} rows in): every weight is zero, or every "
+            "example is longer than train.max_seq_len"
+        )
     if too_long:
         log.warning(
             "dropped %d trajectories whose response does not fit max_seq_len=%d", too_long, cfg.max_seq_len

@@ -10,7 +10,7 @@ from drift_core.schemas import WeightsConfig
 from drift_core.weights import WeightDiagnostics, weight_warnings
 from tasks.caching import served_from_store
 from tasks.reference_rollouts import is_reference_frame, trainable_rows
-from tasks.store import ArtifactStore, Manifest
+from tasks.store import ArtifactStore, Manifest, StoreError
 from tasks.weights_io import compute_weight_table, weigh_parquet, write_parquet_atomic
 
 
@@ -22,7 +22,7 @@ def weigh_rollouts(rollouts: Manifest, cfg: WeightsConfig, store_root: str, key:
     if (hit := served_from_store(store, "weights", key)) is not None:
         return hit
     if not store.verify(rollouts):
-        raise RuntimeError(f"rollout artifact {rollouts.uri} is missing or corrupt")
+        raise StoreError(f"rollout artifact {rollouts.uri} is missing or corrupt")
 
     source = store.local_path(rollouts)
 

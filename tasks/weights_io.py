@@ -48,6 +48,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
+from drift_core.errors import UserError
 from drift_core.returns import RepetitionRule, returns_from_arrays
 from drift_core.schemas import WeightsConfig
 from drift_core.weights import WeightDiagnostics, compute_weights, diagnostics
@@ -85,7 +86,7 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _STREAM_BATCH_ROWS = 8192  # rows per record batch of weigh_parquet: its working set beyond O(rows)
 
 
-class NoTrajectoriesError(ValueError):
+class NoTrajectoriesError(UserError, ValueError):
     """The input holds no trajectory at all (empty, only blank lines, or every row skipped)."""
 
 

@@ -24,6 +24,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from drift_core.errors import InputError
+
 __all__ = ["BadRowsReport", "OnBadRows", "parquet_storable", "penalty_field", "read_reference_jsonl"]
 
 OnBadRows = Literal["error", "skip"]
@@ -70,7 +72,7 @@ def read_reference_jsonl(path: Path, on_bad_rows: OnBadRows, report: BadRowsRepo
             return _empty_normalised()
         raw, why = _polars_table(path, [lines[i] for i in rows])
         if raw is None:
-            raise ValueError(
+            raise InputError(
                 f"{path}: polars cannot read the records as one table ({why}), though each row "
                 "passes the checks: a field probably holds different JSON types in different rows"
             )
@@ -359,7 +361,7 @@ def _report_bad(
 
     if on_bad_rows == "error":
         more = f" ({len(bad)} bad rows in all)" if len(bad) > 1 else ""
-        raise ValueError(describe(0) + more)
+        raise InputError(describe(0) + more)
     room = max(0, MAX_EXAMPLES - len(report.examples))
     report.examples.extend(describe(j) for j in range(min(room, len(bad))))
     report.n_skipped += len(bad)

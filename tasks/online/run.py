@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from drift_core.errors import InputError
 from drift_core.protocol import initial_messages
 from drift_core.schemas import DriftConfig, SamplingConfig
 from tasks.online.rollout_func import (
@@ -138,10 +139,10 @@ def check_sampling(sampling: SamplingConfig) -> None:
     """Online RL samples every turn of an episode at one temperature > 0: TRL scores the completion
     tokens under ``GRPOConfig.temperature``, so any other sampling would make its ratios wrong."""
     if sampling.temperature <= 0:
-        raise ValueError("online RL samples its trajectories: rollout.sampling.temperature must be > 0")
+        raise InputError("online RL samples its trajectories: rollout.sampling.temperature must be > 0")
     feedback = sampling.feedback_temperature
     if feedback is not None and feedback != sampling.temperature:
-        raise ValueError(
+        raise InputError(
             f"online RL samples every turn at one temperature (TRL scores the completion tokens under "
             f"GRPOConfig.temperature): rollout.sampling.feedback_temperature={feedback} differs from "
             f"rollout.sampling.temperature={sampling.temperature}; unset it for `drift online`"
@@ -159,7 +160,7 @@ def train_online(
     try:
         import trl
     except ImportError as exc:
-        raise ValueError(
+        raise InputError(
             f"drift online needs TRL: pip install -e '.[online]' (trl=={TRL_VERSION_TESTED}); {exc}"
         ) from exc
 
