@@ -722,7 +722,8 @@ def flatten(d: dict[str, Any] | BaseModel, prefix: str = "") -> dict[str, Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML scalars) to a raw config dict."""
+    """Apply ``key.sub=value`` overrides (values parsed as YAML scalars) to a raw config dict. A
+    part of the key that meets a list is an index into it: ``eval.suite.0.data.limit=5``."""
     import yaml  # local: keeps the import graph of drift_core light
 
     out = _deepcopy(raw)
@@ -731,12 +732,30 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ValueError(f"override {item!r}: expected key=value, e.g. weights.beta=0.2")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
-        node = out
-        for part in parts[:-1]:
+        node: Any = out
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                where, n = ".".join(parts[:i]), len(node)
+                size = f"{where!r} has {n} item{'' if n == 1 else 's'}" + (f" (0..{n - 1})" if n else "")
+                if not part.isdigit():
+                    raise ValueError(f"override {item!r}: {size}; {part!r} is not an index")
+                index = int(part)
+                if index >= n:
+                    raise ValueError(f"override {item!r}: index {index} is out of range: {size}")
+                if last:
+                    node[index] = yaml.safe_load(value)
+                else:
+                    node = node[index]
+                    if not isinstance(node, dict | list):
+                        raise ValueError(f"override {item!r}: {where}.{part} is not a section")
+                continue
+            if last:
+                node[part] = yaml.safe_load(value)
+                break
             node = node.setdefault(part, {})
-            if not isinstance(node, dict):
+            if not isinstance(node, dict | list):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
     return out
 
 

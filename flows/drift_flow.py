@@ -19,6 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 
+from drift_core.errors import InputError
 from drift_core.schemas import DriftConfig, ModelConfig
 from flows.config import load_config
 from flows.evaluation import (
@@ -90,7 +91,7 @@ def drift(
     """
     cfg = load_config(config_path, overrides or [], raw=config)
     if retrain and not rollouts_from:
-        raise ValueError(
+        raise InputError(
             "retrain needs rollouts_from: the MLflow run id of an earlier drift run (or a rollout "
             "manifest JSON path); run drift/full-pipeline to generate rollouts"
         )
@@ -128,7 +129,7 @@ def _pipeline(pipeline: PipelineRun, rollouts_from: str | None) -> dict:
     # Every benchmark of the eval suite is ingested and its golds checked first: a data/verifier
     # mismatch fails now, not after rollouts and training.
     suite = prepare_eval_suite(pipeline.cfg, pipeline.stages, pipeline.base_dir)
-    log_suite_params(pipeline.tracker, suite)
+    log_suite_params(pipeline.tracker, suite, pipeline.cfg, rollout=not rollouts_from)
     reference = resolved_model(pipeline.cfg.reference_model, pipeline.cfg.run.tracking_uri)
     rollouts, rollouts_fp = _rollouts(pipeline, reference, rollouts_from)
     weighted = _weights(pipeline, rollouts)

@@ -30,6 +30,7 @@ __all__ = [
     "log_suite_params",
     "prepare_eval_suite",
 ]
+    "protocol_block",
 
 #: an evaluation's side files, attached to its MLflow stage run
 EVAL_FILES = ("metrics.json", "multi_at.png")
@@ -126,8 +127,12 @@ def eval_label(system: str, ev: EvalSet, suite: list[EvalSet]) -> str:
     return f"evaluate-{system}" if len(suite) == 1 else f"evaluate-{system}-{ev.name}"
 
 
-def log_suite_params(tracker: Tracker, suite: list[EvalSet]) -> None:
-    """The verifier each benchmark is graded with (``auto`` resolved), on the parent run."""
+def log_suite_params(
+    tracker: Tracker, suite: list[EvalSet], cfg: DriftConfig | None = None, rollout: bool = True
+) -> None:
+    """The verifier each benchmark is graded with (``auto`` resolved), on the parent run; with
+    ``cfg``, also the effective protocol the command printed (:func:`protocol_block`), as the
+    parent run's artifact ``protocol.txt`` (``rollout``: the block has the rollout row)."""
     params = {}
     for ev in suite:
         params[f"eval.suite.{ev.name}.verifier.kind"] = ev.verifier.kind
@@ -135,6 +140,59 @@ def log_suite_params(tracker: Tracker, suite: list[EvalSet]) -> None:
         params[f"eval.suite.{ev.name}.problems"] = ev.problems.rows
     tracker.log_params(tracker.run_id, params)
 
+    if cfg is not None:
+        verifiers = {ev.name: ev.verifier.kind for ev in suite}
+        block = protocol_block(cfg, verifiers, rollout=rollout)
+        tracker.client.log_text(tracker.run_id, block + "\n", PROTOCOL_FILE)
+
+
+#: the parent run's artifact holding the effective protocol (what the command printed)
+PROTOCOL_FILE = "protocol.txt"
+
+
+def protocol_block(cfg: DriftConfig, verifiers: dict[str, str] | None = None, rollout: bool = True) -> str:
+    """The effective protocol in one short block, as ``drift run`` and ``drift eval`` print it
+    before generating and log it: system prompt, instruction, engine and dtype, then one row for the
+    rollouts (``rollout``) and one per benchmark: prompt mode, answer format, turns, max new tokens,
+    verifier. ``verifiers``: benchmark -> kind resolved against its golds (``auto`` is shown as
+    ``<kind> (auto)``); a benchmark without one shows its configured kind."""
+    verifiers = verifiers or {}
+
+    def text(value: str) -> str:
+        shown = repr(value)  # quotes, trailing spaces and newlines visible, on one line
+        return shown if len(shown) <= 90 else f"{shown[:80]}... ({len(value)} characters)"
+
+    def kind(requested: str, resolved: str | None) -> str:
+        if requested != "auto":
+            return requested
+        return f"{resolved} (auto)" if resolved else "auto (resolved from the golds)"
+
+    header = ("", "prompt mode", "answer format", "turns", "max new tokens", "verifier")
+    rows = []
+    if rollout:
+        p = cfg.protocol
+        rows.append(
+            ("rollout", p.prompt_mode, p.answer_format, str(p.max_turns),
+             str(cfg.rollout.sampling.max_new_tokens), kind(cfg.verifier.kind, None))
+        )  # fmt: skip
+    for _, entry in cfg.eval.entries():
+        p = entry_protocol(cfg, entry)
+        max_new = entry.max_new_tokens or cfg.eval.max_new_tokens or cfg.rollout.sampling.max_new_tokens
+        rows.append(
+            (f"eval {entry.name}", p.prompt_mode, p.answer_format, str(p.max_turns), str(max_new),
+             kind(cfg.eval_verifier(entry).kind, verifiers.get(entry.name)))
+        )  # fmt: skip
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    table = ["  ".join(f"{c:<{w}}" for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    instruction = cfg.protocol.task_instruction
+    lines = [
+        "protocol:",
+        f"  system prompt: {text(cfg.protocol.system_prompt)}",
+        f"  instruction:   {'the default (math)' if instruction is None else text(instruction)}",
+        f"  engine:        {cfg.engine.kind}, dtype {cfg.reference_model.dtype}",
+        *(f"  {line}" for line in table),
+    ]
+    return "\n".join(lines)
 
 def evaluate(
     cfg: DriftConfig,

@@ -13,12 +13,14 @@ import tempfile
 import threading
 from pathlib import Path
 
+from drift_core.errors import UserError
+
 __all__ = ["ModelError", "atomic_dir", "default_cache_root", "model_lock"]
 
 model_lock = threading.RLock()  # re-entrant: builders call other builders
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model reference that cannot be used (missing path, no chat template, unsafe format)."""
 
 

