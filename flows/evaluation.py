@@ -29,8 +29,8 @@ __all__ = [
     "log_comparison",
     "log_suite_params",
     "prepare_eval_suite",
-]
     "protocol_block",
+]
 
 #: an evaluation's side files, attached to its MLflow stage run
 EVAL_FILES = ("metrics.json", "multi_at.png")
@@ -139,7 +139,6 @@ def log_suite_params(
         params[f"eval.suite.{ev.name}.verifier.requested"] = ev.requested_kind
         params[f"eval.suite.{ev.name}.problems"] = ev.problems.rows
     tracker.log_params(tracker.run_id, params)
-
     if cfg is not None:
         verifiers = {ev.name: ev.verifier.kind for ev in suite}
         block = protocol_block(cfg, verifiers, rollout=rollout)
@@ -193,6 +192,7 @@ def protocol_block(cfg: DriftConfig, verifiers: dict[str, str] | None = None, ro
         *(f"  {line}" for line in table),
     ]
     return "\n".join(lines)
+
 
 def evaluate(
     cfg: DriftConfig,
