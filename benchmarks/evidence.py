@@ -593,12 +593,15 @@ def _number(answer) -> float | None:
 
 def moved_as_told(df, golds: dict[str, str]) -> dict:
     """Whether the turn after a wrong first answer moves the way direction feedback said: over the
-    problems whose turn 1 is a wrong number and whose turn 2 is a number, the share that changed
-    the answer and the share of those changes that go toward the gold's side; then the same split
-    by what the feedback said ("larger": the gold is above the answer). A policy deaf to the
-    direction shows it in the split: one that always counts up is right after "larger" and wrong
-    after "smaller"."""
-    moves: dict[str, list[tuple[bool, bool]]] = {"told_larger": [], "told_smaller": []}
+    problems whose turn 1 is a wrong number and whose turn 2 is a number (``problems``), the share
+    that changed the answer (``changed``) and, of those changes, the share that go the told way,
+    i.e. to the gold's side of the turn-1 answer (``toward_gold``: it counts overshoots), the share
+    that end closer to the gold than turn 1 (``closer``: |a2 - gold| < |a1 - gold|, a landing on
+    the gold included) and the share that cross the gold (``overshot``); ``counts`` holds the same
+    as numbers of problems. Then the same split by what the feedback said ("larger": the gold is
+    above the answer). A policy deaf to the direction shows it in the split: one that always counts
+    up is right after "larger" and wrong after "smaller"."""
+    moves: dict[str, list[tuple[bool, bool, bool, bool]]] = {"told_larger": [], "told_smaller": []}
     for pid, answers, correct in zip(
         df["prompt_id"].to_list(),
         df["normalized_answers"].to_list(),
@@ -612,14 +615,29 @@ def moved_as_told(df, golds: dict[str, str]) -> dict:
         if a1 is None or a2 is None or gold is None or gold == a1:
             continue
         told = "told_larger" if gold > a1 else "told_smaller"
-        moves[told].append((a2 != a1, a2 != a1 and (a2 > a1) == (gold > a1)))
+        changed = a2 != a1
+        moves[told].append(
+            (
+                changed,
+                changed and (a2 > a1) == (gold > a1),
+                abs(a2 - gold) < abs(a1 - gold),
+                (a2 - gold) * (a1 - gold) < 0,
+            )
+        )
 
-    def shares(pairs: list[tuple[bool, bool]]) -> dict:
-        changed = sum(c for c, _ in pairs)
+    def shares(moved: list[tuple[bool, bool, bool, bool]]) -> dict:
+        changed, toward, closer, overshot = (sum(m[k] for m in moved) for k in range(4))
+
+        def of_changes(n: int) -> float | None:
+            return round(100 * n / changed, 2) if changed else None
+
         return {
-            "problems": len(pairs),
-            "changed": round(100 * changed / len(pairs), 2) if pairs else None,
-            "toward_gold": round(100 * sum(t for _, t in pairs) / changed, 2) if changed else None,
+            "problems": len(moved),
+            "changed": round(100 * changed / len(moved), 2) if moved else None,
+            "toward_gold": of_changes(toward),
+            "closer": of_changes(closer),
+            "overshot": of_changes(overshot),
+            "counts": {"changed": changed, "toward_gold": toward, "closer": closer, "overshot": overshot},
         }
 
     return shares(moves["told_larger"] + moves["told_smaller"]) | {k: shares(v) for k, v in moves.items()}
@@ -630,7 +648,9 @@ def feedback_summary(records: list[dict], rollouts: str, n_boot: int = 2000) -> 
     multi@1, multi@T, fixed after feedback (multi@T - multi@1) and multi@T's 95% CI per system (seeds
     pooled); paired differences per problem (seeds averaged) for multi@T and, against the
     reference, for fixed after feedback. Reference rollout corrections: the share of the reference's
-    rollout trajectories solved after a wrong first turn (solved by turn T minus solved at turn 1)."""
+    rollout trajectories solved after a wrong first turn (solved by turn T minus solved at turn 1).
+    Turn 2 after a wrong number: ``moved_as_told`` with seeds pooled, and per seed (one entry per
+    trained seed; the reference's one frame) without the larger/smaller split."""
     from drift_core.metrics import bootstrap_ratio_ci, paired_bootstrap_ci, question_blind_ceiling
     from flows.config import load_config
 
@@ -675,6 +695,7 @@ def feedback_summary(records: list[dict], rollouts: str, n_boot: int = 2000) -> 
         d, lo, hi = paired_bootstrap_ci(fixed["drift"], fixed["reference"], n_boot=n_boot)
         paired["drift-reference_fixed"] = [round(100 * d, 2), round(100 * lo, 2), round(100 * hi, 2)]
     weights = next((r["weights"] for r in records if "weights" in r and r["system"] == "drift"), None)
+    gold_of = dict(zip(reference["prompt_id"].to_list(), golds, strict=True))
     return {
         "task": cfg.eval.data.source + " " + json.dumps(cfg.eval.data.arith.model_dump(), sort_keys=True),
         "feedback": feedback,
@@ -696,9 +717,13 @@ def feedback_summary(records: list[dict], rollouts: str, n_boot: int = 2000) -> 
             for name, dfs in runs.items()
         },
         "turn_2_after_a_wrong_number": {
-            name: moved_as_told(
-                pl_concat(dfs), dict(zip(reference["prompt_id"].to_list(), golds, strict=True))
-            )
+            name: moved_as_told(pl_concat(dfs), gold_of) for name, dfs in runs.items()
+        },
+        "turn_2_after_a_wrong_number_by_seed": {
+            name: [
+                {k: v for k, v in moved_as_told(df, gold_of).items() if not k.startswith("told_")}
+                for df in dfs
+            ]
             for name, dfs in runs.items()
         },
         "multi_at_T_by_seed": {

@@ -256,10 +256,12 @@ def test_feedback_summary_has_the_issue_schema_and_hand_computed_values(
     gold_of = dict(zip(load_problems(cfg.eval.data)[0]["prompt_id"].to_list(), golds, strict=True))
     seven = [p for i, p in enumerate(prompt_ids) if i % 10 and gold_of[p] != "7"]  # 7 is no feedback
     above = sum(float(gold_of[p]) > 7 for p in seven)  # told "larger" after 7
+    none = {"toward_gold": None, "closer": None, "overshot": None,
+            "counts": {"changed": 0, "toward_gold": 0, "closer": 0, "overshot": 0}}  # fmt: skip
     assert moved["reference"] == {
-        "problems": len(seven), "changed": 0.0, "toward_gold": None,
-        "told_larger": {"problems": above, "changed": 0.0, "toward_gold": None},
-        "told_smaller": {"problems": len(seven) - above, "changed": 0.0, "toward_gold": None},
+        "problems": len(seven), "changed": 0.0, **none,
+        "told_larger": {"problems": above, "changed": 0.0, **none},
+        "told_smaller": {"problems": len(seven) - above, "changed": 0.0, **none},
     }  # fmt: skip
     # DRIFT's fixed problems go 0 -> 1: toward the gold exactly when it was told "larger"
     fixed = [p for i, p in enumerate(prompt_ids) if i % 5 == 0] + [
@@ -269,3 +271,51 @@ def test_feedback_summary_has_the_issue_schema_and_hand_computed_values(
     larger, smaller = moved["drift"]["told_larger"], moved["drift"]["told_smaller"]
     assert larger["toward_gold"] == 100.0 and round(larger["changed"] * larger["problems"] / 100) == up
     assert smaller["toward_gold"] == 0.0 and round(smaller["changed"] * smaller["problems"] / 100) == 135 - up
+    # per seed: the pooled counts split by seed, without the larger/smaller split
+    by_seed = summary["turn_2_after_a_wrong_number_by_seed"]
+    assert [len(by_seed[k]) for k in ("reference", "drift", "success_only")] == [1, 2, 1]
+    assert by_seed["reference"][0] == {
+        k: v for k, v in moved["reference"].items() if not k.startswith("told_")
+    }
+    for key in ("changed", "toward_gold", "closer", "overshot"):
+        assert sum(s["counts"][key] for s in by_seed["drift"]) == moved["drift"]["counts"][key]
+    assert sum(s["problems"] for s in by_seed["drift"]) == moved["drift"]["problems"]
+
+
+def test_moved_as_told_counts_closer_and_overshot_changes_by_hand(evidence):
+    """Gold 10 everywhere. From 4 (told "larger"): 7 is closer; 13 overshoots yet ends closer (3 < 6);
+    20 overshoots and ends farther; 2 goes the wrong way; 4 repeats. From 15 (told "smaller"): 10
+    lands on the gold (closer, no overshoot). Left out: right at turn 1, no number at turn 1 or 2."""
+    rows = [
+        ("p1", ["4", "7"], [False, False]),
+        ("p2", ["4", "13"], [False, False]),
+        ("p3", ["4", "20"], [False, False]),
+        ("p4", ["4", "2"], [False, False]),
+        ("p5", ["4", "4"], [False, False]),
+        ("p6", ["15", "10"], [False, True]),
+        ("p7", ["10", "10"], [True, True]),
+        ("p8", [None, "9"], [False, False]),
+        ("p9", ["4", "x"], [False, False]),
+    ]
+    df = pl.DataFrame(
+        [{"prompt_id": p, "normalized_answers": a, "turn_correct": c} for p, a, c in rows],
+        schema={
+            "prompt_id": pl.String,
+            "normalized_answers": pl.List(pl.String),
+            "turn_correct": pl.List(pl.Boolean),
+        },
+    )
+    moved = evidence.moved_as_told(df, {p: "10" for p, _, _ in rows})
+    # 6 problems, 5 changes: 4 the told way (p1, p2, p3, p6), 3 closer (p1, p2, p6), 2 overshoot (p2, p3)
+    assert {k: moved[k] for k in ("problems", "changed", "toward_gold", "closer", "overshot", "counts")} == {
+        "problems": 6, "changed": 83.33, "toward_gold": 80.0, "closer": 60.0, "overshot": 40.0,
+        "counts": {"changed": 5, "toward_gold": 4, "closer": 3, "overshot": 2},
+    }  # fmt: skip
+    assert moved["told_larger"] == {
+        "problems": 5, "changed": 80.0, "toward_gold": 75.0, "closer": 50.0, "overshot": 50.0,
+        "counts": {"changed": 4, "toward_gold": 3, "closer": 2, "overshot": 2},
+    }  # fmt: skip
+    assert moved["told_smaller"] == {
+        "problems": 1, "changed": 100.0, "toward_gold": 100.0, "closer": 100.0, "overshot": 0.0,
+        "counts": {"changed": 1, "toward_gold": 1, "closer": 1, "overshot": 0},
+    }  # fmt: skip
