@@ -748,14 +748,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 else:
                     node = node[index]
                     if not isinstance(node, dict | list):
-                        raise ValueError(f"override {item!r}: {where}.{part} is not a section")
+                        raise ValueError(f"override {item!r}: {'.'.join(parts[: i + 1])!r} is not a section")
                 continue
             if last:
                 node[part] = yaml.safe_load(value)
                 break
             node = node.setdefault(part, {})
             if not isinstance(node, dict | list):
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
+                raise ValueError(f"override {item!r}: {'.'.join(parts[: i + 1])!r} is not a section")
     return out
 
 

@@ -149,12 +149,18 @@ def log_suite_params(
 PROTOCOL_FILE = "protocol.txt"
 
 
-def protocol_block(cfg: DriftConfig, verifiers: dict[str, str] | None = None, rollout: bool = True) -> str:
+def protocol_block(
+    cfg: DriftConfig,
+    verifiers: dict[str, str] | None = None,
+    rollout: bool = True,
+    rollout_verifier: str | None = None,
+) -> str:
     """The effective protocol in one short block, as ``drift run`` and ``drift eval`` print it
     before generating and log it: system prompt, instruction, engine and dtype, then one row for the
     rollouts (``rollout``) and one per benchmark: prompt mode, answer format, turns, max new tokens,
     verifier. ``verifiers``: benchmark -> kind resolved against its golds (``auto`` is shown as
-    ``<kind> (auto)``); a benchmark without one shows its configured kind."""
+    ``<kind> (auto)``), ``rollout_verifier`` the same for the training data; without one, the
+    configured kind."""
     verifiers = verifiers or {}
 
     def text(value: str) -> str:
@@ -172,7 +178,7 @@ def protocol_block(cfg: DriftConfig, verifiers: dict[str, str] | None = None, ro
         p = cfg.protocol
         rows.append(
             ("rollout", p.prompt_mode, p.answer_format, str(p.max_turns),
-             str(cfg.rollout.sampling.max_new_tokens), kind(cfg.verifier.kind, None))
+             str(cfg.rollout.sampling.max_new_tokens), kind(cfg.verifier.kind, rollout_verifier))
         )  # fmt: skip
     for _, entry in cfg.eval.entries():
         p = entry_protocol(cfg, entry)

