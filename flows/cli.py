@@ -314,6 +314,10 @@ PREFECT_DEFAULTS = {
     # MLflow's usage telemetry posts to the internet from a thread that exit waits for (seconds
     # where there is no network); a pipeline run sends nothing it was not asked to.
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    # transformers' "Loading weights" / "Writing model shards" bars (they follow the hub's switch,
+    # read at import, so launched trainers and pool workers inherit it): drift shows its own
+    # progress per stage, and a first run's terminal is not a wall of third-party bars.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 

@@ -64,12 +64,19 @@ class TemporaryServer:
         from flows.server_app import PARENT_PID_ENV
 
         self.port = _free_port()
+        settings = get_current_settings()
+        # Prefect 3 derives the server's memo store from the default home (~/.prefect), not from
+        # PREFECT_HOME: with PREFECT_HOME set on a machine that never ran Prefect, the server warns
+        # that it cannot write there. Keep it in the home this run uses.
+        memo = {"PREFECT_SERVER_MEMO_STORE_PATH": str(Path(settings.home) / "memo_store.toml")}
+        Path(settings.home).mkdir(parents=True, exist_ok=True)
         env = {
+            **memo,
             **os.environ,
             "PREFECT_UI_ENABLED": "0",
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",
-            **get_current_settings().to_environment_variables(exclude_unset=True),
+            **settings.to_environment_variables(exclude_unset=True),
             PARENT_PID_ENV: str(os.getpid()),  # the server stops itself once this process is gone
         }
         cmd = [

@@ -54,6 +54,14 @@ def check_eval_suite(cfg: DriftConfig, base_dir: str | Path | None = None) -> di
     return kinds
 
 
+def check_training_data(cfg: DriftConfig, base_dir: str | Path | None = None) -> str:
+    """Read the training data (``data``) and check its golds against ``verifier``, like
+    :func:`check_eval_suite`: a malformed file or an unreadable gold fails before any server
+    starts or any model is made. Returns the verifier kind (``auto`` resolved)."""
+    df, _ = load_problems(cfg.data, Path(base_dir) if base_dir is not None else None, "data")
+    return check_golds(df, cfg.data, cfg.verifier, "", base_dir).kind
+
+
 def check_golds(
     golds: pl.DataFrame,
     data: DataConfig,

@@ -7,15 +7,18 @@ registered models); it imports neither, so model references have one direction o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from drift_core.errors import UserError
 
-__all__ = ["ModelError", "atomic_dir", "default_cache_root", "model_lock"]
+__all__ = ["ModelError", "atomic_dir", "default_cache_root", "model_lock", "quiet_build"]
 
 model_lock = threading.RLock()  # re-entrant: builders call other builders
 
@@ -44,3 +47,24 @@ def atomic_dir(target: Path, build) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+@contextlib.contextmanager
+def quiet_build(what: str, target: Path) -> Iterator[None]:
+    """One line on stderr saying what drift is making and where, then transformers' and the hub's
+    progress bars and info logs silenced while it does: a first run shows drift's line, not
+    "Loading weights" and "Writing model shards" bars that look like an error preceding one."""
+    from transformers.utils import logging as hf_logging
+
+    # not print(): inside a Prefect task with log_prints it would become an INFO log record
+    sys.stderr.write(f"drift: {what} into {target} (once; later runs reuse it)\n")
+    sys.stderr.flush()
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

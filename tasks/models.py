@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from drift_core.schemas import ModelConfig
-from tasks.model_files import ModelError, atomic_dir, default_cache_root, model_lock
+from tasks.model_files import ModelError, atomic_dir, default_cache_root, model_lock, quiet_build
 from tasks.registry import (
     is_registry_uri,
     materialize_registered,
@@ -45,6 +45,20 @@ _FINGERPRINT_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".jinja", ".
 
 
 log = logging.getLogger(__name__)
+
+
+def quiet_build_of(what: str, target: Path):
+    """Decorate a directory builder (``atomic_dir``'s ``build``) with :func:`quiet_build`: it runs
+    only when the directory is missing, so the line is printed only when drift makes something."""
+
+    def wrap(build):
+        def quiet(tmp: Path) -> None:
+            with quiet_build(what, target):
+                build(tmp)
+
+        return quiet
+
+    return wrap
 
 
 def _smollm2_package_dir() -> Path:
@@ -67,6 +81,7 @@ def materialize_smollm2(cache_root: Path | None = None) -> Path:
     """De-quantise the bundled GGUF SmolLM2-135M-Instruct once into a safetensors directory."""
     target = (cache_root or default_cache_root()) / "smollm2-135m-instruct"
 
+    @quiet_build_of("de-quantising the bundled SmolLM2-135M-Instruct (GGUF)", target)
     def build(tmp: Path) -> None:
         import torch
         from transformers import AutoModelForCausalLM
@@ -92,6 +107,7 @@ def materialize_tiny(cache_root: Path | None = None, seed: int = 0, head_dim: in
     variant = "" if head_dim == 16 else f"-hd{head_dim}"
     target = (cache_root or default_cache_root()) / f"tiny-smollm2{variant}-seed{seed}"
 
+    @quiet_build_of("making the tiny random SmolLM2-architecture model", target)
     def build(tmp: Path) -> None:
         import torch
         from transformers import AutoModelForCausalLM, LlamaConfig
@@ -140,6 +156,7 @@ def materialize_tiny_answering(
         name += f"-problems-{digest}"
     target = (cache_root or default_cache_root()) / name
 
+    @quiet_build_of("training the tiny model to answer in the protocol's format", target)
     def build(tmp: Path) -> None:
         import random
 

@@ -10,6 +10,7 @@ nothing is read from the environment.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -66,6 +67,9 @@ def open_tracking_store(uri: str) -> None:
     start-up work (the temporary Prefect server) proceeds in parallel."""
     from mlflow.tracking import MlflowClient
 
+    # A new SQLite store logs "Creating initial MLflow database tables..." at INFO on the first
+    # run only: the terminal of a run shows drift's output, not a first-use notice.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     MlflowClient(tracking_uri=local_tracking_uri(uri))
 
 

@@ -5,16 +5,12 @@ drift starts listen on 127.0.0.1 only."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -111,78 +107,6 @@ def test_debug_shows_the_traceback(no_compute, capsys):
     proc = drift_cli(["--debug", "run", str(TINY), "--set", "weights.beat=1"], no_compute, dict(os.environ))
     assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
     assert "flows.config.ConfigError: invalid config" in proc.stderr
-
-
-def _listening_sockets(root_pid: int) -> set[tuple[str, int]]:
-    """(address, port) of every listening TCP socket of ``root_pid`` and its descendants."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children[int(fields[1])].append(int(stat.parent.name))
-    pids, stack = set(), [root_pid]
-    while stack:
-        pid = stack.pop()
-        pids.add(pid)
-        stack.extend(children.get(pid, []))
-    inodes = set()
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                with contextlib.suppress(OSError):
-                    target = os.readlink(fd)
-                    if target.startswith("socket:["):
-                        inodes.add(target[8:-1])
-    found = set()
-    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                cols = line.split()
-                if cols[3] != "0A" or cols[9] not in inodes:  # 0A = LISTEN
-                    continue
-                addr, port = cols[1].split(":")
-                raw = bytes.fromhex(addr)
-                if v6:  # four little-endian 32-bit words
-                    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-                    found.add((socket.inet_ntop(socket.AF_INET6, raw), int(port, 16)))
-                else:
-                    found.add((socket.inet_ntoa(raw[::-1]), int(port, 16)))
-    return found
-
-
-@pytest.mark.slow
-def test_malformed_jsonl_through_the_cli_and_servers_bind_localhost(tmp_path):
-    """The real command with no Prefect server configured: drift starts Prefect's temporary API
-    server for the run. It must listen on 127.0.0.1 only, and the user sees one paragraph naming
-    the file and line of the malformed record, exit code 2."""
-    data = write_jsonl(
-        tmp_path / "problems.jsonl",
-        [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "What is 2 + 2?", "answer": "4"}],
-        raw_lines={1: '{"question": "What is 3 + 3?", "answer": '},
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API") and k != "PREFECT_HOME"}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", str(TINY), "--set", f"data.source={data}"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    listening: set[tuple[str, int]] = set()
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        listening |= _listening_sockets(proc.pid)
-        time.sleep(0.2)
-    if proc.poll() is None:
-        proc.kill()
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 2, stderr
-    assert_one_paragraph(stderr, "IngestError", f"{data}: line 2: malformed JSON", "on_bad_rows=skip")
-    print("listening sockets of drift and its children:", sorted(listening))
-    assert listening, "the temporary Prefect server was never seen listening"
-    assert {addr for addr, _ in listening} <= {"127.0.0.1", "::1"}, listening
 
 
 # Data and model errors surface inside the flow run. Every case goes through ``flows.cli.main`` in
