@@ -94,10 +94,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     from tasks.golds import check_eval_suite, check_training_data
 
-    if not args.rollouts_from:  # the training data read and its golds checked: a bad row fails now
-        check_training_data(cfg, os.getcwd())
+    rollout_kind = None  # the training data read and its golds checked: a bad row fails now
+    if not args.rollouts_from:
+        rollout_kind = check_training_data(cfg, os.getcwd())
     verifiers = check_eval_suite(cfg, os.getcwd())  # every eval gold readable by its verifier, in seconds
-    _print_protocol(cfg, verifiers, rollout=not args.rollouts_from)
+    _print_protocol(cfg, verifiers, rollout=not args.rollouts_from, rollout_verifier=rollout_kind)
     server = start_if_needed()  # starts while the pipeline's modules and the MLflow store load
     if cfg.iterate.rounds > 1:
         from flows.iterate_flow import iterate as flow
@@ -212,11 +213,13 @@ def _check_engine(cfg, models: dict[str, str]) -> None:
     check_engine(cfg.engine, models)
 
 
-def _print_protocol(cfg, verifiers: dict[str, str], rollout: bool) -> None:
+def _print_protocol(
+    cfg, verifiers: dict[str, str], rollout: bool, rollout_verifier: str | None = None
+) -> None:
     """The effective protocol, before anything generates (the flow logs it as protocol.txt)."""
     from flows.evaluation import protocol_block
 
-    print(protocol_block(cfg, verifiers, rollout=rollout), flush=True)
+    print(protocol_block(cfg, verifiers, rollout=rollout, rollout_verifier=rollout_verifier), flush=True)
 
 
 def _cmd_online(args: argparse.Namespace) -> int:
