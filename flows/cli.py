@@ -326,7 +326,7 @@ PREFECT_DEFAULTS = {
 
 class _RunErrorsReportedOnce(logging.Filter):
     """Without ``--debug``, the exception that ends a run is reported once, by ``main`` (a paragraph
-    for a user error, Python's traceback otherwise). Prefect's console copies of it, the ERROR
+    for a user error, the traceback and the bug line otherwise). Prefect's console copies of it, the ERROR
     records of the task and flow run loggers with their tracebacks, are dropped; the API handler
     still sends them to the Prefect server, where the UI shows them."""
 
