@@ -32,21 +32,38 @@ def default_cache_root() -> Path:
 
 
 def atomic_dir(target: Path, build) -> Path:
-    """Build a directory under a temporary name next to ``target`` and rename it into place."""
+    """Build a directory under a temporary name next to ``target`` and rename it into place.
+
+    Processes that need the same directory at once (two test workers, a run and an eval started
+    together on a fresh machine) wait on a file lock beside it, so it is built once, not once per
+    process; the rename keeps a crashed build from ever being found."""
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if target.exists():  # built by another process while this one waited
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
+            build(tmp)
             os.rename(tmp, target)
-        except OSError:  # another process won the race: use theirs
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            raise
     return target
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing), released on exit or process death."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

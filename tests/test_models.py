@@ -58,3 +58,38 @@ def test_remote_code_off_unless_configured_and_safetensors_only(tiny_model_dir, 
     (pickled / "model.safetensors").unlink()
     with pytest.raises(ModelError, match="safetensors weights only"):
         load_model(str(pickled))
+
+
+def _build_counting(target: str, log: str, barrier) -> None:
+    """A builder that records each build and takes long enough for the processes to overlap."""
+    import time
+
+    from tasks.model_files import atomic_dir
+
+    def build(tmp: Path) -> None:
+        with open(log, "a") as handle:
+            handle.write("built\n")
+        time.sleep(0.5)
+        (tmp / "config.json").write_text("{}")
+
+    barrier.wait()  # every process asks for the directory at the same moment
+    atomic_dir(Path(target), build)
+
+
+def test_a_model_directory_is_built_once_when_processes_ask_together(tmp_path):
+    """Two processes that need the same model directory on a fresh machine (two test workers, a run
+    and an eval): one builds it, the other waits and uses it; no temporary directory is left."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    target, log = tmp_path / "models" / "m", tmp_path / "builds.log"
+    barrier = ctx.Barrier(3)
+    procs = [ctx.Process(target=_build_counting, args=(str(target), str(log), barrier)) for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=60)
+    assert [proc.exitcode for proc in procs] == [0, 0, 0]
+    assert log.read_text() == "built\n"
+    assert (target / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in target.parent.iterdir()) == [".m.lock", "m"]
