@@ -99,6 +99,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+class _TiedWeightsNotice(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {'model.lm_head.weight'} while saving" warning: a
+    model with tied input and output embeddings (SmolLM2, Qwen2.5's small models) stores the shared
+    matrix once, which is what it should do; the warning reads like a fault on every checkpoint."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNotice())
+
 __all__ = ["TRAINING_LOG", "TrainResult", "main", "read_training_data", "train_weighted_sft"]
 
 CHECKPOINT_INFO = "drift_checkpoint.json"
