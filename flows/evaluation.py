@@ -12,6 +12,7 @@ from drift_core.protocol import CHOICE_INSTRUCTION
 from drift_core.schemas import DriftConfig, EvalEntry, ModelConfig, ProtocolConfig, VerifierConfig
 from flows.stages import Record, Shards, StageRunner, sharded_calls
 from tasks.caching import generation_key
+from tasks.engines import compute_dtype
 from tasks.evaluate import greedy, summarize_eval
 from tasks.golds import checked_verifier
 from tasks.ingest import ingest, ingest_key
@@ -228,6 +229,7 @@ def _evaluate_one(cfg: DriftConfig, stages: StageRunner, ev: EvalSet, label: str
         protocol=ev.protocol,
         verifier=ev.verifier,
         engine=cfg.engine,
+        dtype=compute_dtype(system.path, system.model_cfg, cfg.engine),
         max_new_tokens=ev.max_new_tokens,
     )
     common = {

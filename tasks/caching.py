@@ -85,11 +85,31 @@ def result_fields(model: BaseModel) -> dict:
     return {k: v for k, v in model.model_dump(mode="json").items() if k not in drop}
 
 
-def engine_identity(engine: EngineConfig) -> str:
-    """What of the engine settings goes into rollout and evaluation keys: its kind, and its decoding
-    path unless standard (compiled kernels and paged attention may change the last bits of the
-    logits, hence sampled tokens), so keys made before decoding paths existed stay valid."""
-    return engine.kind if engine.decoding == "standard" else f"{engine.kind}/{engine.decoding}"
+def engine_identity(engine: EngineConfig, dtype: str) -> str:
+    """What of the engine goes into rollout and evaluation keys, each part only where it changes
+    the tokens: the engine's kind; its decoding path unless standard (compiled kernels and paged
+    attention may change the last bits of the logits, hence sampled tokens); vLLM's scheduler
+    unless ``trajectory``; and ``dtype``, the dtype the engine computes in
+    (:func:`tasks.engines.compute_dtype`, ``auto`` resolved), unless float32.
+
+    Why the scheduler and the dtype: in bfloat16 (vLLM's ``auto`` for SmolLM2 on a CPU, what the
+    demo runs) the two schedulers batch other requests together, the kernels round differently, and
+    the tokens part somewhere on 2 of 3 sampled trajectories (issue 36: 84 of 256 identical); in
+    float32 they give the same tokens (tests/test_vllm.py). So a run in one must not be served the other's rollouts.
+
+    Keys made before each part existed stay valid, as the config sections keep theirs by leaving a
+    setting out of dumps at its old default (``_without_field_at`` in drift_core/schemas.py): a
+    part is left out at the value every earlier key was made with. Exactly for these two that keeps
+    a key only where the tokens are the same: an old ``vllm`` key is now a float32 trajectory run's,
+    and an old float32 rollout made with the ``turn`` scheduler has the same tokens. Old keys of
+    bfloat16 runs (vLLM's ``auto``, the transformers engine's ``auto`` on a GPU) stop matching,
+    which is the point: they served float32 and bfloat16 runs, and both schedulers, alike."""
+    identity = engine.kind if engine.decoding == "standard" else f"{engine.kind}/{engine.decoding}"
+    if engine.kind == "vllm" and engine.scheduling != "trajectory":  # the transformers engine has one
+        identity += f"/{engine.scheduling}"
+    if dtype != "float32":
+        identity += f"@{dtype}"
+    return identity
 
 
 def generation_key(
@@ -100,18 +120,20 @@ def generation_key(
     protocol: BaseModel,
     verifier: BaseModel,
     engine: EngineConfig,
+    dtype: str,
     **settings: Any,
 ) -> str:
     """The base key of a stage that plays the protocol with a model (rollout, evaluation): the
     model's fingerprint, the problems' content hash, the protocol, the verifier's result fields and
-    the engine's identity, plus the stage's own ``settings``."""
+    the engine's identity with the dtype it computes in (``compute_dtype``), plus the stage's own
+    ``settings``."""
     return stage_key(
         stage,
         model=model,
         problems=problems,
         protocol=protocol,
         verifier=result_fields(verifier),
-        engine=engine_identity(engine),
+        engine=engine_identity(engine, dtype),
         **settings,
     )
 

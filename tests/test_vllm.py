@@ -342,3 +342,26 @@ def test_dtype_is_honoured_and_close_ends_the_engine_process(vllm_engine):
     gone, alive = psutil.wait_procs(alive, timeout=30)
     assert not alive, f"engine processes still alive after close: {[(p.pid, p.cmdline()) for p in alive]}"
     assert vllm_engine.engine is None
+
+
+@pytest.mark.parametrize("declared", ["float32", "bfloat16", "float16", None])
+def test_the_dtype_in_the_keys_is_vllms_own_auto_resolution(tmp_path, declared):
+    """What rollout and evaluation keys hold for ``dtype: auto`` (``compute_dtype``, worked out
+    without importing vLLM) is the dtype vLLM's own resolution picks on this machine, for a
+    checkpoint that declares each dtype (SmolLM2's de-quantised checkpoint declares float32)."""
+    import json
+
+    from transformers import AutoConfig
+    from vllm.config.model import _get_and_verify_dtype
+
+    from tasks.engines import compute_dtype
+
+    config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1}
+    if declared is not None:
+        config["torch_dtype"] = declared
+    tmp_path.joinpath("config.json").write_text(json.dumps(config))
+    served = _get_and_verify_dtype(
+        str(tmp_path), AutoConfig.from_pretrained(tmp_path), "auto", is_pooling_model=False
+    )
+    keyed = compute_dtype(str(tmp_path), ModelConfig(path=str(tmp_path)), EngineConfig(kind="vllm"))
+    assert keyed == str(served).removeprefix("torch.")

@@ -7,7 +7,7 @@ import threading
 from drift_core.schemas import EngineConfig, ModelConfig
 from tasks.engines.base import Completion, Engine, SamplingParams
 
-__all__ = ["Completion", "Engine", "SamplingParams", "get_engine", "release_engines"]
+__all__ = ["Completion", "Engine", "SamplingParams", "compute_dtype", "get_engine", "release_engines"]
 
 _cache: dict[tuple, Engine] = {}
 _lock = threading.Lock()
@@ -31,6 +31,32 @@ def get_engine(model_path: str, model_cfg: ModelConfig, engine_cfg: EngineConfig
             engine = TransformersEngine(model_path, model_cfg, engine_cfg)
         _cache[key] = engine
         return engine
+
+
+def compute_dtype(model_path: str, model_cfg: ModelConfig, engine_cfg: EngineConfig) -> str:
+    """The dtype the engine will compute in, ``model_cfg.dtype: auto`` resolved as that engine
+    resolves it, without loading the model: what rollout and evaluation keys hold
+    (``tasks.caching.engine_identity``), so a bfloat16 run is never served a float32 run's tokens.
+    The transformers engine: ``auto`` is float32 on a CPU, bfloat16 on a GPU
+    (``tasks.models.torch_dtype``); vLLM: the checkpoint's dtype, float32 downcast to bfloat16
+    (``tasks.engines.vllm_engine.auto_dtype``), so the demo's SmolLM2 runs in bfloat16."""
+    if model_cfg.dtype != "auto":
+        return model_cfg.dtype
+    import torch
+
+    if engine_cfg.kind == "vllm":
+        from tasks.engines.vllm_engine import auto_dtype
+
+        on_gpu = torch.cuda.is_available()
+        return auto_dtype(
+            model_path,
+            model_cfg,
+            on_cpu=not on_gpu,
+            gpu_bf16=on_gpu and torch.cuda.get_device_capability() >= (8, 0),
+        )
+    from tasks.models import pick_device, torch_dtype
+
+    return str(torch_dtype("auto", pick_device(engine_cfg.device))).removeprefix("torch.")
 
 
 def release_engines() -> None:

@@ -13,8 +13,11 @@ Requests go straight to vLLM's engine loop (``LLMEngine.add_request`` / ``step``
   come from ``completion_from_tokens``, the function the transformers engine uses.
 
 Reproducibility: every request carries its own seed (``request_seed(params.seed, stream)``), so a
-request's samples do not depend on which requests share a step. On a CPU (fp32, this test suite) a
-shard's completions are identical run after run and under both schedulers. On a GPU the sampled
+request's samples do not depend on which requests share a step. On a CPU in fp32 (this test suite) a
+shard's completions are identical run after run and under both schedulers. In bf16 (``dtype: auto``
+for a float32 checkpoint such as SmolLM2's) the kernels round by batch, so the two schedulers give
+the same distribution, not the same tokens: the scheduler and the dtype are in the rollout and
+evaluation keys (``tasks.caching.engine_identity``, docs/reliability.md). On a GPU the sampled
 token stream is the same, but batch-dependent kernels can move logits by a few ulps, which flips a
 token where two are nearly tied: reproducible in distribution, not bit for bit, unless vLLM's
 batch-invariant mode is on (``VLLM_BATCH_INVARIANT=1``). Greedy decoding is reproducible on both
@@ -270,6 +273,35 @@ def _hub_offline(offline: bool):
         constants.HF_HUB_OFFLINE = before
 
     return restore
+
+
+def auto_dtype(model_path: str, model_cfg: ModelConfig, on_cpu: bool, gpu_bf16: bool = True) -> str:
+    """The dtype vLLM serves ``model_cfg.dtype: auto`` in, without importing vLLM (its config
+    module takes 10-20 s to import; a cache key must not): the checkpoint's dtype, a float32
+    checkpoint downcast to the platform's first supported dtype, bfloat16 (float16 on a GPU without
+    bfloat16, ``gpu_bf16=False``). vLLM 0.32's ``_resolve_auto_dtype`` for x86 and aarch64 CPUs and
+    CUDA GPUs; tests/test_vllm.py checks it against that function. ``auto`` when the checkpoint's
+    config cannot be read (a hub model neither cached nor reachable)."""
+    import json
+
+    config = Path(model_path) / "config.json"
+    try:
+        if not config.is_file():
+            from huggingface_hub import hf_hub_download
+
+            config = Path(hf_hub_download(model_path, "config.json", revision=model_cfg.revision))
+        values = json.loads(config.read_text())
+    except Exception:  # noqa: BLE001 - unreadable: the key says auto, vLLM decides at start
+        return "auto"
+    declared = values.get("dtype") or values.get("torch_dtype")
+    if declared is None and isinstance(values.get("text_config"), dict):
+        declared = values["text_config"].get("dtype") or values["text_config"].get("torch_dtype")
+    preferred = "bfloat16" if on_cpu or gpu_bf16 else "float16"
+    if declared in (None, "float32", "float"):  # vLLM: no declared dtype reads as float32
+        return preferred
+    if declared == "bfloat16" and preferred != "bfloat16":  # a GPU without bfloat16
+        return preferred
+    return "float16" if declared == "half" else str(declared)
 
 
 def _model_max_len(model_path: str) -> int:
