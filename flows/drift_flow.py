@@ -41,7 +41,7 @@ from flows.story import default_run_name, link_mlflow_run, run_tags, tell_the_st
 from flows.train_flow import train_on_pool
 from tasks.caching import generation_key, result_fields, stage_key
 from tasks.ceilings import suite_ceilings
-from tasks.engines import release_engines
+from tasks.engines import compute_dtype, release_engines
 from tasks.golds import checked_verifier
 from tasks.ingest import ingest, ingest_key
 from tasks.models import ResolvedModel, resolved_model
@@ -214,6 +214,7 @@ def _fresh_rollouts(pipeline: PipelineRun, reference: ResolvedModel) -> Manifest
         protocol=cfg.protocol,
         verifier=verifier,
         engine=cfg.engine,
+        dtype=compute_dtype(reference.path, reference.cfg, cfg.engine),
         rollout=result_fields(cfg.rollout),
     )
     common = {
