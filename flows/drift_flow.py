@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 
 from drift_core.errors import InputError
-from drift_core.schemas import DriftConfig, ModelConfig
+from drift_core.schemas import DriftConfig, ModelConfig, VerifierConfig
 from flows.config import load_config
 from flows.evaluation import (
     EvalSet,
@@ -129,9 +129,13 @@ def _pipeline(pipeline: PipelineRun, rollouts_from: str | None) -> dict:
     # Every benchmark of the eval suite is ingested and its golds checked first: a data/verifier
     # mismatch fails now, not after rollouts and training.
     suite = prepare_eval_suite(pipeline.cfg, pipeline.stages, pipeline.base_dir)
-    log_suite_params(pipeline.tracker, suite, pipeline.cfg, rollout=not rollouts_from)
+    # The training data too, before the reference model is made or downloaded (minutes on a first
+    # run): a malformed file fails in seconds.
+    training = None if rollouts_from else _training_problems(pipeline)
+    rollout_verifier = training[1].kind if training else None
+    log_suite_params(pipeline.tracker, suite, pipeline.cfg, not rollouts_from, rollout_verifier)
     reference = resolved_model(pipeline.cfg.reference_model, pipeline.cfg.run.tracking_uri)
-    rollouts, rollouts_fp = _rollouts(pipeline, reference, rollouts_from)
+    rollouts, rollouts_fp = _rollouts(pipeline, reference, rollouts_from, training)
     weighted = _weights(pipeline, rollouts)
     model, base = _train(pipeline, weighted, reference, rollouts, rollouts_fp)
     registered = register(pipeline, model, base, rollouts, rollouts_fp)
@@ -168,7 +172,10 @@ def _pipeline(pipeline: PipelineRun, rollouts_from: str | None) -> dict:
 
 
 def _rollouts(
-    pipeline: PipelineRun, reference: ResolvedModel, rollouts_from: str | None
+    pipeline: PipelineRun,
+    reference: ResolvedModel,
+    rollouts_from: str | None,
+    training: tuple[Manifest, VerifierConfig] | None = None,
 ) -> tuple[Manifest, str]:
     """1. Reference rollouts: ingest -> K trajectories per prompt, graded turn by turn (or the
     rollouts of an earlier run). Returns them and the fingerprint of the model that made them."""
@@ -177,7 +184,11 @@ def _rollouts(
             pipeline.stages, rollouts_from, reference.fingerprint, pipeline.base_dir, pipeline.logger
         )
     else:
-        rollouts, rollouts_fp = _fresh_rollouts(pipeline, reference), reference.fingerprint
+        problems, verifier = training or _training_problems(pipeline)
+        rollouts, rollouts_fp = (
+            _fresh_rollouts(pipeline, reference, problems, verifier),
+            reference.fingerprint,
+        )
     tracker = pipeline.tracker
     tracker.set_tags(
         {
@@ -192,8 +203,8 @@ def _rollouts(
     return rollouts, rollouts_fp
 
 
-def _fresh_rollouts(pipeline: PipelineRun, reference: ResolvedModel) -> Manifest:
-    """Ingest, then the rollout shards (each cached on its own), then their collection."""
+def _training_problems(pipeline: PipelineRun) -> tuple[Manifest, VerifierConfig]:
+    """Ingest the training data and check its golds against the verifier (``auto`` resolved)."""
     cfg, stages = pipeline.cfg, pipeline.stages
     problems = stages.stage(
         "ingest",
@@ -207,6 +218,14 @@ def _fresh_rollouts(pipeline: PipelineRun, reference: ResolvedModel) -> Manifest
     verifier = checked_verifier(
         pipeline.store, problems, cfg.data, cfg.verifier, "", pipeline.base_dir
     )  # resolves auto
+    return problems, verifier
+
+
+def _fresh_rollouts(
+    pipeline: PipelineRun, reference: ResolvedModel, problems: Manifest, verifier: VerifierConfig
+) -> Manifest:
+    """The rollout shards (each cached on its own), then their collection."""
+    cfg, stages = pipeline.cfg, pipeline.stages
     rollout_base = generation_key(
         "rollout",
         model=reference.fingerprint,

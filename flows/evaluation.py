@@ -129,7 +129,11 @@ def eval_label(system: str, ev: EvalSet, suite: list[EvalSet]) -> str:
 
 
 def log_suite_params(
-    tracker: Tracker, suite: list[EvalSet], cfg: DriftConfig | None = None, rollout: bool = True
+    tracker: Tracker,
+    suite: list[EvalSet],
+    cfg: DriftConfig | None = None,
+    rollout: bool = True,
+    rollout_verifier: str | None = None,
 ) -> None:
     """The verifier each benchmark is graded with (``auto`` resolved), on the parent run; with
     ``cfg``, also the effective protocol the command printed (:func:`protocol_block`), as the
@@ -142,7 +146,7 @@ def log_suite_params(
     tracker.log_params(tracker.run_id, params)
     if cfg is not None:
         verifiers = {ev.name: ev.verifier.kind for ev in suite}
-        block = protocol_block(cfg, verifiers, rollout=rollout)
+        block = protocol_block(cfg, verifiers, rollout=rollout, rollout_verifier=rollout_verifier)
         tracker.client.log_text(tracker.run_id, block + "\n", PROTOCOL_FILE)
 
 
