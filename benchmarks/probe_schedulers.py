@@ -5,11 +5,12 @@ Plays the demo-style protocol (sums of three one-digit numbers, the calculator p
 SmolLM2 on vLLM four times in one engine: ``trajectory`` twice, then ``turn`` twice, and prints, after
 each play, how many conversations each pair of plays shares word for word (and at turn 1)::
 
-    VLLM_CPU_OMP_THREADS_BIND=1 .venv/bin/python benchmarks/probe_schedulers.py --dtype auto \
+    VLLM_CPU_OMP_THREADS_BIND=1 .venv/bin/python benchmarks/probe_schedulers.py --dtype bfloat16 \
         --problems 8 --k 4
 
-``--dtype auto`` is what the demo runs (vLLM serves SmolLM2's float32 checkpoint in bfloat16);
-``--dtype float32`` the tests' dtype. ``--model tiny32``: the 2-layer random model with head size 32.
+``--dtype bfloat16`` is vLLM's own ``auto`` for SmolLM2's float32 checkpoint (what the demo ran
+before drift's ``auto`` became float32 on a CPU); ``--dtype auto`` (float32 on a CPU, the default
+and the demo's) or ``float32`` the tests' dtype. ``--model tiny32``: the 2-layer random model with head size 32.
 """
 
 from __future__ import annotations

@@ -342,9 +342,9 @@ class EngineConfig(StrictModel):
         default="trajectory",
         description="vLLM: 'trajectory' submits a trajectory's next turn as soon as its own turn is graded; "
         "'turn' waits for every trajectory's turn first (the transformers engine always does). In "
-        "float32 the same tokens either way (per-request seeds); in bfloat16 (dtype auto on vLLM) the "
-        "same distribution, not the same tokens, so vLLM's scheduler is in rollout and evaluation keys "
-        "(docs/reliability.md, 'Reproducible')",
+        "float32 (dtype auto on a CPU) the same tokens either way (per-request seeds); in bfloat16 "
+        "(asked for, or dtype auto on a GPU) the same distribution, not the same tokens, so vLLM's "
+        "scheduler is in rollout and evaluation keys (docs/reliability.md, 'Reproducible')",
     )
     enforce_eager: bool | None = Field(
         default=None,

@@ -92,18 +92,23 @@ def engine_identity(engine: EngineConfig, dtype: str) -> str:
     unless ``trajectory``; and ``dtype``, the dtype the engine computes in
     (:func:`tasks.engines.compute_dtype`, ``auto`` resolved), unless float32.
 
-    Why the scheduler and the dtype: in bfloat16 (vLLM's ``auto`` for SmolLM2 on a CPU, what the
-    demo runs) the two schedulers batch other requests together, the kernels round differently, and
-    the tokens part somewhere on 2 of 3 sampled trajectories (issue 36: 84 of 256 identical); in
-    float32 they give the same tokens (tests/test_vllm.py). So a run in one must not be served the other's rollouts.
+    Why the scheduler and the dtype: in bfloat16 (vLLM's own ``auto`` for SmolLM2; drift asks vLLM
+    for it explicitly, or by ``auto`` on a GPU: on a CPU drift's ``auto`` is float32) the two
+    schedulers batch other requests together, the kernels round differently, and the tokens part
+    somewhere on 2 of 3 sampled trajectories (issue 36: 84 of 256 identical); in float32 they give
+    the same tokens (tests/test_vllm.py). So a run in one must not be served the other's rollouts.
 
     Keys made before each part existed stay valid, as the config sections keep theirs by leaving a
     setting out of dumps at its old default (``_without_field_at`` in drift_core/schemas.py): a
     part is left out at the value every earlier key was made with. Exactly for these two that keeps
     a key only where the tokens are the same: an old ``vllm`` key is now a float32 trajectory run's,
     and an old float32 rollout made with the ``turn`` scheduler has the same tokens. Old keys of
-    bfloat16 runs (vLLM's ``auto``, the transformers engine's ``auto`` on a GPU) stop matching,
-    which is the point: they served float32 and bfloat16 runs, and both schedulers, alike."""
+    bfloat16 runs stop matching for bfloat16 runs (explicit ``bfloat16``, the transformers engine's
+    ``auto`` on a GPU), which is the point: they served float32 and bfloat16 runs, and both
+    schedulers, alike. The exception: an old ``vllm`` key may hold a bfloat16 run (vLLM's ``auto``
+    on a CPU before the dtype was keyed and before drift resolved it to float32 there), and it is
+    served to float32 runs, today's ``auto`` on a CPU included: tokens of the same distribution, not
+    the ones the run would make. Deleting such a store's rollouts and evaluations re-makes them."""
     identity = engine.kind if engine.decoding == "standard" else f"{engine.kind}/{engine.decoding}"
     if engine.kind == "vllm" and engine.scheduling != "trajectory":  # the transformers engine has one
         identity += f"/{engine.scheduling}"

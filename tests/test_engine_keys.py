@@ -1,10 +1,11 @@
 """What of the engine goes into rollout and evaluation keys (``tasks.caching.engine_identity``):
 vLLM's scheduler and the dtype the engine computes in, ``auto`` resolved (``compute_dtype``).
 
-In bfloat16, vLLM's default for the demo's SmolLM2 on a CPU, the two schedulers give other tokens
-(docs/reliability.md, "Reproducible: what each engine promises"), so neither a scheduler nor a dtype
-may be served the other's rollouts. Keys made before these parts existed stay valid where the
-tokens are the same (float32, the trajectory scheduler), as the config sections keep theirs."""
+In bfloat16 (vLLM's own ``auto`` for the demo's SmolLM2; drift's ``auto`` is float32 on a CPU for
+both engines) the two schedulers give other tokens (docs/reliability.md, "Reproducible: what each
+engine promises"), so neither a scheduler nor a dtype may be served the other's rollouts. Keys made
+before these parts existed stay valid where the tokens are the same (float32, the trajectory
+scheduler), as the config sections keep theirs."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def test_keys_made_before_the_scheduler_and_dtype_were_keyed_still_match():
     assert _key(EngineConfig(), "float32") == before("transformers")
     assert _key(VLLM, "float32") == before("vllm")
     assert _key(EngineConfig(decoding="static"), "float32") == before("transformers/static")
-    assert _key(VLLM, "bfloat16") != before("vllm")  # vLLM's auto: bfloat16 keys are new
+    assert _key(VLLM, "bfloat16") != before("vllm")  # bfloat16 (explicit, or auto on a GPU): new keys
 
 
 def _checkpoint(tmp_path: Path, declared: str | None) -> str:
@@ -75,23 +76,41 @@ def _checkpoint(tmp_path: Path, declared: str | None) -> str:
     return str(tmp_path)
 
 
-@pytest.mark.parametrize(
-    ("declared", "served"),
-    [("float32", "bfloat16"), (None, "bfloat16"), ("bfloat16", "bfloat16"), ("float16", "float16")],
-)
-def test_compute_dtype_resolves_auto_as_each_engine_does_on_a_cpu(tmp_path, monkeypatch, declared, served):
-    """vLLM serves a float32 checkpoint in bfloat16 when left to ``auto`` (the demo's case), the
-    transformers engine computes in float32 on a CPU; an explicit dtype is what both run."""
+@pytest.mark.parametrize("declared", ["float32", None, "bfloat16", "float16"])
+def test_compute_dtype_resolves_auto_to_float32_on_a_cpu_for_both_engines(tmp_path, monkeypatch, declared):
+    """On a CPU ``auto`` is float32 for both engines, whatever the checkpoint declares (vLLM's own
+    ``auto`` would serve SmolLM2's float32 checkpoint in bfloat16: slow on AVX2, and the schedulers
+    part); so the default CPU path keeps the keys float32 runs always had. An explicit dtype is
+    what both run, and an explicit bfloat16 on vLLM is keyed apart."""
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     path = _checkpoint(tmp_path, declared)
     auto = ModelConfig(path=path)
-    assert compute_dtype(path, auto, VLLM) == served
+    assert compute_dtype(path, auto, VLLM) == "float32"
     assert compute_dtype(path, auto, EngineConfig(device="auto")) == "float32"
+    assert _key(VLLM, compute_dtype(path, auto, VLLM)) == _key(VLLM, "float32")
     for dtype in ("float32", "bfloat16"):
         explicit = ModelConfig(path=path, dtype=dtype)
         assert compute_dtype(path, explicit, VLLM) == compute_dtype(path, explicit, EngineConfig()) == dtype
+    bf16 = compute_dtype(path, ModelConfig(path=path, dtype="bfloat16"), VLLM)
+    assert _key(VLLM, bf16) != _key(VLLM, compute_dtype(path, auto, VLLM))
+    assert engine_identity(VLLM, bf16) == "vllm@bfloat16"
+
+
+def test_engine_args_pass_float32_for_auto_on_a_cpu_and_leave_auto_to_vllm_on_a_gpu(tmp_path):
+    """What ``VLLMEngine`` passes to ``vllm.LLM`` (no engine started): ``auto`` is float32 on a
+    CPU, what ``compute_dtype`` keys; on a GPU vLLM resolves it; an explicit dtype passes as it is."""
+    from tasks.engines.vllm_engine import engine_args
+
+    path = _checkpoint(tmp_path, "float32")
+    engine = VLLM.model_copy(update={"max_model_len": 2048})
+    dtype = lambda model, on_cpu: engine_args(path, model, engine, on_cpu=on_cpu)["dtype"]  # noqa: E731
+    assert dtype(ModelConfig(path=path), on_cpu=True) == "float32"
+    assert dtype(ModelConfig(path=path), on_cpu=False) == "auto"
+    for explicit in ("float32", "bfloat16", "float16"):
+        for on_cpu in (True, False):
+            assert dtype(ModelConfig(path=path, dtype=explicit), on_cpu=on_cpu) == explicit
 
 
 def test_compute_dtype_on_a_gpu(tmp_path, monkeypatch):

@@ -6,7 +6,8 @@ is what the rest of drift relies on: completions that mean what the transformers
 sampling that survives rollout-sized batches on a CPU and reproduces, greedy results equal to the
 transformers engine over three turns of the protocol (each difference a near-tie of the logits),
 both schedulers giving the same tokens, the stop request reaching a running generate, no network
-for a local model, ``dtype`` honoured and ``close`` ending the engine process.
+for a local model, drift's ``dtype: auto`` run in float32 (what the keys say) and ``close`` ending
+the engine process.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ ENGINE_PROCESSES: set[int] = set()
 
 @pytest.fixture(scope="module")
 def vllm_engine(smollm2_dir, hub):
-    """SmolLM2 on vLLM in fp32 (the transformers engine's CPU dtype), started with the hub pointed
-    at the black hole."""
+    """SmolLM2 on vLLM with drift's default ``dtype: auto``, fp32 on a CPU (as the transformers
+    engine's), started with the hub pointed at the black hole."""
     from huggingface_hub import constants
 
     from tasks.engines.vllm_engine import VLLMEngine
@@ -110,9 +111,7 @@ def vllm_engine(smollm2_dir, hub):
     os.environ["HF_ENDPOINT"], constants.ENDPOINT = hub.url, hub.url
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     try:
-        engine = VLLMEngine(
-            str(smollm2_dir), ModelConfig(path=str(smollm2_dir), dtype="float32"), EngineConfig(kind="vllm")
-        )
+        engine = VLLMEngine(str(smollm2_dir), ModelConfig(path=str(smollm2_dir)), EngineConfig(kind="vllm"))
     finally:
         constants.ENDPOINT = saved_endpoint
         if saved_env is None:
@@ -332,10 +331,15 @@ def test_a_head_size_the_cpu_build_lacks_is_refused_before_start_up(tiny_model_d
         VLLMEngine(str(tiny_model_dir), ModelConfig(path=str(tiny_model_dir)), EngineConfig(kind="vllm"))
 
 
-def test_dtype_is_honoured_and_close_ends_the_engine_process(vllm_engine):
-    """The module's engine, closed by the module's last test. float32 was asked for: left to
-    ``auto``, vLLM's CPU build serves this float32 checkpoint in bfloat16."""
+def test_dtype_auto_runs_in_float32_as_keyed_and_close_ends_the_engine_process(vllm_engine, smollm2_dir):
+    """The module's engine, closed by the module's last test. It was started with drift's default
+    ``dtype: auto``: vLLM runs this float32 checkpoint in float32 (left to vLLM's own ``auto``, its
+    CPU build would serve it in bfloat16), the dtype the rollout and evaluation keys hold."""
+    from tasks.engines import compute_dtype
+
+    keyed = compute_dtype(str(smollm2_dir), ModelConfig(path=str(smollm2_dir)), EngineConfig(kind="vllm"))
     assert vllm_engine.engine.model_config.dtype == torch.float32
+    assert keyed == "float32"
     assert ENGINE_PROCESSES, "vLLM runs its engine core in a process of its own"
     vllm_engine.close()
     alive = [psutil.Process(pid) for pid in ENGINE_PROCESSES if psutil.pid_exists(pid)]
@@ -345,16 +349,18 @@ def test_dtype_is_honoured_and_close_ends_the_engine_process(vllm_engine):
 
 
 @pytest.mark.parametrize("declared", ["float32", "bfloat16", "float16", None])
-def test_the_dtype_in_the_keys_is_vllms_own_auto_resolution(tmp_path, declared):
-    """What rollout and evaluation keys hold for ``dtype: auto`` (``compute_dtype``, worked out
-    without importing vLLM) is the dtype vLLM's own resolution picks on this machine, for a
-    checkpoint that declares each dtype (SmolLM2's de-quantised checkpoint declares float32)."""
+def test_auto_dtype_is_vllms_own_auto_resolution(tmp_path, declared):
+    """``auto_dtype``, worked out without importing vLLM, is the dtype vLLM's own resolution of
+    ``auto`` picks on this machine, for a checkpoint that declares each dtype (SmolLM2's de-quantised
+    checkpoint declares float32). What the keys hold on a GPU, where drift leaves ``auto`` to vLLM;
+    on a CPU drift passes float32 instead (``vllm_dtype``), checked here as what the CPU keys hold."""
     import json
 
     from transformers import AutoConfig
     from vllm.config.model import _get_and_verify_dtype
 
     from tasks.engines import compute_dtype
+    from tasks.engines.vllm_engine import auto_dtype, engine_args
 
     config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1}
     if declared is not None:
@@ -363,5 +369,7 @@ def test_the_dtype_in_the_keys_is_vllms_own_auto_resolution(tmp_path, declared):
     served = _get_and_verify_dtype(
         str(tmp_path), AutoConfig.from_pretrained(tmp_path), "auto", is_pooling_model=False
     )
-    keyed = compute_dtype(str(tmp_path), ModelConfig(path=str(tmp_path)), EngineConfig(kind="vllm"))
-    assert keyed == str(served).removeprefix("torch.")
+    model_cfg, engine_cfg = ModelConfig(path=str(tmp_path)), EngineConfig(kind="vllm", max_model_len=512)
+    assert auto_dtype(str(tmp_path), model_cfg, on_cpu=True) == str(served).removeprefix("torch.")
+    passed = engine_args(str(tmp_path), model_cfg, engine_cfg, on_cpu=True)["dtype"]
+    assert compute_dtype(str(tmp_path), model_cfg, engine_cfg) == passed == "float32"

@@ -37,9 +37,10 @@ def compute_dtype(model_path: str, model_cfg: ModelConfig, engine_cfg: EngineCon
     """The dtype the engine will compute in, ``model_cfg.dtype: auto`` resolved as that engine
     resolves it, without loading the model: what rollout and evaluation keys hold
     (``tasks.caching.engine_identity``), so a bfloat16 run is never served a float32 run's tokens.
-    The transformers engine: ``auto`` is float32 on a CPU, bfloat16 on a GPU
-    (``tasks.models.torch_dtype``); vLLM: the checkpoint's dtype, float32 downcast to bfloat16
-    (``tasks.engines.vllm_engine.auto_dtype``), so the demo's SmolLM2 runs in bfloat16."""
+    Both engines: ``auto`` is float32 on a CPU (``tasks.models.torch_dtype``,
+    ``tasks.engines.vllm_engine.vllm_dtype``). On a GPU the transformers engine's is bfloat16, vLLM's
+    the checkpoint's dtype, float32 downcast to bfloat16 (float16 before compute capability 8.0;
+    ``tasks.engines.vllm_engine.auto_dtype``)."""
     if model_cfg.dtype != "auto":
         return model_cfg.dtype
     import torch
@@ -47,12 +48,12 @@ def compute_dtype(model_path: str, model_cfg: ModelConfig, engine_cfg: EngineCon
     if engine_cfg.kind == "vllm":
         from tasks.engines.vllm_engine import auto_dtype
 
-        on_gpu = torch.cuda.is_available()
+        if not torch.cuda.is_available():
+            # what engine_args passes for auto on a CPU (vllm_dtype). float32 is left out of the
+            # engine identity, so these are the old float32 keys (engine_identity: the exception)
+            return "float32"
         return auto_dtype(
-            model_path,
-            model_cfg,
-            on_cpu=not on_gpu,
-            gpu_bf16=on_gpu and torch.cuda.get_device_capability() >= (8, 0),
+            model_path, model_cfg, on_cpu=False, gpu_bf16=torch.cuda.get_device_capability() >= (8, 0)
         )
     from tasks.models import pick_device, torch_dtype
 

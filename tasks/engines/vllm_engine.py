@@ -13,10 +13,11 @@ Requests go straight to vLLM's engine loop (``LLMEngine.add_request`` / ``step``
   come from ``completion_from_tokens``, the function the transformers engine uses.
 
 Reproducibility: every request carries its own seed (``request_seed(params.seed, stream)``), so a
-request's samples do not depend on which requests share a step. On a CPU in fp32 (this test suite) a
-shard's completions are identical run after run and under both schedulers. In bf16 (``dtype: auto``
-for a float32 checkpoint such as SmolLM2's) the kernels round by batch, so the two schedulers give
-the same distribution, not the same tokens: the scheduler and the dtype are in the rollout and
+request's samples do not depend on which requests share a step. On a CPU drift's ``dtype: auto`` is
+fp32 (:func:`vllm_dtype`; vLLM's own ``auto`` would serve a float32 checkpoint such as SmolLM2's in
+bf16), and in fp32 a shard's completions are identical run after run and under both schedulers. In
+bf16 (asked for explicitly, or ``auto`` on a GPU) the kernels round by batch, so the two schedulers
+give the same distribution, not the same tokens: the scheduler and the dtype are in the rollout and
 evaluation keys (``tasks.caching.engine_identity``, docs/reliability.md). On a GPU the sampled
 token stream is the same, but batch-dependent kernels can move logits by a few ulps, which flips a
 token where two are nearly tied: reproducible in distribution, not bit for bit, unless vLLM's
@@ -213,7 +214,7 @@ def engine_args(model_path: str, model_cfg: ModelConfig, cfg: EngineConfig, on_c
         "model": model_path,
         "tokenizer": model_path,
         "revision": model_cfg.revision,
-        "dtype": model_cfg.dtype,
+        "dtype": vllm_dtype(model_cfg, on_cpu),
         "trust_remote_code": model_cfg.trust_remote_code,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "enable_prefix_caching": cfg.enable_prefix_caching,
@@ -275,12 +276,23 @@ def _hub_offline(offline: bool):
     return restore
 
 
+def vllm_dtype(model_cfg: ModelConfig, on_cpu: bool) -> str:
+    """The ``dtype`` drift passes to vLLM: ``auto`` is float32 on a CPU, as for the transformers
+    engine (``tasks.models.torch_dtype``), not vLLM's own choice (:func:`auto_dtype`: bfloat16 for a
+    float32 checkpoint such as SmolLM2's). On a CPU without bfloat16 instructions (AVX2) bfloat16 is
+    ~7x slower per matmul, and its kernels round by batch, so the two schedulers would give other
+    tokens; float32 is fast there and gives the same tokens under both (module docstring). On a GPU
+    ``auto`` is left to vLLM; an explicit dtype is passed as it is."""
+    return "float32" if on_cpu and model_cfg.dtype == "auto" else model_cfg.dtype
+
+
 def auto_dtype(model_path: str, model_cfg: ModelConfig, on_cpu: bool, gpu_bf16: bool = True) -> str:
-    """The dtype vLLM serves ``model_cfg.dtype: auto`` in, without importing vLLM (its config
+    """The dtype vLLM itself serves ``dtype: auto`` in, without importing vLLM (its config
     module takes 10-20 s to import; a cache key must not): the checkpoint's dtype, a float32
     checkpoint downcast to the platform's first supported dtype, bfloat16 (float16 on a GPU without
     bfloat16, ``gpu_bf16=False``). vLLM 0.32's ``_resolve_auto_dtype`` for x86 and aarch64 CPUs and
-    CUDA GPUs; tests/test_vllm.py checks it against that function. ``auto`` when the checkpoint's
+    CUDA GPUs; tests/test_vllm.py checks it against that function. drift asks for it on a GPU only:
+    on a CPU it passes float32 for ``auto`` (:func:`vllm_dtype`). ``auto`` when the checkpoint's
     config cannot be read (a hub model neither cached nor reachable)."""
     import json
 
