@@ -60,36 +60,53 @@ def test_remote_code_off_unless_configured_and_safetensors_only(tiny_model_dir, 
         load_model(str(pickled))
 
 
-def _build_counting(target: str, log: str, barrier) -> None:
-    """A builder that records each build and takes long enough for the processes to overlap."""
-    import time
+# A process that asks for the directory: it says it is ready, waits for the go file (so that every
+# process asks at the same moment), then builds with a builder that records each build and takes
+# long enough for the processes to overlap. A fresh interpreter, not a fork of the test worker
+# (whose threads and at-fork hooks from other test files can break a forked child).
+_ASK_FOR_THE_DIRECTORY = """
+import sys, time
+from pathlib import Path
+from tasks.model_files import atomic_dir
 
-    from tasks.model_files import atomic_dir
+target, log, ready, go = (Path(a) for a in sys.argv[1:5])
+def build(tmp):
+    with open(log, "a") as handle:
+        handle.write("built\\n")
+    time.sleep(0.5)
+    (tmp / "config.json").write_text("{}")
 
-    def build(tmp: Path) -> None:
-        with open(log, "a") as handle:
-            handle.write("built\n")
-        time.sleep(0.5)
-        (tmp / "config.json").write_text("{}")
-
-    barrier.wait()  # every process asks for the directory at the same moment
-    atomic_dir(Path(target), build)
+ready.write_text("")
+deadline = time.monotonic() + 60
+while not go.exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
+atomic_dir(target, build)
+"""
 
 
 def test_a_model_directory_is_built_once_when_processes_ask_together(tmp_path):
-    """Two processes that need the same model directory on a fresh machine (two test workers, a run
-    and an eval): one builds it, the other waits and uses it; no temporary directory is left."""
-    import multiprocessing
+    """Processes that need the same model directory on a fresh machine (two test workers, a run
+    and an eval): one builds it, the others wait and use it; no temporary directory is left."""
+    import os
+    import subprocess
+    import sys
+    import time
 
-    ctx = multiprocessing.get_context("fork")
-    target, log = tmp_path / "models" / "m", tmp_path / "builds.log"
-    barrier = ctx.Barrier(3)
-    procs = [ctx.Process(target=_build_counting, args=(str(target), str(log), barrier)) for _ in range(3)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=60)
-    assert [proc.exitcode for proc in procs] == [0, 0, 0]
+    target, log, go = tmp_path / "models" / "m", tmp_path / "builds.log", tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    readies = [tmp_path / f"ready{i}" for i in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ASK_FOR_THE_DIRECTORY, str(target), str(log), str(ready), str(go)],
+            env=env,
+        )
+        for ready in readies
+    ]
+    deadline = time.monotonic() + 60
+    while not all(r.exists() for r in readies) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.write_text("")
+    assert [proc.wait(timeout=60) for proc in procs] == [0, 0, 0]
     assert log.read_text() == "built\n"
     assert (target / "config.json").read_text() == "{}"
     assert sorted(p.name for p in target.parent.iterdir()) == [".m.lock", "m"]

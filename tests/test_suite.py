@@ -553,6 +553,7 @@ def test_unreadable_gold_stops_the_cli_before_prefect_starts(tmp_path, monkeypat
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # on a cold model cache the CLI first makes builtin:tiny-smollm2 (trains it)
 def test_drift_eval_runs_every_benchmark_of_a_suite(tmp_path, prefect_server, tiny_model_dir):
     """Two local benchmarks (LaTeX golds, GPQA-style options), no verifier set: one table row and
     one set of MLflow metrics per benchmark, the verifiers auto picked in the run's params."""
