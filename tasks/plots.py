@@ -8,12 +8,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from tasks.atomic import atomic_path
 
 
 @contextlib.contextmanager
@@ -32,13 +32,9 @@ def plot_file(
     doc = json.dumps([filename, data], sort_keys=True, default=str)
     path = Path(cache_dir) / hashlib.sha256(doc.encode()).hexdigest()[:32] / filename
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{os.getpid()}-{threading.get_ident()}-{filename}")
-        try:
+        # whole or absent: a killed run never leaves half a PNG; a cache, so no fsync (tasks.atomic)
+        with atomic_path(path, durable=False) as tmp:
             render(tmp)
-            os.replace(tmp, path)  # whole or absent: a killed run never leaves half a PNG
-        finally:
-            tmp.unlink(missing_ok=True)
     yield path
 
 

@@ -5,8 +5,9 @@ output depends on (see ``tasks.caching``), so the same inputs always land at the
 manifest records the sha256 of what was written there. On reuse the content hash is checked: a
 partial, corrupt or hand-edited artifact is never used, it is recomputed.
 
-Writes go to a temporary name in the same directory and are renamed into place, so a crash (even
-SIGKILL) leaves either the old state or the complete new artifact, never half a file.
+Writes go to a temporary name in the same directory and are renamed into place
+(:mod:`tasks.atomic`), so a crash (even SIGKILL) leaves either the old state or the complete new
+artifact, never half a file.
 
 The root is a local directory by default; any fsspec URL (``s3://bucket/drift``, ``gs://...``)
 works for a store shared by several workers. Remote writes upload the finished local temp file in
@@ -15,13 +16,14 @@ one PUT, which object stores make atomic.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ import polars as pl
 from pydantic import BaseModel, Field
 
 from drift_core.errors import UserError
+from tasks.atomic import atomic_path
 
 MANIFEST_NAME = "manifest.json"
 
@@ -104,21 +107,21 @@ class ArtifactStore:
 
     # ---------------------------------------------------------------- writing
 
-    def _publish_file(self, local_tmp: str, dest: str) -> None:
+    @contextlib.contextmanager
+    def _staged_file(self, dest: str) -> Iterator[str]:
+        """A local temporary file that becomes ``dest`` when the block ends without error: renamed
+        into place when local (:func:`tasks.atomic.atomic_path`), uploaded in one PUT when remote."""
         if self.is_local:
-            os.replace(local_tmp, dest)  # atomic within one filesystem
-        else:
-            self.fs.put_file(local_tmp, dest)
-            os.unlink(local_tmp)
-
-    def _local_tmp(self, dest: str) -> str:
-        if self.is_local:
-            Path(dest).parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{Path(dest).name}.", suffix=".tmp", dir=Path(dest).parent)
-        else:
-            fd, tmp = tempfile.mkstemp(suffix=".tmp")
+            with atomic_path(dest) as tmp:
+                yield str(tmp)
+            return
+        fd, tmp = tempfile.mkstemp(suffix=".tmp")
         os.close(fd)
-        return tmp
+        try:
+            yield tmp
+            self.fs.put_file(tmp, dest)
+        finally:
+            os.unlink(tmp)
 
     def write_parquet(
         self, df: pl.DataFrame, stage: str, key: str, name: str = "data.parquet", meta: dict | None = None
@@ -139,38 +142,22 @@ class ArtifactStore:
         """Publish a file artifact that ``write(tmp_path)`` produces (e.g. streamed batch by batch, too
         large for one frame) and that returns ``(rows, meta)``: hashed, renamed into place, manifested."""
         dest = self.uri_for(stage, key, name)
-        tmp = self._local_tmp(dest)
-        try:
+        with self._staged_file(dest) as tmp:
             rows, meta = write(tmp)
             digest = sha256_file(tmp)
-            self._publish_file(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         manifest = Manifest(stage=stage, key=key, uri=dest, sha256=digest, rows=rows, meta=meta)
         self._write_manifest(manifest)
         return manifest
 
     def write_json(self, obj: Any, stage: str, key: str, name: str) -> str:
-        dest = self.uri_for(stage, key, name)
-        tmp = self._local_tmp(dest)
-        try:
-            Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-            self._publish_file(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return dest
+        return self.write_bytes(
+            json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), stage, key, name
+        )
 
     def write_bytes(self, data: bytes, stage: str, key: str, name: str) -> str:
         dest = self.uri_for(stage, key, name)
-        tmp = self._local_tmp(dest)
-        try:
+        with self._staged_file(dest) as tmp:
             Path(tmp).write_bytes(data)
-            self._publish_file(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return dest
 
     def staging_dir(self, stage: str, key: str) -> Path:
@@ -202,14 +189,7 @@ class ArtifactStore:
 
     def _write_manifest(self, manifest: Manifest) -> None:
         data = manifest.model_dump_json(indent=2).encode()
-        dest = self.uri_for(manifest.stage, manifest.key, MANIFEST_NAME)
-        tmp = self._local_tmp(dest)
-        try:
-            Path(tmp).write_bytes(data)
-            self._publish_file(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        self.write_bytes(data, manifest.stage, manifest.key, MANIFEST_NAME)
 
     # ---------------------------------------------------------------- reading
 

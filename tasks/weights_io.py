@@ -36,11 +36,8 @@ An input without a single trajectory (empty, only blank lines, every row skipped
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +49,7 @@ from drift_core.errors import UserError
 from drift_core.returns import RepetitionRule, returns_from_arrays
 from drift_core.schemas import WeightsConfig
 from drift_core.weights import WeightDiagnostics, compute_weights, diagnostics
+from tasks.atomic import atomic_path
 from tasks.weights_jsonl import (
     MAX_EXAMPLES,
     BadRowsReport,
@@ -279,28 +277,10 @@ def _returns(df: pl.DataFrame, cfg: WeightsConfig) -> np.ndarray:
     )
 
 
-@contextlib.contextmanager
-def _atomic_target(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary name in the target's directory; on success fsync it and ``os.replace`` it
-    into place, on any error remove it: readers see the old file or the complete new one."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_parquet_atomic(df: pl.DataFrame, path: str | os.PathLike) -> Path:
-    """Write parquet to a temporary file in the target directory, fsync it, then ``os.replace`` it into
-    place: readers see the old file or the complete new one, never a partial one."""
-    with _atomic_target(path) as tmp:
+    """Write parquet atomically (:func:`tasks.atomic.atomic_path`): readers see the old file or the
+    complete new one, never a partial one."""
+    with atomic_path(path) as tmp:
         parquet_storable(df).write_parquet(tmp)
     return Path(path)
 
@@ -359,7 +339,7 @@ def weigh_parquet(
     weights = compute_weights(all_returns, groups, all_solved, cfg)
     diag = diagnostics(weights, groups, all_solved, all_returns)
 
-    with _atomic_target(output) as tmp:
+    with atomic_path(output) as tmp:
         writer: pq.ParquetWriter | None = None
         done = first_row = 0
         try:

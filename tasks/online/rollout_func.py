@@ -41,7 +41,6 @@ interface would need: token-id prompts and ids plus log-probabilities in ``Compl
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from drift_core.multiturn import TokenEpisode, template_gap
 from drift_core.protocol import Episode, generation_prefill, initial_messages, stop_strings
 from drift_core.returns import trajectory_return
 from drift_core.schemas import ProtocolConfig, SamplingConfig, WeightsConfig
+from tasks.atomic import write_text_atomic
 from tasks.engines.transformers_engine import eos_ids
 from tasks.online.sampling import sample_turn
 
@@ -319,7 +319,7 @@ class ProtocolRollout:
                 rewritten_turns=rew,
             )
             lines.append(json.dumps(record))
-        atomic_write(self.log_dir / f"step-{step:06d}.jsonl", "\n".join(lines) + "\n")
+        write_text_atomic(self.log_dir / f"step-{step:06d}.jsonl", "\n".join(lines) + "\n")
 
 
 def drift_return(
@@ -333,9 +333,3 @@ def drift_return(
         if rewritten_turns is not None:  # share of turns whose sampled tokens were not trained
             log_metric("episode/rewritten_turns", sum(rewritten_turns) / max(1, sum(n_turns)))
     return [float(r) for r in drift_return]
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -23,11 +23,11 @@ from pydantic import BaseModel
 from drift_core.errors import InputError
 from drift_core.protocol import initial_messages
 from drift_core.schemas import DriftConfig, SamplingConfig
+from tasks.atomic import write_text_atomic
 from tasks.online.rollout_func import (
     TRL_VERSION_TESTED,
     Problem,
     ProtocolRollout,
-    atomic_write,
     drift_return,
     problem_index,
 )
@@ -85,7 +85,7 @@ def _callback(tracker, costs: Costs):
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():  # written last: marks the checkpoint complete
-                atomic_write(folder / COSTS_FILE, json.dumps(costs.as_dict(int(state.global_step))))
+                write_text_atomic(folder / COSTS_FILE, json.dumps(costs.as_dict(int(state.global_step))))
 
     return TrackAndCheckpointCosts()
 
@@ -248,7 +248,7 @@ def _record_result(tracker, result: OnlineResult, out: Path) -> None:
     tracker.log_dict(tracker.run_id, result.model_dump(mode="json"), RESULT_FILE)
     if (out / ROLLOUTS_DIR).is_dir():
         tracker.log_artifacts(tracker.run_id, out / ROLLOUTS_DIR, artifact_path=ROLLOUTS_DIR)
-    atomic_write(out / RESULT_FILE, result.model_dump_json())
+    write_text_atomic(out / RESULT_FILE, result.model_dump_json())
     for checkpoint in out.glob("checkpoint-*"):  # GBs each
         shutil.rmtree(checkpoint, ignore_errors=True)
 
