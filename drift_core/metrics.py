@@ -11,19 +11,27 @@ turn or at ``max_turns``. With s_p the turn at which problem p is solved (None i
   (None answers, i.e. unparseable turns, are not answers given)
 * mean_turns_used       = mean length of the trajectories
 
+Under direction feedback, :func:`feedback_moves` counts per trajectory how its guesses follow the
+feedback ("larger"/"smaller"): moves in the told direction and guesses consistent with all of it.
+
 Lists are indexed from turn 1: element 0 is turn 1.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from pydantic import BaseModel
 
+from drift_core.verify import parse_number
+
 __all__ = [
     "EvalMetrics",
+    "FeedbackMoves",
     "eval_metrics",
+    "feedback_moves",
     "fixed_after_feedback",
     "paired_bootstrap_ci",
     "question_blind_ceiling",
@@ -213,3 +221,46 @@ def question_blind_ceiling(golds: Sequence[str], turns: int, feedback: str = "un
     counts = sorted(Counter(g.strip() for g in golds).values(), reverse=True)
     keep = turns if feedback == "unary" else 2**turns - 1
     return sum(counts[:keep]) / len(golds)
+
+
+@dataclass(frozen=True)
+class FeedbackMoves:
+    """How one trajectory's guesses follow direction feedback (:func:`feedback_moves`); counts, so
+    shares over many trajectories are sums over sums."""
+
+    moves: int  # a readable guess right after a "larger"/"smaller"
+    moves_told_way: int  # of those, the ones that went the told way (above the guess before after "larger")
+    guesses_after_feedback: int  # readable guesses with at least one "larger"/"smaller" before them
+    consistent: int  # of those, the ones inside every bound the feedback so far set
+
+
+def feedback_moves(answers: Sequence[str | None], gold: str) -> FeedbackMoves:
+    """Count, for one trajectory's answers (turn order; the verifier's normal forms) and its numeric
+    gold, how the guesses follow the direction feedback ``drift_core.feedback.direction_text`` gives.
+
+    An answer is read as one number (``parse_number``; None, several ``||`` actions or text: no number,
+    so no direction after it and no move into it). After a wrong number a, the feedback told "larger"
+    (gold > a) or "smaller" (gold < a). A **move** is the next answer, when it is a number, after such a
+    feedback; it went the told way when it is strictly above a after "larger", strictly below after
+    "smaller" (repeating a is not). A guess **after feedback** is a number answered at a turn with at
+    least one such feedback before it; it is **consistent** when it lies strictly inside every bound
+    that feedback set (above every a told "larger", below every a told "smaller"). Turn-1 guesses
+    have nothing to be consistent with and are not counted. A terminal correct guess is always
+    consistent, by construction: that is what DRIFT's terminal-turn training imitates."""
+    target = parse_number(gold)
+    if target is None:
+        raise ValueError(f"feedback_moves: gold {gold!r} is not a number")
+    values = [parse_number(a) if a and "||" not in a else None for a in answers]
+    told: list[tuple[float, bool]] = []  # (guess, True when the feedback said "larger") so far
+    moves = told_way = after = consistent = 0
+    for t, value in enumerate(values):
+        if value is not None and told:
+            after += 1
+            consistent += all(value > a if larger else value < a for a, larger in told)
+        if value is not None and t > 0 and values[t - 1] is not None and values[t - 1] != target:
+            moves += 1
+            before = values[t - 1]
+            told_way += value > before if target > before else value < before
+        if value is not None and value != target:
+            told.append((value, target > value))
+    return FeedbackMoves(moves, told_way, after, consistent)

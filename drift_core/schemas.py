@@ -74,12 +74,38 @@ class ArithConfig(StrictModel):
     seed: int = 0
 
 
+class GuessConfig(StrictModel):
+    """The seeded number-guessing game behind ``builtin:guess`` ("I am thinking of a whole number from
+    1 to 64. Guess it."; the secret is the gold). The range's secrets are split once, by ``seed``, into
+    a train half and a test half (tasks/ingest.py), so the two splits share no secret."""
+
+    low: int = Field(default=1, ge=-1_000_000, le=1_000_000, description="smallest secret (inclusive)")
+    high: int = Field(
+        default=64,
+        ge=-1_000_000,
+        le=1_000_000,
+        description="largest secret (inclusive); at least low + 1, so each split holds a secret",
+    )
+    n: int = Field(default=200, ge=1, le=1_000_000, description="games (problems) in the split")
+    seed: int = Field(default=0, description="the train/test partition of the secrets and each game's secret")
+
+    @model_validator(mode="after")
+    def _range_holds_two_secrets(self) -> GuessConfig:
+        if self.high <= self.low:
+            raise ValueError(
+                f"guess.high ({self.high}) must be above guess.low ({self.low}): the train and test "
+                "splits each need a secret of their own"
+            )
+        return self
+
+
 class DataConfig(StrictModel):
     """Where problems come from and how their columns map onto (question, gold)."""
 
     source: str = Field(
         default="builtin:arith",
-        description="builtin:arith | builtin:gsm8k | a local .jsonl/.json/.parquet/.csv | hf:<dataset id>",
+        description="builtin:arith | builtin:guess | builtin:gsm8k | a local .jsonl/.json/.parquet/.csv | "
+        "hf:<dataset id>",
     )
     split: str = "train"
     subset: str | list[str] | None = Field(
@@ -96,6 +122,11 @@ class DataConfig(StrictModel):
     shuffle_seed: int | None = None
     on_bad_rows: Literal["error", "skip"] = "error"
     arith: ArithConfig = Field(default_factory=ArithConfig)
+    guess: GuessConfig = Field(
+        default_factory=GuessConfig,
+        description="builtin:guess: range (low, high), games (n) and seed; left out of dumps for other "
+        "sources while at its defaults",
+    )
     # Multiple choice (tasks/ingest.py renders the options under the question, gold = the letter):
     correct_field: str | None = Field(
         default=None, description="column holding the correct option's text (GPQA: 'Correct Answer')"
@@ -130,6 +161,15 @@ class DataConfig(StrictModel):
                 "answer_field (a list of options), not both"
             )
         return self
+
+    @model_serializer(mode="wrap")
+    def _guess_only_where_used(self, handler):
+        """The ``guess`` section is in dumps (cache keys, run params) of ``builtin:guess`` data, or once
+        set: configs and keys written before it existed stay as they were."""
+        data = handler(self)
+        if self.source != "builtin:guess" and isinstance(data, dict) and self.guess == GuessConfig():
+            data.pop("guess", None)
+        return data
 
     @property
     def multiple_choice(self) -> bool:

@@ -42,7 +42,8 @@ def format_results(summary: dict[str, Any]) -> str:
     """One row per benchmark: problems, verifier, the question-blind ceiling at T (when the summary
     has it: ``ceilings``), then per system (reference and trained side by side) multi@1..T, corr@T
     (the correction rate at the last turn) and fixed (multi@T - multi@1: solved after feedback), in
-    percent."""
+    percent. Under the table, per benchmark, what its blind@T means (``ceiling_notes``: a guessing
+    game's differs from arithmetic's)."""
     suite = summary.get("suite") or ({"eval": summary["eval"]} if summary.get("eval") else {})
     if not suite:
         return "(no evaluation)"
@@ -75,6 +76,8 @@ def format_results(summary: dict[str, Any]) -> str:
                 f"{bench} / {system}: mean turns {m.get('mean_turns_used', 0):.2f}, "
                 f"repeated answers {100 * m.get('repeated_answer_share', 0):.1f}%"
             )
+    for bench, note in summary.get("ceiling_notes", {}).items():
+        lines.append(f"{bench}: {note}")
     return "\n".join(lines)
 
 

@@ -40,7 +40,7 @@ from flows.stages import PipelineRun, Record, Shards, StageRunner, sharded_calls
 from flows.story import default_run_name, link_mlflow_run, run_tags, tell_the_story
 from flows.train_flow import train_on_pool
 from tasks.caching import generation_key, result_fields, stage_key
-from tasks.ceilings import suite_ceilings
+from tasks.ceilings import suite_ceiling_notes, suite_ceilings
 from tasks.engines import compute_dtype, release_engines
 from tasks.golds import checked_verifier
 from tasks.ingest import ingest, ingest_key
@@ -162,6 +162,7 @@ def _pipeline(pipeline: PipelineRun, rollouts_from: str | None) -> dict:
         "suite": {b: {name: m.meta for name, m in ms.items()} for b, ms in by_benchmark.items()},
         "verifiers": {ev.name: ev.verifier.kind for ev in suite},
         "ceilings": suite_ceilings(pipeline.store, suite),
+        "ceiling_notes": suite_ceiling_notes(pipeline.store, suite),
         "weights": {k: v for k, v in weighted.meta.items() if k != "histogram"},
         "rollout": rollouts.meta,
         "registered": registered and {**registered.model_dump(), "uri": registered.uri},

@@ -13,7 +13,7 @@ from flows.evaluation import System, evaluate, log_suite_params, prepare_eval_su
 from flows.orphans import task_runs_without_owner_tags
 from flows.stages import StageRunner
 from flows.story import run_tags
-from tasks.ceilings import suite_ceilings
+from tasks.ceilings import suite_ceiling_notes, suite_ceilings
 from tasks.engines import release_engines
 from tasks.models import resolved_model
 from tasks.store import ArtifactStore
@@ -71,6 +71,7 @@ def _evaluate_model(model: str, config_path: str | None, overrides: list[str] | 
             "suite": {name: {"model": m.meta} for name, m in results.items()},
             "verifiers": {ev.name: ev.verifier.kind for ev in suite},
             "ceilings": suite_ceilings(store, suite),
+            "ceiling_notes": suite_ceiling_notes(store, suite),
             "stage_states": stages.states,
         }
     finally:

@@ -15,9 +15,26 @@ Sources (``DataConfig.source``)
     questions none of which occurs in the train split of the same config (``n`` problems), so
     train and test are disjoint. A problem space too small for that is an error. Ids:
     ``arith-<seed>-<split>-<i>``.
+``builtin:guess``
+    A seeded number-guessing game: every question is "I am thinking of a whole number from 1 to 64.
+    Guess it." (``guess.low``/``guess.high``), the gold is the secret, so the question says nothing
+    about the answer and only feedback (``protocol.feedback: {kind: direction}``, "Incorrect. The
+    answer is larger."/"smaller.") can find it. The range's secrets are partitioned once, by
+    ``guess.seed``: the range is cut into consecutive pairs (low, low+1), (low+2, low+3), ..., and a
+    seeded coin per pair sends one of the two to ``train`` and the other to ``test`` (an odd-sized
+    range's last value goes to ``train``). So the splits share no secret, each holds half of them,
+    spread over the whole range (every depth of a binary search occurs in both), and a model that
+    memorised the training secrets gains nothing on the test split. Game ``i`` of a split draws its
+    secret uniformly from that split's half with an RNG seeded by ``(guess.seed, low, high, split)``;
+    it does not depend on ``guess.n`` (raising ``n`` extends the set), secrets repeat when ``n``
+    exceeds the half. Splits: ``train`` and ``test`` only. Ids: ``guess-<seed>-<split>-<i>``, so ids
+    differ between splits too. With the defaults a question-blind constant sequence of T guesses
+    solves about T/64 of the games (T/32 when chosen on one split's secrets; see
+    ``tasks/ceilings.py``); a binary search on the direction feedback finds 63 of the 64 secrets
+    within 6 turns and all within 7.
 ``builtin:gsm8k``
     The vendored GSM8K files (``tasks/builtin_data/gsm8k``, split ``train`` 7,473 or ``test`` 1,319
-    rows), gold = the text after ``####``; ids ``gsm8k-<split>-<row index>``. For both builtins the
+    rows), gold = the text after ``####``; ids ``gsm8k-<split>-<row index>``. For every builtin the
     field settings (``question_field``, ``answer_field``, ``id_field``, ``gold_style``) are ignored:
     their columns are ``question`` and ``answer``.
 Local files: ``.jsonl``/``.ndjson``, ``.json`` (a list of objects), ``.parquet``, ``.csv``
@@ -81,7 +98,7 @@ from pydantic import BaseModel, Field
 
 from drift_core.choices import gold_index, render_choices
 from drift_core.errors import UserError
-from drift_core.schemas import ArithConfig, DataConfig
+from drift_core.schemas import ArithConfig, DataConfig, GuessConfig
 from drift_core.verify import GoldStyle, extract_gold
 from tasks.caching import served_from_store
 from tasks.store import ArtifactStore, Manifest
@@ -93,6 +110,8 @@ __all__ = [
     "IngestReport",
     "content_hash",
     "generate_arith",
+    "generate_guess",
+    "guess_secrets",
     "ingest",
     "ingest_key",
     "load_problems",
@@ -104,6 +123,11 @@ __all__ = [
 INGEST_VERSION = 1
 #: Bump when the arithmetic generator's output for a given config changes.
 ARITH_VERSION = 1
+#: Bump when the guessing game's output (question text, partition, secrets) for a given config changes.
+GUESS_VERSION = 1
+GUESS_QUESTION = "I am thinking of a whole number from {low} to {high}. Guess it."
+GUESS_SPLITS = ("train", "test")
+BUILTINS = ("builtin:arith", "builtin:guess", "builtin:gsm8k")
 
 BUILTIN_DIR = Path(__file__).parent / "builtin_data"
 GSM8K_SPLITS = ("train", "test")
@@ -250,8 +274,8 @@ def _read_polars(path: Path, needed: Iterable[str]) -> _Table:
 
 def _kind(source: str) -> str:
     if source.startswith("builtin:"):
-        if source not in ("builtin:arith", "builtin:gsm8k"):
-            raise IngestError(f"unknown builtin source {source!r}: expected builtin:arith or builtin:gsm8k")
+        if source not in BUILTINS:
+            raise IngestError(f"unknown builtin source {source!r}: expected one of {', '.join(BUILTINS)}")
         return source
     if source.startswith("hf:"):
         if not source[3:].split("@", 1)[0]:
@@ -267,7 +291,7 @@ def _local_path(cfg: DataConfig, base_dir: Path | None) -> Path:
     if path.suffix.lower() not in LOCAL_SUFFIXES:
         raise IngestError(
             f"source {cfg.source!r}: unsupported file type {path.suffix!r}; expected one of "
-            f"{', '.join(LOCAL_SUFFIXES)}, builtin:arith, builtin:gsm8k or hf:<dataset id>"
+            f"{', '.join(LOCAL_SUFFIXES)}, {', '.join(BUILTINS)} or hf:<dataset id>"
         )
     if not path.is_file():
         raise IngestError(f"source {cfg.source!r}: file not found: {path}")
@@ -359,6 +383,47 @@ def _arith_table(cfg: DataConfig, context: str = "data") -> _Table:
     return _Table("builtin:arith", ["question", "answer"], records)
 
 
+def _guess_rng(g: GuessConfig, what: str) -> random.Random:
+    digest = hashlib.sha256(
+        f"drift-guess:v{GUESS_VERSION}:{g.seed}:{g.low}:{g.high}:{what}".encode()
+    ).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def guess_secrets(g: GuessConfig, split: str, context: str = "data") -> list[int]:
+    """The secrets of ``split``'s half of the range, ascending (the partition in the module docstring)."""
+    if split not in GUESS_SPLITS:
+        raise IngestError(
+            f"builtin:guess has splits {', '.join(GUESS_SPLITS)}, not {split!r} (set {context}.split): "
+            "the range's secrets are partitioned into exactly these two"
+        )
+    coin = _guess_rng(g, "partition")
+    train: list[int] = []
+    test: list[int] = []
+    for first in range(g.low, g.high + 1, 2):
+        if first == g.high:  # an odd-sized range's last value
+            train.append(first)
+            break
+        a, b = (first, first + 1) if coin.random() < 0.5 else (first + 1, first)
+        train.append(a)
+        test.append(b)
+    return sorted(train if split == "train" else test)
+
+
+def generate_guess(g: GuessConfig, split: str = "train", context: str = "data") -> list[tuple[str, str]]:
+    """``g.n`` (question, gold) games of ``split``: the range's question and a secret of the split's half."""
+    secrets = guess_secrets(g, split, context)
+    question = GUESS_QUESTION.format(low=g.low, high=g.high)
+    rng = _guess_rng(g, f"split:{split}")
+    return [(question, str(rng.choice(secrets))) for _ in range(g.n)]
+
+
+def _guess_table(cfg: DataConfig, context: str = "data") -> _Table:
+    problems = generate_guess(cfg.guess, cfg.split, context)
+    records = [_Record(i, f"game {i}", {"question": q, "answer": g}) for i, (q, g) in enumerate(problems)]
+    return _Table("builtin:guess", ["question", "answer"], records)
+
+
 def _load_hf(cfg: DataConfig, needed: Iterable[str]) -> tuple[_Table, list[str]]:
     """The dataset's rows (several subsets: concatenated in the given order) and their default ids:
     ``<name>-<split>-<row>``, or ``<name>-<subset>-<split>-<row>`` when ``subset`` is a list."""
@@ -414,6 +479,10 @@ def _open_source(cfg: DataConfig, base_dir: Path | None, context: str = "data") 
         seed, split = cfg.arith.seed, cfg.split
         mapping = _Mapping("question", "answer", None, "plain", lambda i: f"arith-{seed}-{split}-{i}")
         return _arith_table(cfg, context), mapping
+    if kind == "builtin:guess":
+        seed, split = cfg.guess.seed, cfg.split
+        mapping = _Mapping("question", "answer", None, "plain", lambda i: f"guess-{seed}-{split}-{i}")
+        return _guess_table(cfg, context), mapping
     if kind == "builtin:gsm8k":
         split = cfg.split
         table = _read_jsonl(_gsm8k_path(split))
@@ -668,7 +737,7 @@ def _sha256_and_size(path: Path) -> tuple[str, int]:
 def source_identity(cfg: DataConfig, base_dir: Path | str | None = None) -> dict[str, Any]:
     """What identifies the source's content, without reading it into a table: the file hash and size
     for a local file (not its location), the vendored file hash for GSM8K, the generator config for
-    arith, and id/subset/split/revision for a hub dataset."""
+    arith and guess, and id/subset/split/revision for a hub dataset."""
     kind = _kind(cfg.source)
     if kind == "builtin:arith":
         return {
@@ -676,6 +745,13 @@ def source_identity(cfg: DataConfig, base_dir: Path | str | None = None) -> dict
             "generator_version": ARITH_VERSION,
             "split": cfg.split,
             "arith": cfg.arith.model_dump(mode="json"),
+        }
+    if kind == "builtin:guess":
+        return {
+            "kind": kind,
+            "generator_version": GUESS_VERSION,
+            "split": cfg.split,
+            "guess": cfg.guess.model_dump(mode="json"),
         }
     if kind == "builtin:gsm8k":
         path = _gsm8k_path(cfg.split)
@@ -696,7 +772,7 @@ _CHOICE_FIELDS = {"correct_field", "incorrect_fields", "choices_field", "shuffle
 def ingest_key(cfg: DataConfig, base_dir: Path | str | None = None) -> str:
     """The ingest cache key: sha256 of the source identity and every selection field (the
     multiple-choice fields only for multiple-choice data, so other keys did not move when they came)."""
-    exclude = {"arith", "split", "subset"} | (set() if cfg.multiple_choice else _CHOICE_FIELDS)
+    exclude = {"arith", "guess", "split", "subset"} | (set() if cfg.multiple_choice else _CHOICE_FIELDS)
     selection = cfg.model_dump(mode="json", exclude=exclude)
     payload = {"version": INGEST_VERSION, "source": source_identity(cfg, base_dir), "selection": selection}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
