@@ -391,3 +391,34 @@ def test_online_episodes_carry_direction_feedback(tmp_path):
         assert "Please think again" in decoded or "The answer is" in decoded or rec["n_turns"] == 1
         assert rec["prompt_ids"] == prompt_ids
     assert directed >= 3, "too few wrong numeric answers to check the direction"
+
+
+@pytest.mark.parametrize("stop", ["答案", "</answer>"])
+def test_online_sampler_stops_at_the_token_completing_a_stop_string(smol_tokenizer, stop):
+    """The online sampler's stop check is the rollout engine's (``StopOnStrings``, a window in
+    bytes): a CJK stop string spread over one byte-level token per byte (答案: 6 bytes, more tokens
+    than characters) still ends the row at the token that completes it, after a prompt ending in
+    the stop string's first half (which is not the reply), and ``kept_length`` keeps up to there."""
+    import torch
+
+    from tasks.online.sampling import _stop_criteria, kept_length
+
+    tok = smol_tokenizer
+    prompt = tok("Say it: " + stop[: len(stop) // 2], add_special_tokens=False)["input_ids"]
+    byte_tokens = [i for ch in stop for i in tok(ch, add_special_tokens=False)["input_ids"]]
+    assert len(byte_tokens) > len(stop) + 1 or stop.isascii()  # longer than a window in characters
+    filler = tok(" x 7", add_special_tokens=False)["input_ids"]
+    generated = filler + byte_tokens + filler
+    criteria = _stop_criteria(tok, [stop], len(prompt))
+
+    def stops_at(t: int) -> bool:
+        return bool(criteria(torch.tensor([prompt + generated[:t]]), None)[0])
+
+    completes = len(filler) + len(byte_tokens)
+    assert [t for t in range(1, len(generated) + 1) if stops_at(t)][0] == completes
+    assert not stops_at(len(filler))  # the prompt's half does not count
+
+    def decode(ids: list[int]) -> str:
+        return tok.decode(ids, skip_special_tokens=False)
+
+    assert kept_length(generated, {tok.eos_token_id}, [stop], decode) == completes

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from drift_core.schemas import SamplingConfig
-from tasks.engines.transformers_engine import eos_ids
+from tasks.engines.transformers_engine import StopOnStrings, eos_ids
 
 
 def kept_length(row: list[int], eos: set[int], stop: list[str], decode: Callable[[list[int]], str]) -> int:
@@ -35,21 +35,12 @@ def kept_length(row: list[int], eos: set[int], stop: list[str], decode: Callable
 
 
 def _stop_criteria(tokenizer, stop: list[str], start: int):
-    """Stop a row once its generated text contains a stop string. Checks only the last few tokens
-    (every token is at least one character), so it costs a short decode per row and step, where
-    transformers' ``stop_strings`` pre-processes the whole vocabulary on every ``generate`` call."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    """Stop a row once its generated text (after ``start``) contains a stop string: the rollout
+    engine's check (:class:`tasks.engines.transformers_engine.StopOnStrings`, a window counted in
+    bytes, so a multi-byte stop string spread over many tokens is still seen)."""
+    from transformers import StoppingCriteriaList
 
-    window = max(len(s) for s in stop) + 1
-
-    class StopOnText(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            tail = input_ids[:, max(start, input_ids.shape[1] - window) :].tolist()
-            done = [any(s in tokenizer.decode(row, skip_special_tokens=False) for s in stop) for row in tail]
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([StopOnText()])
+    return StoppingCriteriaList([StopOnStrings(tokenizer, stop, prompt_width=start)])
 
 
 def _logprob_recorder(temperature: float):
