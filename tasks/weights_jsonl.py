@@ -320,10 +320,10 @@ def _line_problem(line: bytes, penalty: str | None) -> str | None:
     for key, value in tr.items():
         if not _TURN_KEY.fullmatch(key):
             continue  # not a turn reward: ignored, as weight_sft.py does
+        if value is None:  # a null turn is an absent turn (polars reads an absent key as null too)
+            continue
         if not _CANONICAL_TURN_KEY.fullmatch(key):
             return f"turn_rewards key {key!r} is not of the form t1, t2, ..."
-        if value is None:  # a null turn is an absent turn
-            continue
         if not _is_number(value):
             return f"turn_rewards[{key!r}] is not a number: {value!r}"
         if not _finite(value):

@@ -15,6 +15,8 @@ import numpy as np
 import polars as pl
 import pytest
 from helpers import write_jsonl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from drift_core.schemas import WeightsConfig
 from flows import cli_weights
@@ -629,3 +631,38 @@ def test_weights_of_a_million_trajectories_in_bounded_memory(tmp_path):
     assert extra < 0.75 * text_mib, f"peak RSS {extra:.0f} MiB above the interpreter: the text was loaded"
     weighted = pl.scan_parquet(out).group_by("prompt_id").agg(pl.col("weight").mean()).collect()
     np.testing.assert_allclose(weighted["weight"].to_numpy(), 1.0, rtol=1e-9)
+
+
+# the two copies of the JSONL row rules (tasks/weights_jsonl.py): the vectorised ``_row_checks`` that
+# finds bad rows in a table polars read, and ``_line_problem`` that words a row's message (and finds
+# the bad rows alone when polars cannot read the file). A row's fate must not depend on which ran.
+_reward = st.one_of(st.none(), st.sampled_from([0.0, 1.0, -0.5, 0, 1, 2, 1e400]))
+_record = st.fixed_dictionaries(
+    {},
+    optional={
+        "prompt_id": st.one_of(st.none(), st.sampled_from(["", "a", "b"])),
+        "turn_rewards": st.one_of(
+            st.none(), st.dictionaries(st.sampled_from(["t1", "t2", "t3", "t10", "t0", "t01", "x"]), _reward)
+        ),
+        "format_penalty": st.one_of(st.none(), st.sampled_from([0.0, -1.0, 0.5, 0, -2, 1e400])),
+        "trajectory_penalty": st.one_of(st.none(), st.sampled_from([0.0, -1.0, 0.5])),
+    },
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(records=st.lists(_record, min_size=1, max_size=5))
+def test_vectorised_and_per_line_row_rules_agree(tmp_path, records):
+    from tasks.weights_jsonl import _line_problem, _nonblank_lines, _polars_table, _row_checks, penalty_field
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    raw, _ = _polars_table(path)
+    if raw is None:  # polars cannot read it: only the per-line rules run
+        return
+    flagged = np.zeros(raw.height, dtype=bool)
+    for check, _ in _row_checks(raw.schema):
+        flagged |= raw.select(check.fill_null(False)).to_series().to_numpy()
+    penalty = penalty_field(raw.schema)
+    per_line = [_line_problem(line, penalty) for _, line in _nonblank_lines(path)]
+    assert flagged.tolist() == [p is not None for p in per_line], per_line
