@@ -213,3 +213,40 @@ def test_feedback_moves_hand_computed():
     assert feedback_moves([], "5") == FeedbackMoves(0, 0, 0, 0)
     with pytest.raises(ValueError, match="not a number"):
         feedback_moves(["1"], "five")
+
+
+def test_the_probe_counts_a_budget_on_trajectories_cut_after_it():
+    import importlib
+
+    probe = importlib.import_module("benchmarks.probe_guess")
+
+    def rec(pid, answers, gold):
+        correct = [a == gold for a in answers]
+        return SimpleNamespace(
+            prompt_id=pid,
+            turn_correct=correct,
+            normalized_answers=answers,
+            turn_valid=[a is not None for a in answers],
+            gen_tokens=[3] * len(answers),
+        )
+
+    golds = {"a": "40", "b": "10"}
+    records = [
+        rec("a", ["32", "48", "36", "40"], "40"),  # solved at turn 4, every move the told way
+        rec("a", ["40"], "40"),  # solved at turn 1
+        rec("b", ["5", "5", None, "20", "7"], "10"),  # never solved
+    ]
+    at3 = probe.summarize(records, golds, 3)
+    assert (at3["solved_by_turn_1"], at3["solved"], at3["solved_after_wrong_first"]) == (33.3, 33.3, 0)
+    assert (at3["moves"], at3["moves_told_way_pct"]) == (3, 66.7)  # 32->48, 48->36 | 5->5
+    assert (at3["guesses_after_feedback"], at3["consistent_pct"]) == (3, 66.7)
+    assert at3["mean_turns_to_solve"] == 1.0 and at3["format_error_pct"] == round(100 / 7, 1)
+    at5 = probe.summarize(records, golds, 5)
+    assert (at5["solved"], at5["solved_after_wrong_first"], at5["solved_after_wrong_first_of_wrong_pct"]) == (
+        66.7,
+        1,
+        50.0,
+    )
+    assert at5["groups_with_correction_pct"] == 50.0 and at5["mean_turns_to_solve"] == 2.5
+    assert (at5["moves"], at5["moves_told_way_pct"], at5["consistent_pct"]) == (5, 80.0, 83.3)
+    assert at5["generated_tokens"] == 3 * (4 + 1 + 5)
