@@ -18,9 +18,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from drift_core.protocol import CHOICE_INSTRUCTION_A_TO_J
+__all__ = ["CHOICE_INSTRUCTION_A_TO_J", "EVAL_PRESETS", "MMLU_SUBJECTS", "expand_preset"]
 
-__all__ = ["EVAL_PRESETS", "MMLU_SUBJECTS", "expand_preset"]
+# The MMLU-Pro preset's instruction, quoted from the reference (src/benchmark.py) byte for byte (the
+# A-D one is drift_core.protocol's CHOICE_INSTRUCTION). Here, not in protocol, so that this module (which
+# drift_core.schemas expands suite entries with) imports nothing of drift's.
+CHOICE_INSTRUCTION_A_TO_J = (
+    "You are solving multiple-choice questions. Only give the final answer letter (A-J) "
+    "between <answer> and </answer>."
+)
 
 #: The 57 MMLU subjects, each a config of ``edinburgh-dawg/mmlu-redux-2.0``.
 MMLU_SUBJECTS = [

@@ -42,10 +42,6 @@ CHOICE_INSTRUCTION = (
     "You are solving multiple-choice questions. Only give the final answer letter (A-D) "
     "between <answer> and </answer>."
 )
-CHOICE_INSTRUCTION_A_TO_J = (
-    "You are solving multiple-choice questions. Only give the final answer letter (A-J) "
-    "between <answer> and </answer>."
-)
 ANSWER_PLACEHOLDER = "<answer> [your answer] </answer>"
 THINK_PLACEHOLDER = "<think> [Your thoughts] </think> <answer> [your answer] </answer>"
 SPECIAL_TOKENS = ("<think>", "</think>", "<answer>", "</answer>", "<|im_start|>", "<|im_end|>")

@@ -13,6 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from drift_core.callables import function_identity, load_function
+from drift_core.presets import expand_preset
+
 
 class StrictModel(BaseModel):
     """Base for config sections: unknown keys are errors, values are validated on assignment."""
@@ -226,8 +229,6 @@ class FeedbackConfig(StrictModel):
         if self.kind == "callable":
             if not self.function:
                 raise ValueError("kind callable needs function: 'module:function'")
-            from drift_core.feedback import load_function
-
             load_function(self.function)  # ValueError naming what is wrong
         elif self.function is not None:
             raise ValueError(f"function is set only with kind callable (kind is {self.kind!r})")
@@ -238,8 +239,6 @@ class FeedbackConfig(StrictModel):
         """A callable's identity in dumps (hence cache keys): its name and a hash of its source."""
         data = handler(self)
         if self.kind == "callable" and self.function:
-            from drift_core.feedback import function_identity
-
             data["source_sha256"] = function_identity(self.function)
         return data
 
@@ -520,8 +519,6 @@ class EvalEntry(StrictModel):
     @classmethod
     def _expand_preset(cls, raw: Any) -> Any:
         if isinstance(raw, dict) and "preset" in raw:
-            from drift_core.presets import expand_preset
-
             return expand_preset(raw)
         return raw
 
