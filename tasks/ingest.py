@@ -24,13 +24,14 @@ Sources (``DataConfig.source``)
     seeded coin per pair sends one of the two to ``train`` and the other to ``test`` (an odd-sized
     range's last value goes to ``train``). So the splits share no secret, each holds half of them,
     spread over the whole range (every depth of a binary search occurs in both), and a model that
-    memorised the training secrets gains nothing on the test split. Game ``i`` of a split draws its
-    secret uniformly from that split's half with an RNG seeded by ``(guess.seed, low, high, split)``;
-    it does not depend on ``guess.n`` (raising ``n`` extends the set), secrets repeat when ``n``
-    exceeds the half. Splits: ``train`` and ``test`` only. Ids: ``guess-<seed>-<split>-<i>``, so ids
-    differ between splits too. With the defaults a question-blind constant sequence of T guesses
-    solves about T/64 of the games (T/32 when chosen on one split's secrets; see
-    ``tasks/ceilings.py``); a binary search on the direction feedback finds 63 of the 64 secrets
+    memorised the training secrets gains nothing on the test split. The games take the split's
+    secrets in rounds, each round every secret of the half once in an order shuffled by an RNG seeded
+    by ``(guess.seed, low, high, split)``, so every secret occurs equally often (up to one) and game
+    ``i`` does not depend on ``guess.n`` (raising ``n`` extends the set). Splits: ``train`` and ``test`` only. Ids: ``guess-<seed>-<split>-<i>``, so ids
+    differ between splits too. A question-blind constant sequence of T guesses solves about T/64 of
+    the games when it does not know the split's half, T/32 when chosen on the split's secrets (the
+    ceiling ``tasks/ceilings.py`` prints: 20.0% for the default test split of 300 games at T = 6); a
+    binary search on the direction feedback finds 63 of the 64 secrets
     within 6 turns and all within 7.
 ``builtin:gsm8k``
     The vendored GSM8K files (``tasks/builtin_data/gsm8k``, split ``train`` 7,473 or ``test`` 1,319
@@ -415,7 +416,12 @@ def generate_guess(g: GuessConfig, split: str = "train", context: str = "data") 
     secrets = guess_secrets(g, split, context)
     question = GUESS_QUESTION.format(low=g.low, high=g.high)
     rng = _guess_rng(g, f"split:{split}")
-    return [(question, str(rng.choice(secrets))) for _ in range(g.n)]
+    drawn: list[int] = []
+    while len(drawn) < g.n:  # rounds: every secret of the half once per round, in a seeded order
+        round_ = list(secrets)
+        rng.shuffle(round_)
+        drawn += round_
+    return [(question, str(secret)) for secret in drawn[: g.n]]
 
 
 def _guess_table(cfg: DataConfig, context: str = "data") -> _Table:

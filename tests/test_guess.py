@@ -69,9 +69,12 @@ def test_train_and_test_share_no_secret_and_no_id():
     assert not set(train["gold"]) & set(test["gold"])
     assert not set(train["prompt_id"]) & set(test["prompt_id"])
     assert test["prompt_id"][0] == "guess-0-test-0"
-    # 300 games over 32 secrets: every secret of each half occurs
+    # 300 games over 32 secrets, taken in rounds: every secret of each half 9 or 10 times
     assert {int(g) for g in train["gold"]} == set(guess_secrets(GuessConfig(), "train"))
     assert {int(g) for g in test["gold"]} == set(guess_secrets(GuessConfig(), "test"))
+    counts = test["gold"].value_counts()["count"]
+    assert (counts.min(), counts.max(), (counts == 10).sum()) == (9, 10, 300 - 9 * 32)
+    assert sorted(test["gold"][:32].cast(int)) == guess_secrets(GuessConfig(), "test")  # round 1
 
 
 def test_games_are_deterministic_by_seed_and_extend_with_n():
@@ -160,7 +163,8 @@ def test_ceiling_of_a_guess_set_is_the_constant_sequence_and_its_note_says_so(tm
         problems=_table(store, "t", test["gold"].to_list(), "builtin:guess"),
         protocol=ProtocolConfig(max_turns=6, feedback={"kind": "direction"}),
     )
-    assert suite_ceilings(store, [real]) == {"g300": sum(counts[:6]) / 300}
+    assert sum(counts[:6]) == 60  # 6 of the 12 secrets drawn 10 times
+    assert suite_ceilings(store, [real]) == {"g300": 0.2}
     # the results table prints each benchmark's note under it
     meta = {
         "n_problems": 8,
