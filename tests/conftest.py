@@ -199,24 +199,61 @@ def deployed(prefect_server):
     return env
 
 
+# The default suite (`make test`, what CI runs) must finish in 10 minutes on 2 cores from empty
+# caches; every drift process pays ~10 s of CPU importing torch, transformers, Prefect and MLflow,
+# so each end-to-end run costs tens of seconds there. These deeper variants run in `make test-all`
+# (and the vLLM ones in `make test-vllm`); each names the default-suite test that covers its path.
+EXTENDED = {
+    # a second launcher beside test_train.py::test_accelerate_config_launches_through_accelerate
+    "test_train.py::test_two_process_torchrun_matches_single_process",
+    "test_loss.py::test_ddp_gradients_are_all_reduced",
+    # the same stop path as the ctrl-c case, by another signal
+    "test_stages.py::test_interrupt_mid_rollout_stops_generation_at_once[sigterm]",
+    # each corruption is a unit test in test_caching.py; this one plays them through a flow
+    "test_stages.py::test_corrupt_cached_artifacts_are_recomputed_not_used",
+    # training from cached rollouts: test_flow.py's fifth run (--rollouts-from)
+    "test_deployments.py::test_retrain_reuses_rollouts_and_fails_clearly_without_them",
+    # the watcher's decision: test_deployments.py::test_registry_fingerprint_follows_alias_and_version
+    "test_deployments.py::test_watcher_starts_a_run_only_when_the_reference_changes",
+    # `drift eval` without a config: step 3 of test_newcomer.py
+    "test_cli.py::test_drift_eval_without_a_config_uses_the_schema_defaults",
+    "test_flow.py::test_drift_eval_evaluates_any_model_directory",
+    # a suite through `drift run`: the same suite through `drift eval` stays
+    "test_suite.py::test_drift_run_evaluates_reference_and_trained_on_every_benchmark",
+    # the online RL baseline (TRL GRPO): its episode and sampler tests stay
+    "test_online_rl.py::test_online_grpo_smoke",
+    "test_online_rl.py::test_online_grpo_resumes_after_interruption",
+    # two full rounds of drift-iterate: test_loop_runs_to_its_last_round_when_told_to_go_on stays
+    "test_iterate.py::test_two_rounds_register_promote_and_stop",
+    "test_iterate.py::test_watcher_starts_the_pipeline_when_the_champion_moved",
+    # shards on a Dask cluster: the task runner choice stays (test_task_runner_for_follows_the_config)
+    "test_distributed.py::test_dask_shards_match_thread_shards",
+    # reference rollouts through `drift run`: their reading and weighting stay
+    "test_reference_rollouts.py::test_drift_run_trains_and_evaluates_reference_rollouts",
+}
+
 # The files that take longest run first: `make test` hands whole files to two xdist workers in
 # collection order, and a long file started last would leave one worker running it alone at the end.
-# Measured under `make test` (docs/benchmarks.md, "The test suite"); the rest keep their order.
+# Measured cold under `make test` (docs/benchmarks.md, "The test suite"); the rest keep their order.
 LONGEST_FIRST = [
     "test_vllm.py",
-    "test_vllm_flow.py",
-    "test_iterate.py",
     "test_stages.py",
-    "test_flow.py",
-    "test_train.py",
+    "test_newcomer.py",
     "test_deployments.py",
-    "test_mlflow_ui.py",
+    "test_flow.py",
     "test_suite.py",
+    "test_rollout.py",
+    "test_train.py",
     "test_cli.py",
-    "test_distributed.py",
+    "test_startup.py",
+    "test_mlflow_ui.py",
 ]
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the marks
 def pytest_collection_modifyitems(session, config, items) -> None:
+    for item in items:
+        if f"{item.path.name}::{item.name}" in EXTENDED:
+            item.add_marker(pytest.mark.extended)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept

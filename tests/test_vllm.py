@@ -194,14 +194,21 @@ def test_completions_mean_what_the_transformers_engine_means(vllm_engine):
         assert "stop" in finishes  # the calculator prompt closes most answers within 12 tokens
 
 
-def test_seeded_sampling_survives_rollout_sized_batches_and_reproduces(vllm_engine):
-    """11 prompts x n=8: about 8.8k prompt tokens, over twice the CPU build's default step budget,
-    so with chunked prefill a prompt would be split across steps and the engine crash ("CPU
-    Generator does not use offset"). The engine's CPU settings prefill each prompt in one step."""
+def test_cpu_engine_prefills_each_prompt_in_one_step():
+    """Seeded sampling on vLLM's CPU build crashes when chunked prefill splits a prompt across
+    steps ("CPU Generator does not use offset"): drift's CPU settings turn it off and give a step
+    room for a whole prompt (the rollout-sized run is the extended test below)."""
     from tasks.engines.vllm_engine import engine_args
 
     args = engine_args("unused", ModelConfig(), EngineConfig(kind="vllm", max_model_len=2048), on_cpu=True)
     assert args["enable_chunked_prefill"] is False and args["max_num_batched_tokens"] >= 2048
+
+
+@pytest.mark.extended  # about 9k prompt tokens three times: minutes on 2 cores; `make test-vllm` runs it
+def test_seeded_sampling_survives_rollout_sized_batches_and_reproduces(vllm_engine):
+    """11 prompts x n=8: about 8.8k prompt tokens, over twice the CPU build's default step budget,
+    so with chunked prefill a prompt would be split across steps and the engine crash ("CPU
+    Generator does not use offset"). The engine's CPU settings prefill each prompt in one step."""
 
     tok = vllm_engine.tokenizer
     prompts = _prompts(tok, 11, offset=20)
@@ -221,38 +228,58 @@ def test_seeded_sampling_survives_rollout_sized_batches_and_reproduces(vllm_engi
     assert [twice[0][1:], twice[2][1:]] != [twice[1][:-1], twice[3][:-1]]
 
 
-def test_greedy_equals_the_transformers_engine_over_three_turns(vllm_engine, transformers_engine):
-    """64 problems, 3 turns of the protocol, greedy: every completion equal, or different from the
-    first token where the transformers logits put the two engines' tokens within a near-tie."""
+def _play(engine, problems: list[dict], sampling: SamplingConfig, k: int, per_trajectory: bool):
+    """Three turns of the protocol with the numeric verifier: the rollout's and evaluation's loop."""
+    from drift_core.schemas import VerifierConfig
     from tasks.grade import grader_for
     from tasks.rollout import run_episodes
 
+    with grader_for(PROTOCOL, VerifierConfig(kind="numeric")) as grader:
+        return run_episodes(
+            engine,
+            engine.tokenizer,
+            problems,
+            PROTOCOL,
+            sampling,
+            k,
+            3,
+            grader,
+            seed=0,
+            per_trajectory=per_trajectory,
+        )
+
+
+def _strip(records) -> list[dict]:
+    return [r.model_dump(exclude={"gen_seconds"}) for r in records]
+
+
+def test_both_schedulers_sample_the_same_tokens_on_the_demo_defaults(vllm_engine):
+    """``engine.scheduling`` changes when requests run, not what they sample (the README's promise,
+    and why the scheduler is not in the rollout key): seeded rollouts at the demo's temperatures
+    (0.5, retries at 1.0), K = 4, three turns, in drift's default dtype on a CPU (float32), are the
+    same records under the per-trajectory and the per-turn scheduler."""
+    problems = _problems(6)
+    sampling = SamplingConfig(temperature=0.5, feedback_temperature=1.0, top_p=1.0, max_new_tokens=12)
+    by_trajectory = _play(vllm_engine, problems, sampling, 4, per_trajectory=True)
+    by_turn = _play(vllm_engine, problems, sampling, 4, per_trajectory=False)
+    assert _strip(by_trajectory) == _strip(by_turn)
+    assert len(by_trajectory) == 24
+    assert sum(len(r.turn_correct) > 1 for r in by_trajectory) >= 6  # retries were sampled too
+    firsts = [next(m.content for m in r.messages if m.role == "assistant") for r in by_trajectory]
+    assert len(set(firsts)) > 6  # sampled, not greedy: the K replies of a problem differ
+
+
+@pytest.mark.extended  # 64 problems on both engines: minutes on 2 cores; `make test-vllm` runs it
+def test_greedy_equals_the_transformers_engine_over_three_turns(vllm_engine, transformers_engine):
+    """64 problems, 3 turns of the protocol, greedy: every completion equal, or different from the
+    first token where the transformers logits put the two engines' tokens within a near-tie."""
     problems = _problems(64)
-    sampling = SamplingConfig(temperature=0.0, top_p=1.0, max_new_tokens=12)
-    verifier = __import__("drift_core.schemas", fromlist=["VerifierConfig"]).VerifierConfig(kind="numeric")
-
-    def play(engine, per_trajectory: bool, problems: list[dict] = problems):
-        with grader_for(PROTOCOL, verifier) as grader:
-            return run_episodes(
-                engine,
-                engine.tokenizer,
-                problems,
-                PROTOCOL,
-                sampling,
-                1,
-                3,
-                grader,
-                seed=0,
-                per_trajectory=per_trajectory,
-            )
-
-    by_vllm = play(vllm_engine, per_trajectory=True)
-    by_hf = play(transformers_engine, per_trajectory=False)
-    # the scheduler changes timing, not tokens (a quarter of the problems: the turn scheduler's
-    # batches are other batches all the same)
-    by_vllm_turns = play(vllm_engine, per_trajectory=False, problems=problems[:16])
-    strip = lambda rs: [r.model_dump(exclude={"gen_seconds"}) for r in rs]  # noqa: E731
-    assert strip(by_vllm[:16]) == strip(by_vllm_turns)
+    greedy = SamplingConfig(temperature=0.0, top_p=1.0, max_new_tokens=12)
+    by_vllm = _play(vllm_engine, problems, greedy, 1, per_trajectory=True)
+    by_hf = _play(transformers_engine, problems, greedy, 1, per_trajectory=False)
+    # the scheduler changes timing, not tokens, greedy too (a quarter of the problems: the turn
+    # scheduler's batches are other batches all the same)
+    assert _strip(by_vllm[:16]) == _strip(_play(vllm_engine, problems[:16], greedy, 1, per_trajectory=False))
 
     same_turns = total_turns = 0
     for v, h in zip(by_vllm, by_hf, strict=True):
