@@ -126,8 +126,6 @@ class StageRunner:
             prefix=record.prefix,
             files=files,
         )
-        from flows.story import stage_line
-
         _logger().info(stage_line(label, self.cached(label), seconds, manifest))
         return run_id
 
@@ -249,24 +247,33 @@ def sharded_calls(label: str, problems: Manifest, shard_size: int, base_key: str
     return calls
 
 
+_KEY_NUMBERS = {
+    "rollout": ("trajectories", "solved_by_turn_1", "mean_turns", "tokens_per_s"),
+    "weights": ("ess_overall", "max_weight", "unsolved_group_share"),
+    "train": ("steps", "final_loss", "tokens_per_s"),
+    "ingest": (),
+}
+
+
+def stage_line(label: str, cached: bool, seconds: float, manifest: Manifest) -> str:
+    """One log line per stage: ``weights: computed in 0.4 s; 64 rows; ess_overall=0.41, ...``."""
+    meta = manifest.meta
+    section = "evaluate" if label.startswith("evaluate") else label
+    numbers = [
+        f"{k}={meta[k]:.4g}" for k in _KEY_NUMBERS.get(section, ()) if isinstance(meta.get(k), int | float)
+    ]
+    if section == "evaluate" and meta.get("multi_at"):
+        numbers.append(
+            "multi@t " + " / ".join("" if v is None else f"{100 * v:.1f}%" for v in meta["multi_at"])
+        )
+    rows = f"; {manifest.rows} rows" if manifest.rows is not None else ""
+    extra = f"; {', '.join(numbers)}" if numbers else ""
+    return f"{label}: {'cached' if cached else 'computed'} in {seconds:.1f} s{rows}{extra} (key {manifest.key[:12]})"
+
+
 def _logger():
     """The flow run's logger (its lines reach the Prefect UI), or a plain one outside a flow run."""
     try:
         return get_run_logger()
     except Exception:
         return logging.getLogger("drift")
-
-
-def __getattr__(name: str) -> Any:
-    """Names this module had before the split, for code (and tests) that still import them here."""
-    from flows import evaluation
-    from tasks import caching
-
-    moved = {
-        "result_fields": caching.result_fields,
-        "engine_identity": caching.engine_identity,
-        "_entry_protocol": evaluation.entry_protocol,
-    }
-    if name in moved:
-        return moved[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

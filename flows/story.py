@@ -36,7 +36,6 @@ __all__ = [
     "publish_summary",
     "run_tags",
     "run_url",
-    "stage_line",
     "tell_the_story",
     "ui_command",
 ]
@@ -136,28 +135,6 @@ def describe_run(
         state = "Cached" if ss and all(s == "Cached" for s in ss) else ", ".join(sorted(set(ss)))
         parts.append(f"| {label} | {state} | {seconds.get(label, 0.0):.1f} |")
     return "\n".join(parts)
-
-
-_KEY_NUMBERS = {
-    "rollout": ("trajectories", "solved_by_turn_1", "mean_turns", "tokens_per_s"),
-    "weights": ("ess_overall", "max_weight", "unsolved_group_share"),
-    "train": ("steps", "final_loss", "tokens_per_s"),
-    "ingest": (),
-}
-
-
-def stage_line(label: str, cached: bool, seconds: float, manifest: Manifest) -> str:
-    """One log line per stage: ``weights: computed in 0.4 s; 64 rows; ess_overall=0.41, ...``."""
-    meta = manifest.meta
-    section = "evaluate" if label.startswith("evaluate") else label
-    numbers = [
-        f"{k}={meta[k]:.4g}" for k in _KEY_NUMBERS.get(section, ()) if isinstance(meta.get(k), int | float)
-    ]
-    if section == "evaluate" and meta.get("multi_at"):
-        numbers.append("multi@t " + " / ".join(_pct(v) for v in meta["multi_at"]))
-    rows = f"; {manifest.rows} rows" if manifest.rows is not None else ""
-    extra = f"; {', '.join(numbers)}" if numbers else ""
-    return f"{label}: {'cached' if cached else 'computed'} in {seconds:.1f} s{rows}{extra} (key {manifest.key[:12]})"
 
 
 def run_tags() -> dict[str, str]:

@@ -273,7 +273,7 @@ def test_supervise_eot_reference_keeps_the_end_of_turn_where_pad_differs(smol_to
 
 def test_supervise_eot_at_its_default_leaves_train_keys_as_they_were():
     from drift_core.schemas import TrainConfig
-    from flows.stages import result_fields
+    from tasks.caching import result_fields
 
     assert "supervise_eot" not in TrainConfig().model_dump()  # train keys made before it still match
     assert TrainConfig(supervise_eot="reference").model_dump()["supervise_eot"] == "reference"

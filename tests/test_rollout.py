@@ -182,8 +182,7 @@ def test_unset_feedback_temperature_keeps_existing_rollout_keys():
     """A rollout key made before ``feedback_temperature`` existed (sampling dumped as these three
     fields) still matches, so adding the setting re-made nobody's cached rollouts; setting it changes
     the key."""
-    from flows.stages import result_fields
-    from tasks.caching import stage_key
+    from tasks.caching import result_fields, stage_key
 
     before = {"k": 8, "sampling": {"temperature": 0.5, "top_p": 1.0, "max_new_tokens": 16}, "seed": 0}
     now = RolloutConfig(k=8, sampling=SamplingConfig(temperature=0.5, max_new_tokens=16))

@@ -163,20 +163,6 @@ def test_shards_cover_the_problems_once_each_with_their_own_keys():
     )
 
 
-def test_names_that_moved_still_import_from_flows_stages():
-    """result_fields and engine_identity live in tasks.caching now, the eval protocol in
-    flows.evaluation; the old import path gives the same functions."""
-    import flows.stages
-    from flows.evaluation import entry_protocol
-    from tasks.caching import engine_identity, result_fields
-
-    assert flows.stages.result_fields is result_fields
-    assert flows.stages.engine_identity is engine_identity
-    assert flows.stages._entry_protocol is entry_protocol
-    with pytest.raises(AttributeError):
-        _ = flows.stages.no_such_name
-
-
 # sentinel secrets, in values drift reads (a URL's password in the config file, and in a `--set`
 # override): they must never reach a tracked run
 URL_PASSWORD = "SENTINEL_url_password_9e0a"

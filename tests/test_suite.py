@@ -626,7 +626,7 @@ def test_eval_verifier_layers_keep_what_they_do_not_set():
 
 def test_entry_protocol_overrides_and_the_choice_instruction():
     from drift_core.protocol import CHOICE_INSTRUCTION
-    from flows.stages import _entry_protocol
+    from flows.evaluation import entry_protocol
 
     cfg = DriftConfig.model_validate(
         {
@@ -642,7 +642,7 @@ def test_entry_protocol_overrides_and_the_choice_instruction():
             },
         }
     )
-    m, g, t = (_entry_protocol(cfg, e) for _, e in cfg.eval.entries())
+    m, g, t = (entry_protocol(cfg, e) for _, e in cfg.eval.entries())
     assert (m.max_turns, m.answer_format, m.task_instruction) == (5, "think", None)
     assert (g.answer_format, g.task_instruction) == ("answer", CHOICE_INSTRUCTION)
     assert t.task_instruction == "Pick one."

@@ -362,7 +362,7 @@ def test_bad_weight_is_rejected_with_its_row(tiny_model_dir, weight):
 def test_train_cache_key_follows_results_not_placement():
     """train.batch_size changes the optimisation, so it is in the stage key; where and how the
     stage runs (processes, accelerate config, work pool, checkpoint interval) is not."""
-    from flows.stages import result_fields
+    from tasks.caching import result_fields
 
     base = result_fields(cfg_for())
     assert result_fields(cfg_for(batch_size=8)) != base
