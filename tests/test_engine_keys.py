@@ -126,3 +126,19 @@ def test_compute_dtype_on_a_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
     assert compute_dtype(path, ModelConfig(path=path), VLLM) == "float16"
     assert compute_dtype(path, ModelConfig(path=path), EngineConfig(device="cpu")) == "float32"
+
+
+def test_vllm_cpu_threads_bind_every_core_of_a_small_machine():
+    """vLLM keeps one core for its scheduler; on 2 cores that leaves the model one. drift binds all
+    the process's cores there, at most OMP_NUM_THREADS, and leaves a user's binding, tensor
+    parallelism and larger machines to vLLM."""
+    from tasks.engines.vllm_engine import cpu_thread_binding
+
+    cfg = EngineConfig(kind="vllm")
+    assert cpu_thread_binding(cfg, {}, [0, 1]) == "0,1"
+    assert cpu_thread_binding(cfg, {}, [2, 3, 5]) == "2,3,5"  # the affinity mask, not 0..n-1
+    assert cpu_thread_binding(cfg, {"OMP_NUM_THREADS": "1"}, [0, 1]) == "0"
+    assert cpu_thread_binding(cfg, {"OMP_NUM_THREADS": "8"}, [0, 1]) == "0,1"
+    assert cpu_thread_binding(cfg, {"VLLM_CPU_OMP_THREADS_BIND": "auto"}, [0, 1]) is None
+    assert cpu_thread_binding(cfg, {}, list(range(16))) is None
+    assert cpu_thread_binding(EngineConfig(kind="vllm", tensor_parallel_size=2), {}, [0, 1]) is None

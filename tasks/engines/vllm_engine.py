@@ -38,7 +38,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -234,6 +234,29 @@ def engine_args(model_path: str, model_cfg: ModelConfig, cfg: EngineConfig, on_c
     return args
 
 
+#: Up to this many CPUs, vLLM's own binding (every core but one, kept for its scheduler process)
+#: costs more than it saves: on 2 cores it leaves the model one (docs/benchmarks.md, "vLLM's threads").
+SMALL_MACHINE_CPUS = 4
+
+
+def cpu_thread_binding(cfg: EngineConfig, environ: Mapping[str, str], cpus: list[int]) -> str | None:
+    """The ``VLLM_CPU_OMP_THREADS_BIND`` drift sets for vLLM's CPU build, or None to leave vLLM's.
+
+    vLLM binds its OpenMP threads to all cores but one and keeps that one for its scheduler; on a
+    machine of a few cores that halves the model's speed (2 cores here: 16.3 against 26.8 tokens/s).
+    drift binds the model to every core the process may use, at most
+    ``OMP_NUM_THREADS`` of them when that is set (the test suite's one thread per worker). A binding
+    the user set, tensor parallelism, or a larger machine keeps vLLM's choice."""
+    if "VLLM_CPU_OMP_THREADS_BIND" in environ or cfg.tensor_parallel_size != 1:
+        return None
+    if len(cpus) > SMALL_MACHINE_CPUS:
+        return None
+    limit = environ.get("OMP_NUM_THREADS", "")
+    if limit.isdigit() and int(limit) > 0:
+        cpus = cpus[: int(limit)]
+    return ",".join(str(c) for c in cpus)
+
+
 @contextmanager
 def _engine_environment(model_path: str, cfg: EngineConfig, on_cpu: bool) -> Iterator[None]:
     """Environment for the engine's start (its core process inherits it): offline for a local
@@ -244,6 +267,9 @@ def _engine_environment(model_path: str, cfg: EngineConfig, on_cpu: bool) -> Ite
         wanted |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if on_cpu:
         wanted["VLLM_CPU_KVCACHE_SPACE"] = f"{cfg.cpu_kv_cache_gib:g}"
+        binding = cpu_thread_binding(cfg, os.environ, sorted(os.sched_getaffinity(0)))
+        if binding is not None:
+            wanted["VLLM_CPU_OMP_THREADS_BIND"] = binding
     saved = {k: os.environ.get(k) for k in wanted}
     os.environ.update(wanted)
     offline = wanted.get("HF_HUB_OFFLINE") == "1"
