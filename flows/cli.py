@@ -134,9 +134,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def reading_guide(summary: dict[str, Any]) -> str:
+    """Two lines under the table for someone who has not read the docs: what the columns mean,
+    and where the rest of the run is (its MLflow run, the rollouts it trained on)."""
+    turns = max(
+        (len(m.get("multi_at", [])) for per in summary.get("suite", {}).values() for m in per.values()),
+        default=1,
+    )
+    meaning = (
+        f"reading it: multi@t = % of the test problems solved within t turns; corr@{turns} = % of those "
+        f"still wrong before turn {turns} that it fixed; fixed = multi@{turns} - multi@1, solved only "
+        f"after feedback; blind@{turns} = the best score of answers that ignore the question."
+    )
+    where = "next: the MLflow run below holds every stage's run, the weights and the plots"
+    if uri := summary.get("rollouts_uri"):
+        where += f"; the rollouts trained on: {uri}"
+    return f"{meaning}\n{where}."
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     print()
     print(format_results(summary))
+    print(reading_guide(summary))
     print()
     print("stage states:", json.dumps(summary["stage_states"]))
     print("stage seconds:", json.dumps(summary["stage_seconds"]))
@@ -205,6 +224,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             summary = evaluate_model(model=args.model, config_path=args.config, overrides=overrides)
     print()
     print(format_results(summary))
+    print(reading_guide(summary))
     _print_mlflow(summary)
     return 0
 

@@ -165,6 +165,7 @@ def _pipeline(pipeline: PipelineRun, rollouts_from: str | None) -> dict:
         "ceiling_notes": suite_ceiling_notes(pipeline.store, suite),
         "weights": {k: v for k, v in weighted.meta.items() if k != "histogram"},
         "rollout": rollouts.meta,
+        "rollouts_uri": rollouts.uri,
         "registered": registered and {**registered.model_dump(), "uri": registered.uri},
         "promotion": promotion,
     }

@@ -142,6 +142,11 @@ def test_a_newcomers_first_hour(newcomer):
     ):
         assert noise not in stderr, (noise, stderr)
     assert "protocol:" in stdout and "MLflow run id: " in stdout, stdout
+    guide = stdout.splitlines()[
+        [line.startswith("reading it: ") for line in stdout.splitlines()].index(True) + 1
+    ]
+    rollouts = Path(guide.split("; the rollouts trained on: ")[1].removesuffix("."))
+    assert rollouts.exists() and str(work) in str(rollouts), guide  # the store under the working directory
     model_dir = next(
         line.split(": ", 1)[1] for line in stdout.splitlines() if line.startswith("trained model: ")
     )

@@ -728,3 +728,15 @@ def test_drift_run_evaluates_reference_and_trained_on_every_benchmark(tmp_path, 
         "evaluate-trained-gpqa",
         "evaluate-trained-math",
     ]
+
+
+def test_the_table_ends_with_how_to_read_it_and_where_to_look_next():
+    from flows.cli import reading_guide
+
+    summary = {"suite": {"arith": {"reference": {"multi_at": [0.1, 0.2, 0.3]}}}}
+    meaning, where = reading_guide(summary).splitlines()
+    assert meaning.startswith("reading it: multi@t = % of the test problems solved within t turns")
+    assert "corr@3" in meaning and "fixed = multi@3 - multi@1" in meaning and "blind@3" in meaning
+    assert where == "next: the MLflow run below holds every stage's run, the weights and the plots."
+    _, where = reading_guide({**summary, "rollouts_uri": "/s/rollout/abc.parquet"}).splitlines()
+    assert where.endswith("; the rollouts trained on: /s/rollout/abc.parquet.")
