@@ -34,7 +34,6 @@ from flows.evaluation import (
 from flows.orphans import task_runs_without_owner_tags
 from flows.registration import gate, register
 from flows.reused_rollouts import reused_rollouts
-from flows.reused_rollouts import rollouts_fingerprint as _rollouts_fingerprint  # noqa: F401  (its old name, tests/test_flow.py)
 from flows.runners import shard_runner
 from flows.stages import PipelineRun, Record, Shards, StageRunner, sharded_calls
 from flows.story import default_run_name, link_mlflow_run, run_tags, tell_the_story

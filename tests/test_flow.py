@@ -229,7 +229,7 @@ def test_rollouts_fingerprint_comes_from_what_made_the_rollouts():
     (their tag may predate the fix); None (tagged ``unknown``) when nothing records it."""
     from types import SimpleNamespace
 
-    from flows.drift_flow import _rollouts_fingerprint
+    from flows.reused_rollouts import rollouts_fingerprint
     from tasks.store import Manifest
 
     runs = {
@@ -240,12 +240,12 @@ def test_rollouts_fingerprint_comes_from_what_made_the_rollouts():
     client = SimpleNamespace(get_run=lambda rid: SimpleNamespace(data=SimpleNamespace(tags=runs[rid])))
     bare = Manifest(stage="rollout", key="k", uri="u", sha256="s")
     recorded = bare.model_copy(update={"meta": {"reference_fingerprint": "sha256:meta"}})
-    assert _rollouts_fingerprint("made", recorded, client) == "sha256:meta"
-    assert _rollouts_fingerprint("made", bare, client) == "sha256:old"
-    assert _rollouts_fingerprint("retrain", bare, client) == "sha256:old"
-    assert _rollouts_fingerprint("loop", bare, client) is None
-    assert _rollouts_fingerprint("gone", bare, client) is None  # get_run raises
-    assert _rollouts_fingerprint("/x/manifest.json", bare, client) is None
+    assert rollouts_fingerprint("made", recorded, client) == "sha256:meta"
+    assert rollouts_fingerprint("made", bare, client) == "sha256:old"
+    assert rollouts_fingerprint("retrain", bare, client) == "sha256:old"
+    assert rollouts_fingerprint("loop", bare, client) is None
+    assert rollouts_fingerprint("gone", bare, client) is None  # get_run raises
+    assert rollouts_fingerprint("/x/manifest.json", bare, client) is None
 
 
 def test_drift_eval_evaluates_any_model_directory(workdir, prefect_server):
