@@ -344,6 +344,11 @@ PREFECT_DEFAULTS = {
     # read at import, so launched trainers and pool workers inherit it): drift shows its own
     # progress per stage, and a first run's terminal is not a wall of third-party bars.
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    # vLLM's start-up logs (Triton without a CPU backend, NUMA binding, chunked prefill) and
+    # torch's C++ warnings from its engine process: errors only on the terminal, a first demo run
+    # is not twenty lines of another library's notes. Set either variable to see them.
+    "VLLM_LOGGING_LEVEL": "ERROR",
+    "TORCH_CPP_LOG_LEVEL": "ERROR",
 }
 
 
@@ -379,6 +384,10 @@ def _quiet_run_errors(debug: bool):
 def main(argv: list[str] | None = None) -> int:
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    # vLLM logs its first warnings while importing, before it configures its loggers: they would
+    # reach the root logger (and Prefect's console handler) whatever VLLM_LOGGING_LEVEL says
+    with contextlib.suppress(ValueError):  # a level name logging does not know: vLLM's to report
+        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

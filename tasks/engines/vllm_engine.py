@@ -220,6 +220,7 @@ def engine_args(model_path: str, model_cfg: ModelConfig, cfg: EngineConfig, on_c
         "enable_prefix_caching": cfg.enable_prefix_caching,
         "enforce_eager": on_cpu if cfg.enforce_eager is None else cfg.enforce_eager,
         "seed": 0,
+        "use_tqdm_on_load": False,  # drift prints one line per stage; the bar was noise on its terminal
     }
     if cfg.max_model_len is not None:
         args["max_model_len"] = cfg.max_model_len
@@ -263,6 +264,8 @@ def _engine_environment(model_path: str, cfg: EngineConfig, on_cpu: bool) -> Ite
     model, spawned workers (forking a process with Prefect's threads can deadlock), the CPU KV cache
     size. Restored afterwards, so hub models loaded later in the process are unaffected."""
     wanted = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    if "PYTHONWARNINGS" not in os.environ:  # the engine process's FutureWarnings about torch APIs
+        wanted["PYTHONWARNINGS"] = "ignore::FutureWarning"
     if Path(model_path).is_dir():
         wanted |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if on_cpu:
