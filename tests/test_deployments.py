@@ -300,11 +300,12 @@ def pool_flow_runs(env: dict, pool: str) -> list:
 def test_workers_end_with_the_processes_they_started_with(stack, first_run):
     """Issue 16: every flow run a worker starts (its process, the rollout's grading pools, the
     train stage's flow run on drift-gpu) is gone once the run is over; the workers themselves are
-    the only processes carrying the mark. Run after the tests above, the drift-cpu worker has run
-    three pipelines (first run, retrain, the watcher's run) and a failed retrain; run alone, this
-    test first runs pipelines until it has three, each rolling out anew (a new rollout seed)."""
+    the only processes carrying the mark. Run after the extended tests above, the drift-cpu worker
+    has run three pipelines (first run, retrain, the watcher's run) and a failed retrain; in the
+    default suite it first runs pipelines until it has two, each rolling out anew (a new rollout
+    seed): two flow runs' grading pools and a train stage on drift-gpu are what the check needs."""
     pipelines = [r for r in pool_flow_runs(stack.env, "drift-cpu") if r.state.is_completed()]
-    for seed in range(len(pipelines), 3):
+    for seed in range(len(pipelines), 2):
         params = {
             "config_path": "configs/tiny.yaml",
             "overrides": [*stack.overrides, f"rollout.seed={100 + seed}", "train.work_pool=drift-gpu"],
@@ -313,7 +314,7 @@ def test_workers_end_with_the_processes_they_started_with(stack, first_run):
         assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{stack.log_tail()}"
     finished = pool_flow_runs(stack.env, "drift-cpu")
     rolled_out = [r for r in finished if "rollout-shard" in task_states(stack.env, str(r.id))]
-    assert len([r for r in finished if r.state.is_completed()]) >= 3, [r.state.name for r in finished]
+    assert len([r for r in finished if r.state.is_completed()]) >= 2, [r.state.name for r in finished]
     assert len(rolled_out) >= 2, "the runs must have started grading pools for the check to mean anything"
     assert pool_flow_runs(stack.env, "drift-gpu"), "the train stage ran on drift-gpu"
 
